@@ -1,0 +1,29 @@
+# Two commands on a bare machine (Python 3.11): `make repro` and `make test`.
+# Both create .venv on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: repro test lint install
+
+install: $(STAMP)
+
+# constraints.txt pins every package (torch/torchvision come from this machine's local disk).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+# One id shared by every stage of this pipeline run, so MLflow can group them.
+repro: $(STAMP)
+	DRKD_PIPELINE_ID=$${DRKD_PIPELINE_ID:-repro-$$(date -u +%Y%m%dT%H%M%S)} dvc repro
+	@cat reports/summary.md
+
+lint: $(STAMP)
+	ruff check drkd stages tests
+	mypy
+
+test: lint
+	pytest

@@ -1,0 +1,74 @@
+"""Checkpoints: written atomically (temp file + rename), read with ``weights_only=True``.
+
+A model checkpoint carries what is needed to rebuild the detector without
+params.yaml: ``{"model": state_dict, "model_config": dict, "num_classes": int,
+"category_ids": [...], "category_names": [...]}``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from drkd.config import ModelConfig, from_dict, to_dict
+from drkd.models import build_detector
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a drkd checkpoint (top level is {type(state).__name__})")
+    return state
+
+
+def model_checkpoint(
+    model: nn.Module, cfg: ModelConfig, category_ids: list[int], category_names: list[str]
+) -> dict[str, Any]:
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_config": to_dict(cfg),
+        "num_classes": len(category_ids) + 1,
+        "category_ids": list(category_ids),
+        "category_names": list(category_names),
+    }
+
+
+def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a plain torchvision detector from a model checkpoint; returns (model, checkpoint)."""
+    state = load(path)
+    for key in ("model", "model_config", "num_classes", "category_ids"):
+        if key not in state:
+            raise ValueError(f"{path}: not a model checkpoint (no '{key}')")
+    cfg = from_dict(
+        ModelConfig, dict(state["model_config"], weights="", backbone_weights=""), "model_config"
+    )
+    model = build_detector(cfg, int(state["num_classes"]))
+    model.load_state_dict(state["model"])
+    return model, state

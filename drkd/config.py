@@ -1,0 +1,284 @@
+"""params.yaml -> frozen dataclasses, with a strict loader.
+
+Every section of params.yaml has one frozen dataclass here. The loader refuses
+unknown keys, wrong types and out-of-range values before any work starts, with
+one line naming the key path: ``params.yaml: teacher.train.lr: expected a
+positive float, got 'fast'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file that does not describe a valid run (one-line message)."""
+
+
+def _positive(kind: str = "number") -> dict[str, Any]:
+    return {"check": lambda v: v > 0, "expect": f"a positive {kind}"}
+
+
+def _non_negative(kind: str = "number") -> dict[str, Any]:
+    return {"check": lambda v: v >= 0, "expect": f"a non-negative {kind}"}
+
+
+def _fraction() -> dict[str, Any]:
+    return {"check": lambda v: 0 <= v <= 1, "expect": "a float in [0, 1]"}
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded shapes dataset (see drkd/data/synthetic.py)."""
+
+    num_train: int = field(default=2000, metadata=_positive("int"))
+    num_val: int = field(default=300, metadata=_positive("int"))
+    image_size: int = field(default=128, metadata=_positive("int"))
+    min_objects: int = field(default=3, metadata=_positive("int"))
+    max_objects: int = field(default=8, metadata=_positive("int"))
+    min_object_size: int = field(default=8, metadata=_positive("int"))
+    max_object_size: int = field(default=112, metadata=_positive("int"))
+    distractors: int = field(default=4, metadata=_non_negative("int"))
+
+
+@dataclass(frozen=True)
+class CocoConfig:
+    """Any COCO-format dataset on local disk; paths may be relative to the repo root."""
+
+    train_annotations: str = ""
+    train_images: str = ""
+    val_annotations: str = ""
+    val_images: str = ""
+    max_images: int = field(default=0, metadata=_non_negative("int"))  # per split, 0 = all
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic", "coco"] = "synthetic"
+    synthetic: SyntheticConfig = SyntheticConfig()
+    coco: CocoConfig = CocoConfig()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One torchvision detector (see drkd/models.py)."""
+
+    arch: Literal["retinanet", "faster_rcnn", "fcos"] = "retinanet"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"] = (
+        "resnet18"
+    )
+    fpn_channels: int = field(default=64, metadata=_positive("int"))
+    min_size: int = field(default=128, metadata=_positive("int"))
+    max_size: int = field(default=128, metadata=_positive("int"))
+    # Smallest anchor (px) at the finest level; doubles per level.
+    anchor_size: int = field(default=8, metadata=_positive("int"))
+    head_convs: int = field(default=2, metadata=_positive("int"))  # retinanet / fcos head depth
+    norm: Literal["batch", "group", "frozen"] = "batch"  # frozen only for pretrained backbones
+    weights: str = ""  # local torchvision detector state_dict to start from
+    backbone_weights: str = ""  # local ImageNet classifier state_dict for the backbone
+    rpn_pre_nms_top_n: int = field(default=500, metadata=_positive("int"))
+    rpn_post_nms_top_n: int = field(default=250, metadata=_positive("int"))
+    roi_batch_size: int = field(default=128, metadata=_positive("int"))
+    score_thresh: float = field(default=0.05, metadata=_fraction())
+    detections_per_img: int = field(default=100, metadata=_positive("int"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The shared training loop (see drkd/engine.py)."""
+
+    epochs: int = field(default=12, metadata=_positive("int"))
+    batch_size: int = field(default=8, metadata=_positive("int"))
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = field(default=1e-3, metadata=_positive("float"))
+    momentum: float = field(default=0.9, metadata=_fraction())
+    weight_decay: float = field(default=1e-4, metadata=_non_negative("float"))
+    warmup_steps: int = field(default=200, metadata=_non_negative("int"))
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: tuple[int, ...] = ()  # epochs at which the step schedule multiplies by gamma
+    gamma: float = field(default=0.1, metadata=_positive("float"))
+    clip_grad_norm: float = field(default=10.0, metadata=_non_negative("float"))  # 0 = off
+    amp: Literal["off", "bf16", "fp16"] = "bf16"  # CUDA only; ignored on CPU
+    hflip: float = field(default=0.5, metadata=_fraction())
+    num_workers: int = field(default=1, metadata=_non_negative("int"))
+    max_steps: int = field(default=0, metadata=_non_negative("int"))  # 0 = no cap (smoke runs)
+    log_every: int = field(default=10, metadata=_positive("int"))  # steps per logged loss mean
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Placeholder until DRKD lands (issue 3)."""
+
+    method: Literal["none"] = "none"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = field(default=8, metadata=_positive("int"))
+    num_vis_images: int = field(default=4, metadata=_non_negative("int"))
+    vis_score_thresh: float = field(default=0.3, metadata=_fraction())
+    timing_images: int = field(default=20, metadata=_non_negative("int"))
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "drkd"
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo root
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = field(default=0, metadata=_non_negative("int"))
+    data: DataConfig = DataConfig()
+    teacher: DetectorConfig = DetectorConfig()
+    student: DetectorConfig = DetectorConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0]).split(' ', 1)[-1]}s"
+    return {bool: "a boolean", int: "an int", float: "a float", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) -> Any:
+    def fail(expect: str, given: Any = value) -> typing.NoReturn:  # as written, not converted
+        raise ConfigError(f"{where}: expected {expect}, got {given!r}")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail("a mapping")
+        return _build(typing.cast(type, tp), value, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            fail(_describe(tp))
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            fail(_describe(tp))
+        item = typing.get_args(tp)[0]
+        return tuple(_convert(item, v, f"{where}[{i}]", {}) for i, v in enumerate(value))
+    expect = meta.get("expect", _describe(tp))
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail(expect)
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(expect)
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            fail(expect)
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            fail(expect)
+    if "check" in meta and not meta["check"](value):
+        fail(expect)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(names)})".lstrip("."))
+    kwargs = {
+        key: _convert(hints[key], value, f"{where}.{key}" if where else key, names[key].metadata)
+        for key, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Strictly build one section's dataclass from a mapping (e.g. a checkpoint's config)."""
+    return typing.cast(T, _build(cls, data, where))
+
+
+def _check_whole(params: Params) -> None:
+    s = params.data.synthetic
+    if s.min_objects > s.max_objects:
+        raise ConfigError("data.synthetic.min_objects: must not exceed max_objects")
+    if s.min_object_size > s.max_object_size:
+        raise ConfigError("data.synthetic.min_object_size: must not exceed max_object_size")
+    if s.max_object_size > s.image_size:
+        raise ConfigError("data.synthetic.max_object_size: must not exceed image_size")
+    for name in ("teacher", "student"):
+        model = getattr(params, name).model
+        if model.min_size > model.max_size:
+            raise ConfigError(f"{name}.model.min_size: must not exceed max_size")
+    if params.data.source == "coco":
+        for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
+            if not getattr(params.data.coco, key):
+                raise ConfigError(f"data.coco.{key}: required when data.source is 'coco'")
+
+
+def parse_params(data: Any) -> Params:
+    """Build Params from an already-parsed mapping; raises ConfigError (without file name)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}")
+    params = typing.cast(Params, _build(Params, data, ""))
+    _check_whole(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; any problem is one ConfigError line naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    try:
+        return parse_params(data or {})
+    except ConfigError as err:
+        raise ConfigError(f"{path.name}: {err}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as plain dicts/lists (for checkpoints and logging)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return typing.cast(dict[str, Any], plain(dataclasses.asdict(obj)))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,95 @@
+"""A prepared COCO-format split as a torch Dataset.
+
+Items are ``(image, target)``: a uint8 ``tv_tensors.Image`` (3, H, W) and
+``{"boxes": BoundingBoxes (N, 4) XYXY, "labels": int64 (N,), "image_id": int}``.
+Training labels are contiguous 1..K in sorted category-id order (0 is the
+background); ``category_ids[label - 1]`` maps back for evaluation. Crowd boxes
+are not training targets (they stay in the json for COCOeval).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+
+def load_rgb(path: Path, width: int, height: int) -> Image.Image:
+    """Open an image as RGB in the orientation its annotations use.
+
+    An EXIF-rotated file is transposed when that makes its size match the json's
+    width/height (annotation tools label what they display); grayscale, palette
+    and RGBA images become RGB.
+    """
+    with Image.open(path) as raw:
+        image: Image.Image = raw
+        if raw.size != (width, height):
+            turned = ImageOps.exif_transpose(raw)
+            if turned is None or turned.size != (width, height):
+                raise ValueError(
+                    f"{path}: image is {raw.size[0]}x{raw.size[1]} but its annotation "
+                    f"file says {width}x{height}"
+                )
+            image = turned
+        return image.convert("RGB")
+
+
+class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any]]]):
+    def __init__(self, annotation_file: str | Path, transforms: v2.Transform | None = None) -> None:
+        self.annotation_file = Path(annotation_file)
+        coco = json.loads(self.annotation_file.read_text())
+        self.root = self.annotation_file.parent
+        self.images: list[dict[str, Any]] = sorted(coco["images"], key=lambda im: im["id"])
+        self.category_ids: list[int] = sorted(c["id"] for c in coco["categories"])
+        self.category_names: list[str] = [
+            c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])
+        ]
+        label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        self.targets: dict[int, tuple[list[list[float]], list[int]]] = {
+            im["id"]: ([], []) for im in self.images
+        }
+        for ann in coco["annotations"]:
+            if ann.get("iscrowd", 0):
+                continue
+            x, y, w, h = ann["bbox"]
+            boxes, labels = self.targets[ann["image_id"]]
+            boxes.append([x, y, x + w, y + h])
+            labels.append(label_of[ann["category_id"]])
+        self.transforms = transforms
+
+    @property
+    def num_classes(self) -> int:
+        """Including the background, as torchvision detectors count."""
+        return len(self.category_ids) + 1
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        info = self.images[index]
+        pil = load_rgb(self.root / info["file_name"], info["width"], info["height"])
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(pil))
+        boxes, labels = self.targets[info["id"]]
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                format="XYXY",
+                canvas_size=(pil.height, pil.width),
+            ),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "image_id": int(info["id"]),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def collate(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)

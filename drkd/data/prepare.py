@@ -1,0 +1,66 @@
+"""Write ``<out>/{train,val}.json`` (COCO format) and ``<out>/stats.json`` for either source."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from drkd.config import DataConfig
+from drkd.data import synthetic
+
+
+def write_json(data: Any, path: Path) -> None:
+    """Deterministic, atomic json write (sorted keys; temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def split_stats(coco: dict[str, Any]) -> dict[str, Any]:
+    """Images, instances per category, COCO size buckets (by annotation area)."""
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    per_category = Counter(names[a["category_id"]] for a in coco["annotations"])
+    sizes = Counter(
+        "small" if a["area"] < 32**2 else "medium" if a["area"] <= 96**2 else "large"
+        for a in coco["annotations"]
+        if not a.get("iscrowd", 0)
+    )
+    with_boxes = {a["image_id"] for a in coco["annotations"]}
+    return {
+        "images": len(coco["images"]),
+        "images_without_annotations": len(coco["images"]) - len(with_boxes),
+        "instances": len(coco["annotations"]),
+        "crowd": sum(1 for a in coco["annotations"] if a.get("iscrowd", 0)),
+        "instances_per_category": {n: per_category.get(n, 0) for n in sorted(names.values())},
+        "size_buckets": {b: sizes.get(b, 0) for b in ("small", "medium", "large")},
+    }
+
+
+def prepare(cfg: DataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
+    """Build both splits into ``out_dir``; return the stats that were written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats: dict[str, Any] = {"source": cfg.source}
+    if cfg.source == "synthetic":
+        s = cfg.synthetic
+        splits = {
+            "train": synthetic.write_split(out_dir, "train", s.num_train, s, seed),
+            "val": synthetic.write_split(out_dir, "val", s.num_val, s, seed),
+        }
+        dropped: dict[str, dict[str, int]] = {"train": {}, "val": {}}
+    else:
+        from drkd.data.validate import clean_coco
+
+        c = cfg.coco
+        splits, dropped = {}, {}
+        for split, ann, images in (
+            ("train", c.train_annotations, c.train_images),
+            ("val", c.val_annotations, c.val_images),
+        ):
+            splits[split], dropped[split] = clean_coco(Path(ann), Path(images), c.max_images)
+    for split, coco in splits.items():
+        write_json(coco, out_dir / f"{split}.json")
+        stats[split] = {**split_stats(coco), "dropped_boxes": dropped[split]}
+    write_json(stats, out_dir / "stats.json")
+    return stats

@@ -1,0 +1,260 @@
+"""The one training loop, shared by the teacher, the baseline student and distillation.
+
+``fit`` trains any module whose ``forward(images, targets)`` returns a dict of
+named losses (a torchvision detector in train mode, or a Distiller). It sums
+every entry (RetinaNet's keys have no ``loss_`` prefix), logs each by name, and
+owns everything a run needs to be repeatable: seeded data order, warm-up +
+cosine/step schedule, gradient clipping, AMP on CUDA, DDP under torchrun, and a
+checkpoint every epoch from which a killed run resumes to the same result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Sized
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from drkd.checkpoint import load, save_atomic
+from drkd.config import TrainConfig
+from drkd.data.coco import collate
+
+StepCallback = Callable[[int, dict[str, float]], None]
+EpochCallback = Callable[[int, nn.Module], None]
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or inf; the last good checkpoint is kept."""
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+@contextmanager
+def distributed() -> Iterator[None]:
+    """Join the torchrun process group when launched by torchrun (nccl on CUDA, gloo on CPU)."""
+    if (
+        "WORLD_SIZE" in os.environ
+        and int(os.environ["WORLD_SIZE"]) > 1
+        and not dist.is_initialized()
+    ):
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(pick_device())
+        try:
+            yield
+        finally:
+            dist.barrier()
+            dist.destroy_process_group()
+    else:
+        yield
+
+
+def lr_factor(step: int, cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> float:
+    """Linear warm-up from 0.001x, then cosine to 0 or steps of ``gamma`` at epoch milestones."""
+    warm = 1.0
+    if step < cfg.warmup_steps:
+        warm = 0.001 + (1 - 0.001) * step / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    passed = sum(step >= m * steps_per_epoch for m in cfg.milestones)
+    return warm * cfg.gamma**passed
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _to_device(
+    images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [
+        {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
+    ]
+    return images, targets
+
+
+def _loader(dataset: Dataset[Any], cfg: TrainConfig, seed: int, epoch: int) -> DataLoader[Any]:
+    """A loader whose order and augmentation depend only on (seed, epoch): resumable exactly."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    rank, size = world()
+    sampler: Any
+    if size > 1:
+        sampler = DistributedSampler(
+            dataset, num_replicas=size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )  # as many batches as steps_per_epoch
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(cast(Sized, dataset), generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        generator=generator,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def fit(
+    module: nn.Module,
+    dataset: Dataset[Any],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    work_dir: str | Path,
+    fingerprint: str = "",
+    desc: str = "train",
+    on_step: StepCallback | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> list[dict[str, float]]:
+    """Train ``module`` in place; return the logged loss history (one row per ``log_every`` steps).
+
+    ``work_dir/last.pt`` holds the state after the last finished epoch; a run with
+    the same ``fingerprint`` (config + data hash) resumes from it, any other starts
+    afresh. ``on_step(step, losses)`` gets loss means every ``log_every`` steps,
+    ``on_epoch(epoch, module)`` runs after each epoch's checkpoint (rank 0 only).
+    """
+    device = pick_device()
+    rank, size = world()
+    module.to(device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    num_images = len(cast(Sized, dataset))
+    steps_per_epoch = num_images // (cfg.batch_size * size)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"train.batch_size: {cfg.batch_size} x {size} processes exceeds the "
+            f"{num_images} training images"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    amp = device.type == "cuda" and cfg.amp != "off"
+    amp_dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and cfg.amp == "fp16")
+    train_model: nn.Module = module
+    if size > 1:
+        train_model = DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    work_dir = Path(work_dir)
+    last = work_dir / "last.pt"
+    step, start_epoch, history = 0, 0, []
+    if last.is_file():
+        state = load(last)
+        if state.get("fingerprint") == fingerprint:
+            module.load_state_dict(state["module"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"])
+            step, start_epoch, history = state["step"], state["epoch"] + 1, state["history"]
+            if is_main():
+                tqdm.write(f"[{desc}] resuming after epoch {start_epoch} (step {step}) from {last}")
+        elif is_main():
+            tqdm.write(f"[{desc}] {last} is from another config or dataset; starting afresh")
+
+    def set_lr() -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg, total_steps, steps_per_epoch)
+
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=desc,
+        unit="step",
+        disable=rank != 0,
+        dynamic_ncols=True,
+    )
+    window: dict[str, float] = {}
+    window_steps = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if step >= total_steps:
+            break
+        train_model.train()
+        for images, targets in _loader(dataset, cfg, seed, epoch):
+            if step >= total_steps:
+                break
+            images, targets = _to_device(images, targets, device)
+            set_lr()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                losses = train_model(images, targets)
+            for name, value in losses.items():
+                if not torch.isfinite(value):
+                    raise NonFiniteLoss(
+                        f"[{desc}] step {step}: loss term '{name}' is {value.item()}; "
+                        f"last good checkpoint kept at {last if last.exists() else '(none yet)'}"
+                    )
+            total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            if cfg.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            for name, value in losses.items():
+                window[name] = window.get(name, 0.0) + float(value.detach())
+            window["loss"] = window.get("loss", 0.0) + float(total.detach())
+            window_steps += 1
+            bar.update(1)
+            if window_steps == cfg.log_every or step == total_steps:
+                row = {k: v / window_steps for k, v in window.items()}
+                row["lr"] = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{row['loss']:.3f}", epoch=epoch)
+                history.append({"step": float(step), **row})
+                if on_step is not None and rank == 0:
+                    on_step(step, row)
+                window, window_steps = {}, 0
+        if rank == 0:
+            save_atomic(
+                {
+                    "fingerprint": fingerprint,
+                    "module": module.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "step": step,
+                    "epoch": epoch,
+                    "history": history,
+                },
+                last,
+            )
+            if on_epoch is not None:
+                on_epoch(epoch, module)
+        if size > 1:
+            dist.barrier()
+    bar.close()
+    return history

@@ -1,0 +1,88 @@
+"""COCO box evaluation with pycocotools, and batched inference that produces its input."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from drkd.data.coco import CocoDetection, collate
+
+# COCOeval.stats indices of the numbers we report.
+STAT_NAMES = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: CocoDetection,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], float]:
+    """Detections in COCO result format (original category ids) and mean inference ms/image."""
+    model.eval().to(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    results: list[dict[str, Any]] = []
+    seconds = 0.0
+    for images, targets in tqdm(
+        loader, desc="predict", unit="batch", disable=not progress, leave=False
+    ):
+        start = time.perf_counter()
+        outputs = model([im.to(device) for im in images])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        for target, out in zip(targets, outputs, strict=True):
+            boxes = out["boxes"].cpu()
+            boxes[:, 2:] -= boxes[:, :2]  # XYXY -> XYWH
+            for box, score, label in zip(
+                boxes.tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True
+            ):
+                results.append(
+                    {
+                        "image_id": int(target["image_id"]),
+                        "category_id": dataset.category_ids[label - 1],
+                        "bbox": [round(v, 2) for v in box],
+                        "score": round(score, 5),
+                    }
+                )
+    return results, 1000 * seconds / max(len(dataset), 1)
+
+
+def coco_metrics(annotation_file: str | Path, detections: list[dict[str, Any]]) -> dict[str, Any]:
+    """{AP, AP50, AP75, APs, APm, APl, AR100} as fractions 0..1 (-1 where COCO has no such
+    ground truth), plus ``per_class_AP`` by category name."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotation_file))
+    if not detections:  # COCO's loadRes cannot take an empty list
+        areas = [a["area"] for a in gt.dataset["annotations"] if not a.get("iscrowd", 0)]
+        present = {"APs": any(a < 32**2 for a in areas), "APl": any(a > 96**2 for a in areas),
+                   "APm": any(32**2 <= a <= 96**2 for a in areas)}
+        empty = {name: 0.0 if present.get(name, True) else -1.0 for name in STAT_NAMES}
+        return {**empty, "per_class_AP": {c["name"]: 0.0 for c in gt.cats.values()}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(detections)
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    metrics: dict[str, Any] = {name: float(ev.stats[i]) for name, i in STAT_NAMES.items()}
+    # precision: [iou thresholds, recall points, categories, area ranges, max dets]
+    precision = ev.eval["precision"][:, :, :, 0, -1]
+    per_class = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        valid = precision[:, :, k][precision[:, :, k] > -1]
+        per_class[gt.cats[cat_id]["name"]] = float(np.mean(valid)) if valid.size else -1.0
+    metrics["per_class_AP"] = per_class
+    return metrics

@@ -1,0 +1,99 @@
+"""DVC stage `evaluate_<NAME>`: one detector checkpoint -> COCO metrics and raw detections on val.
+
+``metrics/NAME.json`` holds AP, AP50, AP75, APs, APm, APl, AR100 (fractions 0..1, -1 where
+val has no ground truth of that size), ``per_class_AP`` {category name: AP}, ``parameters``
+and ``inference_ms_per_image``.
+
+``inference_ms_per_image`` is latency, not throughput: the mean wall time of one forward
+pass at batch size 1 (the detector's own resize/normalise and postprocessing included, data
+loading excluded, CUDA synchronised) over the first ``evaluate.timing_images`` val images,
+after one untimed warm-up pass. With ``timing_images: 0`` it is the batched mean from the
+metrics pass instead (``evaluate.batch_size`` images per forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from drkd import cli
+from drkd.checkpoint import load_detector
+from drkd.config import load_params, to_dict
+from drkd.data.coco import CocoDetection
+from drkd.data.transforms import eval_transforms
+from drkd.engine import pick_device
+from drkd.evaluation import STAT_NAMES, coco_metrics, predict
+from drkd.models import count_parameters
+from drkd.report import mlflow_name, write_json
+from drkd.tracking import stage_run
+
+
+@torch.no_grad()
+def time_inference(model: nn.Module, dataset: CocoDetection, num_images: int,
+                   device: torch.device) -> float:
+    """Mean ms per image at batch size 1 over the first ``num_images`` images (1 warm-up)."""
+    model.eval().to(device)
+    images = [dataset[i][0].to(device) for i in range(min(num_images, len(dataset)))]
+    if not images:
+        return 0.0
+    model([images[0]])  # warm-up: cudnn autotuning, lazy allocations
+    seconds = 0.0
+    for image in images:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model([image])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+    return 1000 * seconds / len(images)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="model name (teacher, student, ...)")
+    parser.add_argument("--checkpoint", required=True, help="model checkpoint to evaluate")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--metrics", required=True, help="metrics json to write")
+    parser.add_argument("--detections", required=True, help="raw COCO detections json to write")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    data = Path(args.data)
+    dataset = CocoDetection(data / "val.json", eval_transforms())
+    model, checkpoint = load_detector(args.checkpoint)
+    if list(checkpoint["category_ids"]) != dataset.category_ids:
+        raise ValueError(f"{args.checkpoint}: trained on categories {checkpoint['category_ids']}, "
+                         f"but {data / 'val.json'} has {dataset.category_ids}")
+    device = pick_device()
+    logged = {"name": args.name, "checkpoint": args.checkpoint,
+              "model": checkpoint["model_config"], "evaluate": to_dict(params.evaluate)}
+    with stage_run(params.tracking, f"evaluate_{args.name}", logged,
+                   [data / "train.json", data / "val.json"]) as run:
+        detections, batched_ms = predict(model, dataset, params.evaluate.batch_size, device)
+        metrics = coco_metrics(data / "val.json", detections)
+        ms = batched_ms
+        if params.evaluate.timing_images:
+            ms = time_inference(model, dataset, params.evaluate.timing_images, device)
+        metrics["parameters"] = count_parameters(model)
+        metrics["inference_ms_per_image"] = round(ms, 3)
+        write_json(detections, args.detections)
+        write_json(metrics, args.metrics)
+        run.log_metrics({
+            **{key: metrics[key] for key in (*STAT_NAMES, "parameters", "inference_ms_per_image")},
+            **{f"AP_class.{mlflow_name(c)}": ap for c, ap in metrics["per_class_AP"].items()},
+        })
+        run.log_artifact(args.metrics)
+    print(f"{args.name}: AP {100 * metrics['AP']:.1f}  AP50 {100 * metrics['AP50']:.1f}  "
+          f"{metrics['parameters'] / 1e6:.2f} M params  {ms:.1f} ms/image ({device.type})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

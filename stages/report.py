@@ -1,0 +1,70 @@
+"""DVC stage `report`: every model's metrics + detections -> summary json, markdown table, plots.
+
+Reads ``<metrics-dir>/<NAME>.json`` and ``<eval-dir>/<NAME>/detections.json`` for each
+``--models`` name (any number >= 1; the first is the reference for ``gap_to_first``) and
+the loss-history CSVs. Writes the summary json, the markdown table, and in ``--plots-dir``
+loss_curves.png, ap_by_size.png (+ ap_by_size.csv for `dvc plots`) and detections.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from drkd import cli
+from drkd import report as rep
+from drkd.config import load_params, to_dict
+from drkd.tracking import stage_run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, help="model names, reference first")
+    parser.add_argument("--metrics-dir", default="metrics")
+    parser.add_argument("--eval-dir", default="eval")
+    parser.add_argument("--histories", nargs="*", default=[],
+                        help="loss-history CSVs; subplot title = file stem without 'train_'")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--summary", required=True, help="summary json to write")
+    parser.add_argument("--table", required=True, help="markdown table to write")
+    parser.add_argument("--plots-dir", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    if len(set(args.models)) != len(args.models):
+        raise ValueError(f"--models: duplicate names in {args.models}")
+    data = Path(args.data)
+    metrics_files = {m: Path(args.metrics_dir) / f"{m}.json" for m in args.models}
+    detection_files = {m: Path(args.eval_dir) / m / "detections.json" for m in args.models}
+    history_files = [Path(h) for h in args.histories]
+    rep.require_files([*metrics_files.values(), *detection_files.values(), *history_files,
+                       data / "val.json"])
+    metrics = {m: rep.read_metrics(f) for m, f in metrics_files.items()}
+    histories = {h.stem.removeprefix("train_"): rep.read_history(h) for h in history_files}
+    plots = Path(args.plots_dir)
+    logged = {"models": ",".join(args.models), "evaluate": to_dict(params.evaluate)}
+    inputs = [data / "train.json", data / "val.json"]
+    with stage_run(params.tracking, "report", logged, inputs) as run:
+        summary = rep.summarize(metrics)
+        rep.write_json(summary, args.summary)
+        rep.write_text(rep.markdown_table(metrics), args.table)
+        rep.plot_loss_curves(histories, plots / "loss_curves.png")
+        rep.plot_ap_by_size(metrics, plots / "ap_by_size.png")
+        rep.write_ap_by_size_csv(metrics, plots / "ap_by_size.csv")
+        rep.plot_detections(data / "val.json",
+                            {m: rep.read_json(f) for m, f in detection_files.items()},
+                            params.evaluate.num_vis_images, params.evaluate.vis_score_thresh,
+                            plots / "detections.png")
+        run.log_metrics(rep.summary_numbers(summary))
+        for path in (args.summary, args.table):
+            run.log_artifact(path)
+        for name in ("loss_curves.png", "ap_by_size.png", "ap_by_size.csv", "detections.png"):
+            run.log_artifact(plots / name, "plots")
+    print(rep.markdown_table(metrics).split("\n\n## Per-class")[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,95 @@
+"""DVC stages `train_teacher` / `train_student`: one detector from a params section -> checkpoint.
+
+The baseline student uses the same recipe and budget that distillation will use,
+without the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from drkd import cli
+from drkd.checkpoint import model_checkpoint, save_atomic
+from drkd.config import load_params, to_dict
+from drkd.data.coco import CocoDetection
+from drkd.data.transforms import train_transforms
+from drkd.engine import distributed, fit, is_main
+from drkd.models import build_detector, count_parameters
+from drkd.tracking import stage_run
+
+
+def write_history(history: list[dict[str, float]], path: Path) -> None:
+    """Loss history as CSV (one row per logged step) for `dvc plots` and the report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = sorted({k for row in history for k in row} - {"step"})
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", *names])
+        for row in history:
+            writer.writerow([int(row["step"]), *(f"{row.get(n, float('nan')):.6g}" for n in names)])
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("which", choices=["teacher", "student"])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--out", required=True, help="model checkpoint to write")
+    parser.add_argument("--history", required=True, help="loss history CSV to write")
+    parser.add_argument(
+        "--work-dir", required=True, help="resumable per-epoch state (not a DVC out)"
+    )
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    section = getattr(params, args.which)
+    data = Path(args.data)
+    dataset = CocoDetection(data / "train.json", train_transforms(section.train.hflip))
+    torch.manual_seed(params.seed)
+    model = build_detector(section.model, dataset.num_classes)
+    config_text = json.dumps({"seed": params.seed, **to_dict(section)}, sort_keys=True)
+    fingerprint = hashlib.md5(config_text.encode() + (data / "train.json").read_bytes()).hexdigest()
+    logged = {"seed": params.seed, args.which: to_dict(section)}
+    with (
+        distributed(),
+        stage_run(
+            params.tracking,
+            f"train_{args.which}",
+            logged,
+            [data / "train.json", data / "val.json"],
+            enabled=is_main(),
+        ) as run,
+    ):
+        run.log_metrics({"parameters": count_parameters(model)})
+        history = fit(
+            model,
+            dataset,
+            section.train,
+            seed=params.seed,
+            work_dir=args.work_dir,
+            fingerprint=fingerprint,
+            desc=args.which,
+            on_step=lambda s, r: run.log_metrics(r, s),
+        )
+        if is_main():
+            save_atomic(
+                model_checkpoint(
+                    model, section.model, dataset.category_ids, dataset.category_names
+                ),
+                args.out,
+            )
+            write_history(history, Path(args.history))
+            run.log_artifact(args.history)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny prepared synthetic dataset and toy detector configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from drkd.config import DataConfig, ModelConfig, SyntheticConfig, TrainConfig
+from drkd.data.prepare import prepare
+
+TINY_DATA = SyntheticConfig(
+    num_train=8,
+    num_val=4,
+    image_size=64,
+    min_objects=1,
+    max_objects=4,
+    min_object_size=6,
+    max_object_size=40,
+    distractors=2,
+)
+
+
+def toy_model(arch: str = "retinanet", **overrides: object) -> ModelConfig:
+    """A real torchvision detector, shrunk: 16-channel FPN, 64 px inputs."""
+    fields: dict[str, object] = dict(
+        arch=arch,
+        backbone="resnet18",
+        fpn_channels=16,
+        min_size=64,
+        max_size=64,
+        anchor_size=8,
+        rpn_pre_nms_top_n=100,
+        rpn_post_nms_top_n=50,
+        roi_batch_size=32,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)  # type: ignore[arg-type]
+
+
+def toy_train(**overrides: object) -> TrainConfig:
+    fields: dict[str, object] = dict(
+        epochs=1, batch_size=2, lr=1e-3, warmup_steps=2, num_workers=0, log_every=1, amp="off"
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/prepared-like folder with 8 train / 4 val synthetic 64 px images."""
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(DataConfig(source="synthetic", synthetic=TINY_DATA), seed=0, out_dir=out)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)

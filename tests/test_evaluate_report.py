@@ -1,0 +1,153 @@
+"""COCO metrics sanity, the evaluate stage end to end, and the report stage."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import toy_model
+from PIL import Image
+
+from drkd import cli
+from drkd.checkpoint import model_checkpoint, save_atomic
+from drkd.data.coco import CocoDetection
+from drkd.evaluation import coco_metrics
+from drkd.models import build_detector, count_parameters
+from stages import evaluate, report
+
+KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+
+
+def gt_as_detections(val_json: Path, shift: float = 0.0) -> list[dict[str, Any]]:
+    coco = json.loads(val_json.read_text())
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
+             "bbox": [a["bbox"][0] + shift * a["bbox"][2], a["bbox"][1], *a["bbox"][2:]]}
+            for a in coco["annotations"] if not a.get("iscrowd", 0)]
+
+
+def write_params(path: Path, tracking: bool = False, **evaluate: object) -> Path:
+    path.write_text(yaml.safe_dump({"tracking": {"enabled": tracking},
+                                    "evaluate": {"batch_size": 2, "timing_images": 2, **evaluate}}))
+    return path
+
+
+def test_ground_truth_scores_perfect(tiny_data: Path) -> None:
+    metrics = coco_metrics(tiny_data / "val.json", gt_as_detections(tiny_data / "val.json"))
+    assert metrics["AP"] == pytest.approx(1.0)
+    assert metrics["AP50"] == pytest.approx(1.0)
+
+
+def test_shifted_boxes_score_lower(tiny_data: Path) -> None:
+    metrics = coco_metrics(tiny_data / "val.json", gt_as_detections(tiny_data / "val.json", 0.4))
+    assert 0 <= metrics["AP"] < 0.5
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    dataset = CocoDetection(tiny_data / "train.json")
+    # fpn_channels=24: GroupNorm keeps >= 2 channels per group, so batch-1 timing works on the
+    # 1x1 P7 map of a 64 px image (the default 16 gives 1 per group and raises, see report).
+    cfg = toy_model(fpn_channels=24)
+    model = build_detector(cfg, dataset.num_classes)
+    path = tmp_path_factory.mktemp("models") / "toy.pt"
+    save_atomic(model_checkpoint(model, cfg, dataset.category_ids, dataset.category_names), path)
+    return path, count_parameters(model)
+
+
+def run_evaluate(name: str, ckpt: Path, data: Path, out: Path, params: Path) -> int:
+    return evaluate.main([name, "--checkpoint", str(ckpt), "--data", str(data),
+                          "--metrics", str(out / "metrics" / f"{name}.json"),
+                          "--detections", str(out / "eval" / name / "detections.json"),
+                          "--params", str(params)])
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_data: Path, checkpoint: tuple[Path, int],
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same toy checkpoint evaluated as `teacher` and `student`, plus two fake histories."""
+    out = tmp_path_factory.mktemp("run")
+    params = write_params(out / "params.yaml", num_vis_images=2, vis_score_thresh=0.0)
+    for name in ("teacher", "student"):
+        assert run_evaluate(name, checkpoint[0], tiny_data, out, params) == 0
+        with (out / f"train_{name}.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["step", "classification", "bbox_regression", "loss", "lr"])
+            for step in range(1, 6):
+                writer.writerow([step, 1 / step, 0.5 / step, 1.5 / step, 1e-3])
+    return out
+
+
+def test_evaluate_writes_metrics_and_detections(evaluated: Path,
+                                                checkpoint: tuple[Path, int]) -> None:
+    metrics = json.loads((evaluated / "metrics" / "teacher.json").read_text())
+    assert set(metrics) == {*KEYS, "per_class_AP", "parameters", "inference_ms_per_image"}
+    for value in [*(metrics[k] for k in KEYS), *metrics["per_class_AP"].values()]:
+        assert value == -1 or 0 <= value <= 1
+    assert metrics["parameters"] == checkpoint[1]
+    assert metrics["inference_ms_per_image"] > 0
+    detections = json.loads((evaluated / "eval" / "teacher" / "detections.json").read_text())
+    assert isinstance(detections, list)
+
+
+def test_report_writes_summary_table_and_plots(evaluated: Path, tiny_data: Path) -> None:
+    plots = evaluated / "reports" / "plots"
+    assert report.main([
+        "--models", "teacher", "student", "--metrics-dir", str(evaluated / "metrics"),
+        "--eval-dir", str(evaluated / "eval"), "--data", str(tiny_data),
+        "--histories", str(evaluated / "train_teacher.csv"), str(evaluated / "train_student.csv"),
+        "--summary", str(evaluated / "summary.json"), "--table", str(evaluated / "summary.md"),
+        "--plots-dir", str(plots), "--params", str(evaluated / "params.yaml")]) == 0
+    summary = json.loads((evaluated / "summary.json").read_text())
+    assert set(summary) == {"teacher", "student"}
+    assert "gap_to_first" not in summary["teacher"]
+    assert summary["student"]["gap_to_first"]["parameters"] == 0
+    table = (evaluated / "summary.md").read_text()
+    assert "| metric | teacher | student |" in table and "\n| AP | " in table
+    for name in ("loss_curves.png", "ap_by_size.png", "detections.png"):
+        with Image.open(plots / name) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+        assert (plots / name).stat().st_size > 5000
+    rows = list(csv.DictReader((plots / "ap_by_size.csv").open()))
+    assert {r["model"] for r in rows} == {"teacher", "student"}
+
+
+def test_report_single_model_without_histories(evaluated: Path, tiny_data: Path) -> None:
+    assert report.main([
+        "--models", "student", "--metrics-dir", str(evaluated / "metrics"),
+        "--eval-dir", str(evaluated / "eval"), "--data", str(tiny_data),
+        "--summary", str(evaluated / "one.json"), "--table", str(evaluated / "one.md"),
+        "--plots-dir", str(evaluated / "one"), "--params", str(evaluated / "params.yaml")]) == 0
+    assert list(json.loads((evaluated / "one.json").read_text())) == ["student"]
+    assert (evaluated / "one" / "loss_curves.png").is_file()
+
+
+def test_report_missing_metrics_is_one_line_error(evaluated: Path, tiny_data: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--models", "teacher", "student_drkd", "--metrics-dir", str(evaluated / "metrics"),
+            "--eval-dir", str(evaluated / "eval"), "--data", str(tiny_data),
+            "--summary", str(evaluated / "x.json"), "--table", str(evaluated / "x.md"),
+            "--plots-dir", str(evaluated / "x"), "--params", str(evaluated / "params.yaml")]
+    assert cli.run(report.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "student_drkd.json" in err
+    assert not (evaluated / "x.json").exists()
+
+
+def test_evaluate_logs_mlflow_run(tiny_data: Path, checkpoint: tuple[Path, int], tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = write_params(tmp_path / "params.yaml", tracking=True, timing_images=0)
+    assert run_evaluate("student", checkpoint[0], tiny_data, tmp_path, params) == 0
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["drkd"])
+    run = runs[runs["tags.mlflow.runName"] == "evaluate_student"]
+    assert len(run) == 1 and run["status"].iloc[0] == "FINISHED"
+    ap = json.loads((tmp_path / "metrics" / "student.json").read_text())["AP"]
+    assert run["metrics.AP"].iloc[0] == pytest.approx(ap)

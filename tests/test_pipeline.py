@@ -1,0 +1,124 @@
+"""End to end: real `dvc repro` of the smoke preset in a temporary copy of the repo, real MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = [
+    "drkd",
+    "stages",
+    "presets",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+]
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    repo = tmp_path_factory.mktemp("repo")
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, repo / name)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["DRKD_PIPELINE_ID"] = "e2e-test"
+    env.update(
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    _run([sys.executable, "-m", "stages.preset", "presets/smoke.yaml", "--apply"], repo, env)
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("enabled: false", "enabled: true"))
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "init"], repo, env)
+    _run(["dvc", "repro"], repo, env)
+    return repo, env
+
+
+def test_repro_writes_metrics_reports_and_mlflow_runs(repo: tuple[Path, dict[str, str]]) -> None:
+    root, _ = repo
+    for name in ("teacher", "student"):
+        metrics = json.loads((root / "metrics" / f"{name}.json").read_text())
+        for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):
+            assert -1.0 <= metrics[key] <= 1.0, (name, key)
+        assert metrics["parameters"] > 0 and metrics["inference_ms_per_image"] > 0
+        assert json.loads((root / "eval" / name / "detections.json").read_text()) is not None
+    summary = json.loads((root / "metrics" / "summary.json").read_text())
+    assert {"teacher", "student"} <= set(summary)
+    assert "teacher" in (root / "reports" / "summary.md").read_text()
+    for png in ("loss_curves.png", "ap_by_size.png", "detections.png"):
+        assert (root / "reports" / "plots" / png).stat().st_size > 1000
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["drkd"], output_format="list")
+    stages = {r.data.tags["dvc_stage"]: r for r in runs}
+    expected = {
+        "prepare",
+        "train_teacher",
+        "train_student",
+        "evaluate_teacher",
+        "evaluate_student",
+        "report",
+    }
+    assert expected <= set(stages)
+    for run in stages.values():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["pipeline_id"] == "e2e-test"
+        assert run.data.tags["git_commit"] not in ("", "unknown")
+    assert "loss" in stages["train_teacher"].data.metrics
+    assert stages["evaluate_teacher"].data.metrics["AP"] >= 0
+
+
+def test_second_repro_is_a_no_op_and_student_change_reruns_only_its_branch(
+    repo: tuple[Path, dict[str, str]],
+) -> None:
+    root, env = repo
+    out = _run(["dvc", "repro"], root, env)
+    assert "Running stage" not in out
+    params = (root / "params.yaml").read_text()
+    marker = "student:\n"
+    head, tail = params.split(marker, 1)
+    (root / "params.yaml").write_text(head + marker + tail.replace("lr: 0.001", "lr: 0.002", 1))
+    out = _run(["dvc", "repro"], root, env)
+    assert "Running stage 'train_student'" in out
+    assert "Running stage 'evaluate@student'" in out
+    assert "Running stage 'report'" in out
+    for stage in ("prepare", "train_teacher", "evaluate@teacher"):
+        assert f"Running stage '{stage}'" not in out
+
+
+def test_dvc_metrics_and_plots_read_the_outputs(repo: tuple[Path, dict[str, str]]) -> None:
+    root, env = repo
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], root, env))
+    assert "metrics/teacher.json" in json.dumps(shown)
+    plots = _run(["dvc", "plots", "show", "--json"], root, env)
+    assert "ap_by_size" in plots
