@@ -42,9 +42,9 @@ class SyntheticConfig:
     image_size: int = field(default=128, metadata=_positive("int"))
     min_objects: int = field(default=3, metadata=_positive("int"))
     max_objects: int = field(default=8, metadata=_positive("int"))
-    min_object_size: int = field(default=8, metadata=_positive("int"))
-    max_object_size: int = field(default=112, metadata=_positive("int"))
-    distractors: int = field(default=4, metadata=_non_negative("int"))
+    min_object_size: int = field(default=10, metadata=_positive("int"))
+    max_object_size: int = field(default=110, metadata=_positive("int"))
+    distractors: int = field(default=6, metadata=_non_negative("int"))
 
 
 @dataclass(frozen=True)

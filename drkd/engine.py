@@ -172,6 +172,8 @@ def fit(
     work_dir = Path(work_dir)
     last = work_dir / "last.pt"
     step, start_epoch, history = 0, 0, []
+    window: dict[str, float] = {}  # loss sums since the last logged row (may span epochs)
+    window_steps = 0
     if last.is_file():
         state = load(last)
         if state.get("fingerprint") == fingerprint:
@@ -180,6 +182,7 @@ def fit(
             scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"])
             step, start_epoch, history = state["step"], state["epoch"] + 1, state["history"]
+            window, window_steps = state["window"], int(state["window_steps"])
             if is_main():
                 tqdm.write(f"[{desc}] resuming after epoch {start_epoch} (step {step}) from {last}")
         elif is_main():
@@ -197,8 +200,6 @@ def fit(
         disable=rank != 0,
         dynamic_ncols=True,
     )
-    window: dict[str, float] = {}
-    window_steps = 0
     for epoch in range(start_epoch, cfg.epochs):
         if step >= total_steps:
             break
@@ -249,6 +250,8 @@ def fit(
                     "step": step,
                     "epoch": epoch,
                     "history": history,
+                    "window": window,
+                    "window_steps": window_steps,
                 },
                 last,
             )

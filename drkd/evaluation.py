@@ -49,6 +49,8 @@ def predict(
             for box, score, label in zip(
                 boxes.tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True
             ):
+                if label == 0:  # RetinaNet/FCOS also score the background slot
+                    continue
                 results.append(
                     {
                         "image_id": int(target["image_id"]),
@@ -67,8 +69,11 @@ def coco_metrics(annotation_file: str | Path, detections: list[dict[str, Any]]) 
         gt = COCO(str(annotation_file))
     if not detections:  # COCO's loadRes cannot take an empty list
         areas = [a["area"] for a in gt.dataset["annotations"] if not a.get("iscrowd", 0)]
-        present = {"APs": any(a < 32**2 for a in areas), "APl": any(a > 96**2 for a in areas),
-                   "APm": any(32**2 <= a <= 96**2 for a in areas)}
+        present = {
+            "APs": any(a < 32**2 for a in areas),
+            "APl": any(a > 96**2 for a in areas),
+            "APm": any(32**2 <= a <= 96**2 for a in areas),
+        }
         empty = {name: 0.0 if present.get(name, True) else -1.0 for name in STAT_NAMES}
         return {**empty, "per_class_AP": {c["name"]: 0.0 for c in gt.cats.values()}}
     with contextlib.redirect_stdout(io.StringIO()):

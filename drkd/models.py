@@ -22,7 +22,7 @@ from torchvision import models as tvm
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
@@ -79,8 +79,8 @@ def _backbone(cfg: ModelConfig, levels: str) -> BackboneWithFPN:
             _load_state(net, cfg.backbone_weights, "model.backbone_weights", strict=False)
         body = net.features
         blocks = list(body.children())
-        # Blocks where the stride doubles; the last block ends the C5 stage.
-        stages = [i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False)] + [
+        # The block before each stride change ends a stage: its output is that stage's C_k.
+        stages = [i - 1 for i, b in enumerate(blocks) if getattr(b, "_is_cn", False)] + [
             len(blocks) - 1
         ]
         picked = stages[-(5 - first) :] if levels == "p2" else stages[-3:]
@@ -128,7 +128,14 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
     elif cfg.arch == "fcos":
         backbone = _backbone(cfg, "p3")
         anchors = _anchors(cfg, 5, (1.0,), (1.0,))
-        head = FCOSHead(cfg.fpn_channels, 1, num_classes, num_convs=cfg.head_convs)
+        head = FCOSHead(cfg.fpn_channels, 1, num_classes, num_convs=0)
+        # torchvision's default GroupNorm(32, c) needs c % 32 == 0; use ours, as RetinaNet does.
+        head.classification_head = FCOSClassificationHead(
+            cfg.fpn_channels, 1, num_classes, cfg.head_convs, norm_layer=_group_norm
+        )
+        head.regression_head = FCOSRegressionHead(
+            cfg.fpn_channels, 1, cfg.head_convs, norm_layer=_group_norm
+        )
         model = FCOS(
             backbone,
             num_classes,
