@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import toy_model
 from PIL import Image
 
+from conftest import toy_model
 from drkd import cli
 from drkd.checkpoint import model_checkpoint, save_atomic
 from drkd.data.coco import CocoDetection

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TINY_DATA
 from PIL import Image
 
+from conftest import TINY_DATA
 from drkd.config import DataConfig, SyntheticConfig, load_params
 from drkd.data.prepare import prepare
 
