@@ -234,6 +234,7 @@ def fit(
             if window_steps == cfg.log_every or step == total_steps:
                 row = {k: v / window_steps for k, v in window.items()}
                 row["lr"] = optimizer.param_groups[0]["lr"]
+                row["epoch"] = float(epoch)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", epoch=epoch)
                 history.append({"step": float(step), **row})
                 if on_step is not None and rank == 0:

@@ -69,6 +69,20 @@ def main(argv: list[str] | None = None) -> int:
         ) as run,
     ):
         run.log_metrics({"parameters": count_parameters(model)})
+        rows: list[dict[str, float]] = []  # logged rows of the running epoch
+
+        def on_step(step: int, row: dict[str, float]) -> None:
+            run.log_metrics(row, step)
+            rows.append(row)
+
+        def on_epoch(epoch: int, _: object) -> None:
+            """Per-epoch means of every loss term, as `epoch/<term>` at step = epoch."""
+            if rows:
+                names = [k for k in rows[0] if k not in ("lr", "epoch")]
+                means = {f"epoch/{k}": sum(r[k] for r in rows) / len(rows) for k in names}
+                run.log_metrics(means, epoch)
+            rows.clear()
+
         history = fit(
             model,
             dataset,
@@ -77,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             work_dir=args.work_dir,
             fingerprint=fingerprint,
             desc=args.which,
-            on_step=lambda s, r: run.log_metrics(r, s),
+            on_step=on_step,
+            on_epoch=on_epoch,
         )
         if is_main():
             save_atomic(

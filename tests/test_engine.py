@@ -74,7 +74,7 @@ def test_history_one_row_per_step(tiny_data: Path, tmp_path: Path) -> None:
     assert [row["step"] for row in history] == [float(s) for s in range(1, steps + 1)]
     assert [s for s, _ in seen] == list(range(1, steps + 1))
     for (_, logged), row in zip(seen, history, strict=True):
-        assert set(row) == {"step", "classification", "bbox_regression", "loss", "lr"}
+        assert set(row) == {"step", "classification", "bbox_regression", "loss", "lr", "epoch"}
         assert logged == {k: v for k, v in row.items() if k != "step"}
         assert all(math.isfinite(v) for v in row.values())
         assert row["loss"] == pytest.approx(row["classification"] + row["bbox_regression"])
@@ -320,7 +320,7 @@ def test_train_stage_writes_outputs(tiny_data: Path, tmp_path: Path,
     with history.open() as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert set(rows[0]) == {"step", "bbox_regression", "classification", "loss", "lr"}
+    assert set(rows[0]) == {"step", "bbox_regression", "classification", "loss", "lr", "epoch"}
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     last = checkpoint.load(work / "last.pt")
     assert last["step"] == 4 and last["epoch"] == 0
