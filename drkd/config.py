@@ -118,10 +118,41 @@ class DetectorConfig:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """Placeholder until DRKD lands (issue 3)."""
+class PixelRelationConfig:
+    """GloRe sizes per FPN level, finest first (release: N=64, S=128 on the two finest)."""
 
-    method: Literal["none"] = "none"
+    nodes: tuple[int, ...] = (64, 64, 256, 256, 256)
+    states: tuple[int, ...] = (128, 128, 512, 512, 512)
+
+
+@dataclass(frozen=True)
+class InstanceRelationConfig:
+    levels: int = field(default=2, metadata=_positive("int"))  # finest levels pooled by RoIAlign
+    embed_dim: int = field(default=256, metadata=_positive("int"))
+    target: Literal["matrix", "features", "both"] = "features"
+    tau: float = field(default=1.0, metadata=_positive("float"))
+    topk: int = field(default=0, metadata=_non_negative("int"))  # 0 = keep all relations
+    filter: bool = True
+    filter_hidden: int = field(default=64, metadata=_positive("int"))
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation of the student (trained with the `student` section's recipe).
+
+    method: drkd (pixel + instance relations, method.md) | mimic (adapter + MSE
+    on every FPN level, the plain baseline) | none. A weight of 0 switches a
+    term off (its modules are not built).
+    """
+
+    method: Literal["drkd", "mimic", "none"] = "drkd"
+    reduction: Literal["norm", "mse"] = "mse"
+    w_pr: float = field(default=1.0, metadata=_non_negative("float"))
+    w_ir: float = field(default=1.0, metadata=_non_negative("float"))
+    w_ins: float = field(default=1.0, metadata=_non_negative("float"))
+    w_mimic: float = field(default=1.0, metadata=_non_negative("float"))
+    pixel: PixelRelationConfig = PixelRelationConfig()
+    instance: InstanceRelationConfig = InstanceRelationConfig()
 
 
 @dataclass(frozen=True)

@@ -107,8 +107,13 @@ def summary_numbers(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
     for model, row in summary.items():
         name = mlflow_name(model)
         numbers.update({f"{name}.{k}": v for k, v in row.items() if isinstance(v, int | float)})
-        numbers.update({f"{name}.gap_to_first.{k}": v
-                        for k, v in row.get("gap_to_first", {}).items() if v is not None})
+        numbers.update(
+            {
+                f"{name}.gap_to_first.{k}": v
+                for k, v in row.get("gap_to_first", {}).items()
+                if v is not None
+            }
+        )
     return numbers
 
 
@@ -120,17 +125,32 @@ def markdown_table(metrics: dict[str, dict[str, Any]]) -> str:
     """Metrics (COCO points, 1 decimal), parameters (M) and ms/image per model, then
     per-class AP. ``-`` marks a bucket without ground truth."""
     names = list(metrics)
-    lines = ["## Detection metrics (val)", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines = [
+        "## Detection metrics (val)",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
     for key in METRICS:
         lines.append(f"| {key} | " + " | ".join(_points(metrics[n][key]) for n in names) + " |")
-    lines.append("| params (M) | "
-                 + " | ".join(f"{metrics[n]['parameters'] / 1e6:.2f}" for n in names) + " |")
-    lines.append("| ms/image | "
-                 + " | ".join(f"{metrics[n]['inference_ms_per_image']:.1f}" for n in names) + " |")
+    lines.append(
+        "| params (M) | "
+        + " | ".join(f"{metrics[n]['parameters'] / 1e6:.2f}" for n in names)
+        + " |"
+    )
+    lines.append(
+        "| ms/image | "
+        + " | ".join(f"{metrics[n]['inference_ms_per_image']:.1f}" for n in names)
+        + " |"
+    )
     classes = list(dict.fromkeys(c for n in names for c in metrics[n]["per_class_AP"]))
-    lines += ["", "## Per-class AP (val)", "",
-              "| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [
+        "",
+        "## Per-class AP (val)",
+        "",
+        "| class | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
     for cls in classes:
         cells = [_points(metrics[n]["per_class_AP"].get(cls, -1.0)) for n in names]
         lines.append(f"| {cls} | " + " | ".join(cells) + " |")
@@ -160,8 +180,10 @@ def read_history(path: Path) -> dict[str, list[float]]:
         rows = list(csv.DictReader(fh))
     if not rows or "step" not in rows[0]:
         raise ValueError(f"{path}: not a loss history (needs a 'step' column and rows)")
-    return {key: [float(r[key]) if r[key] not in ("", None) else math.nan for r in rows]
-            for key in rows[0]}
+    return {
+        key: [float(r[key]) if r[key] not in ("", None) else math.nan for r in rows]
+        for key in rows[0]
+    }
 
 
 def _minor_log_label(value: float, _: int) -> str:
@@ -177,8 +199,9 @@ def plot_loss_curves(histories: dict[str, dict[str, list[float]]], path: Path) -
         return
     cols = min(len(histories), 3)
     rows = math.ceil(len(histories) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False, layout="constrained"
+    )
     for ax, (title, hist) in zip(axes.flat, histories.items(), strict=False):
         terms = [k for k in hist if k not in ("step", "loss", "lr")]
         for key in terms:
@@ -193,7 +216,7 @@ def plot_loss_curves(histories: dict[str, dict[str, list[float]]], path: Path) -
         ax.set(title=title, xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(histories):]:
+    for ax in list(axes.flat)[len(histories) :]:
         ax.axis("off")
     fig.suptitle("Training loss")
     _save(fig, path)
@@ -203,8 +226,12 @@ def ap_by_size_rows(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, 
     """(model, bucket, AP in points, "model: bucket") long rows; buckets without ground truth
     are left out. The label column gives `dvc plots` (which colours only by revision) one bar
     per model and bucket: ``x: AP, y: label, template: bar_horizontal``."""
-    return [(name, bucket, round(100 * m[key], 2), f"{name}: {bucket}")
-            for name, m in metrics.items() for key, bucket in SIZE_BUCKETS.items() if m[key] >= 0]
+    return [
+        (name, bucket, round(100 * m[key], 2), f"{name}: {bucket}")
+        for name, m in metrics.items()
+        for key, bucket in SIZE_BUCKETS.items()
+        if m[key] >= 0
+    ]
 
 
 def write_ap_by_size_csv(metrics: dict[str, dict[str, Any]], path: Path) -> None:
@@ -228,8 +255,7 @@ def plot_ap_by_size(metrics: dict[str, dict[str, Any]], path: Path) -> None:
         values = [100 * metrics[name][k] for k in SIZE_BUCKETS]
         bars = ax.bar(xs, [max(v, 0) for v in values], width, label=name)
         ax.bar_label(bars, labels=[f"{v:.1f}" if v >= 0 else "n/a" for v in values], fontsize=8)
-    ax.set_xticks(range(len(SIZE_BUCKETS)),
-                  [f"{b}\n({k})" for k, b in SIZE_BUCKETS.items()])
+    ax.set_xticks(range(len(SIZE_BUCKETS)), [f"{b}\n({k})" for k, b in SIZE_BUCKETS.items()])
     ax.set(ylabel="AP@[.5:.95] (points)", title="AP by object size (val)")
     ax.set_ylim(0, min(top * 1.15, 105))
     ax.grid(axis="y", alpha=0.3)
@@ -242,18 +268,38 @@ def _colors(n: int) -> list[str]:
     return [matplotlib.colors.to_hex(cmap(i % cmap.N)) for i in range(n)]
 
 
-def _draw(image: torch.Tensor, boxes: list[list[float]], labels: list[str], colors: list[str],
-          scale: float) -> torch.Tensor:
+def _draw(
+    image: torch.Tensor,
+    boxes: list[list[float]],
+    labels: list[str],
+    colors: list[str],
+    scale: float,
+) -> torch.Tensor:
     if not boxes:
         return image
     xyxy = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
     font = matplotlib.font_manager.findfont("DejaVu Sans")  # ships with matplotlib
-    return draw_bounding_boxes(image, xyxy, labels=labels, colors=colors, width=2, font=font,
-                               font_size=13, fill_labels=True, label_colors="white")
+    return draw_bounding_boxes(
+        image,
+        xyxy,
+        labels=labels,
+        colors=colors,
+        width=2,
+        font=font,
+        font_size=13,
+        fill_labels=True,
+        label_colors="white",
+    )
 
 
-def plot_detections(val_json: Path, detections: dict[str, list[dict[str, Any]]], num_images: int,
-                    score_thresh: float, path: Path, min_side: int = 320) -> None:
+def plot_detections(
+    val_json: Path,
+    detections: dict[str, list[dict[str, Any]]],
+    num_images: int,
+    score_thresh: float,
+    path: Path,
+    min_side: int = 320,
+) -> None:
     """A grid: one row per val image (the first ``num_images`` by id), a ground-truth column,
     then one column per model with its detections scoring >= ``score_thresh``."""
     dataset = CocoDetection(val_json)
@@ -270,23 +316,31 @@ def plot_detections(val_json: Path, detections: dict[str, list[dict[str, Any]]],
             if det["score"] >= score_thresh:
                 by_image[model].setdefault(int(det["image_id"]), []).append(det)
     columns = ["ground truth", *detections]
-    fig, axes = plt.subplots(count, len(columns), figsize=(3.2 * len(columns), 3.2 * count),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        count, len(columns), figsize=(3.2 * len(columns), 3.2 * count), squeeze=False
+    )
     for row in range(count):
         image, target = dataset[row]
         h, w = image.shape[-2:]
         scale = max(1.0, min_side / max(h, w))  # upscale small images so labels stay legible
-        big = F.resize(torch.as_tensor(image), [round(h * scale), round(w * scale)],
-                       antialias=True)
+        big = F.resize(torch.as_tensor(image), [round(h * scale), round(w * scale)], antialias=True)
         cats = [dataset.category_ids[int(lbl) - 1] for lbl in target["labels"]]
-        panels = [_draw(big, torch.as_tensor(target["boxes"]).tolist(),
-                        [name_of[c] for c in cats], [palette[c] for c in cats], scale)]
+        panels = [
+            _draw(
+                big,
+                torch.as_tensor(target["boxes"]).tolist(),
+                [name_of[c] for c in cats],
+                [palette[c] for c in cats],
+                scale,
+            )
+        ]
         for model in detections:
             dets = by_image[model].get(int(target["image_id"]), [])
             dets = sorted(dets, key=lambda d: d["score"])  # best drawn last, on top
             boxes = [[x, y, x + bw, y + bh] for x, y, bw, bh in (d["bbox"] for d in dets)]
-            labels = [f"{name_of.get(d['category_id'], d['category_id'])} {d['score']:.2f}"
-                      for d in dets]
+            labels = [
+                f"{name_of.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in dets
+            ]
             colors = [palette.get(d["category_id"], "#ffffff") for d in dets]
             panels.append(_draw(big, boxes, labels, colors, scale))
         for col, panel in enumerate(panels):

@@ -1,7 +1,11 @@
-"""DVC stages `train_teacher` / `train_student`: one detector from a params section -> checkpoint.
+"""DVC stages `train_teacher`, `train_student` and `distill`: one detector -> checkpoint.
 
-The baseline student uses the same recipe and budget that distillation will use,
-without the teacher.
+    python -m stages.train teacher|student --out ... --history ... --work-dir ...
+    python -m stages.train student --teacher models/teacher.pt ...   # distillation
+
+The baseline student uses the same recipe, budget and initial weights that
+distillation uses, without the teacher. With ``--teacher`` the student is
+wrapped in a Distiller (params `distill`) and only the student is saved.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from pathlib import Path
 import torch
 
 from drkd import cli
-from drkd.checkpoint import model_checkpoint, save_atomic
+from drkd.checkpoint import load_detector, model_checkpoint, save_atomic
 from drkd.config import load_params, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import train_transforms
+from drkd.distiller import Distiller
 from drkd.engine import distributed, fit, is_main
 from drkd.models import build_detector, count_parameters
 from drkd.tracking import stage_run
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work-dir", required=True, help="resumable per-epoch state (not a DVC out)"
     )
+    parser.add_argument("--teacher", help="teacher checkpoint: distill the student from it")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     section = getattr(params, args.which)
@@ -55,20 +61,32 @@ def main(argv: list[str] | None = None) -> int:
     dataset = CocoDetection(data / "train.json", train_transforms(section.train.hflip))
     torch.manual_seed(params.seed)
     model = build_detector(section.model, dataset.num_classes)
-    config_text = json.dumps({"seed": params.seed, **to_dict(section)}, sort_keys=True)
-    fingerprint = hashlib.md5(config_text.encode() + (data / "train.json").read_bytes()).hexdigest()
-    logged = {"seed": params.seed, args.which: to_dict(section)}
+    logged: dict[str, object] = {"seed": params.seed, args.which: to_dict(section)}
+    digest = hashlib.md5((data / "train.json").read_bytes())
+    trained: torch.nn.Module = model
+    stage = f"train_{args.which}"
+    if args.teacher:
+        teacher, state = load_detector(args.teacher)
+        if state["category_ids"] != dataset.category_ids:
+            raise ValueError(f"{args.teacher}: trained on other categories than {data}")
+        trained = Distiller(model, teacher, params.distill)
+        logged["distill"] = to_dict(params.distill)
+        digest.update(Path(args.teacher).read_bytes())
+        stage = "distill"
+    digest.update(json.dumps(logged, sort_keys=True).encode())
+    fingerprint = digest.hexdigest()
     with (
         distributed(),
         stage_run(
             params.tracking,
-            f"train_{args.which}",
+            stage,
             logged,
             [data / "train.json", data / "val.json"],
             enabled=is_main(),
         ) as run,
     ):
-        run.log_metrics({"parameters": count_parameters(model)})
+        trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+        run.log_metrics({"parameters": count_parameters(model), "trainable_parameters": trainable})
         rows: list[dict[str, float]] = []  # logged rows of the running epoch
 
         def on_step(step: int, row: dict[str, float]) -> None:
@@ -84,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.clear()
 
         history = fit(
-            model,
+            trained,
             dataset,
             section.train,
             seed=params.seed,

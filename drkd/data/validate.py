@@ -21,13 +21,12 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _short(value: Any, limit: int = 60) -> str:
     text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 EXPECT: dict[str, Callable[[Any], bool]] = {
@@ -90,8 +89,9 @@ def _clean_box(bbox: list[float], width: int, height: int) -> tuple[list[float] 
     return [x0, y0, x1 - x0, y1 - y0], "clipped"
 
 
-def clean_coco(annotation_file: Path, image_dir: Path, max_images: int
-               ) -> tuple[dict[str, Any], dict[str, int]]:
+def clean_coco(
+    annotation_file: Path, image_dir: Path, max_images: int
+) -> tuple[dict[str, Any], dict[str, int]]:
     """Validate a COCO json and its images; return (cleaned COCO dict, dropped/clipped box counts).
 
     ``max_images > 0`` keeps the first N images by id and their annotations.
@@ -102,16 +102,25 @@ def clean_coco(annotation_file: Path, image_dir: Path, max_images: int
 
     images: dict[int, dict[str, Any]] = {}
     for i, im in enumerate(data["images"]):
-        image_id = check.entry("image", i, im, {"id": "an int", "file_name": "a non-empty string",
-                                                "width": "a positive int",
-                                                "height": "a positive int"})
+        image_id = check.entry(
+            "image",
+            i,
+            im,
+            {
+                "id": "an int",
+                "file_name": "a non-empty string",
+                "width": "a positive int",
+                "height": "a positive int",
+            },
+        )
         if image_id in images:
             check.fail(f"image {image_id}: duplicate image id")
         images[image_id] = im
     categories: dict[int, dict[str, Any]] = {}
     for i, cat in enumerate(data["categories"]):
-        category_id = check.entry("category", i, cat,
-                                  {"id": "an int", "name": "a non-empty string"})
+        category_id = check.entry(
+            "category", i, cat, {"id": "an int", "name": "a non-empty string"}
+        )
         if category_id in categories:
             check.fail(f"category {category_id}: duplicate category id")
         categories[category_id] = cat
@@ -124,14 +133,17 @@ def clean_coco(annotation_file: Path, image_dir: Path, max_images: int
         if not _is_int(ann.get("image_id")) or ann["image_id"] not in images:
             check.fail(f"annotation {ann_id} points to unknown image {_short(ann.get('image_id'))}")
         if not _is_int(ann.get("category_id")) or ann["category_id"] not in categories:
-            check.fail(f"annotation {ann_id} points to unknown category "
-                       f"{_short(ann.get('category_id'))}")
+            check.fail(
+                f"annotation {ann_id} points to unknown category {_short(ann.get('category_id'))}"
+            )
         raw = ann.get("bbox")
         if not (isinstance(raw, list) and len(raw) == 4 and all(_is_number(v) for v in raw)):
             check.fail(f"annotation {ann_id}: bbox must be 4 numbers, got {_short(raw)}")
         if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
-            check.fail(f"annotation {ann_id}: area must be a non-negative number, "
-                       f"got {_short(ann['area'])}")
+            check.fail(
+                f"annotation {ann_id}: area must be a non-negative number, "
+                f"got {_short(ann['area'])}"
+            )
         if ann.get("iscrowd", 0) not in (0, 1):
             check.fail(f"annotation {ann_id}: iscrowd must be 0 or 1, got {_short(ann['iscrowd'])}")
 
@@ -142,8 +154,14 @@ def clean_coco(annotation_file: Path, image_dir: Path, max_images: int
         path = image_dir / im["file_name"]
         if not path.is_file():
             check.fail(f"image {image_id}: file not found: {path}")
-        out_images.append({"id": image_id, "file_name": str(path.resolve()),
-                           "width": im["width"], "height": im["height"]})
+        out_images.append(
+            {
+                "id": image_id,
+                "file_name": str(path.resolve()),
+                "width": im["width"],
+                "height": im["height"],
+            }
+        )
 
     counts = dict.fromkeys(BOX_KEYS, 0)
     kept = set(kept_ids)
@@ -164,13 +182,22 @@ def clean_coco(annotation_file: Path, image_dir: Path, max_images: int
         area = bbox[2] * bbox[3]
         if "area" in ann:
             area = ann["area"] if event is None else min(ann["area"], area)
-        out_annotations.append({"id": ann["id"], "image_id": ann["image_id"],
-                                "category_id": ann["category_id"], "bbox": bbox,
-                                "area": area, "iscrowd": crowd})
+        out_annotations.append(
+            {
+                "id": ann["id"],
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"],
+                "bbox": bbox,
+                "area": area,
+                "iscrowd": crowd,
+            }
+        )
 
     out_categories = [
         {k: cat[k] for k in ("id", "name", "supercategory") if k in cat}
         for _, cat in sorted(categories.items())
     ]
-    return ({"images": out_images, "annotations": out_annotations,
-             "categories": out_categories}, counts)
+    return (
+        {"images": out_images, "annotations": out_annotations, "categories": out_categories},
+        counts,
+    )

@@ -1,0 +1,62 @@
+"""Pure loss functions of DRKD (method.md, "Total loss" and "Reductions and weights").
+
+``reduction="norm"`` is the release's: the un-squared L2 norm of each image's
+difference tensor (``torch.dist``), summed over images (and, by the callers,
+over levels). ``reduction="mse"`` is the mean squared error over the valid
+elements: scale-free across image and batch sizes. Weights tuned for one
+reduction are meaningless for the other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drkd.modules.relation import pair_mask
+
+
+def distance(
+    student: torch.Tensor, teacher: torch.Tensor, reduction: str, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """student, teacher: (B, ...); valid: bool, broadcastable to them (None = all valid)."""
+    diff = student.float() - teacher.float()
+    if valid is not None:
+        valid = valid.expand_as(diff)
+        diff = torch.where(valid, diff, 0.0)
+    if reduction == "norm":
+        return diff.flatten(1).norm(dim=1).sum()
+    count = diff.numel() if valid is None else int(valid.sum())
+    return (diff**2).sum() / max(count, 1)
+
+
+def pixel_relation_loss(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], reduction: str
+) -> torch.Tensor:
+    """L_PR: sum over levels of distance(adapt(GloRe_s(F_s[l])), GloRe_t(F_t[l])).
+    Inputs per level: (B, C_t, H_l, W_l), already through GloRe (and the student adapter)."""
+    return torch.stack(
+        [distance(s, t, reduction) for s, t in zip(student, teacher, strict=True)]
+    ).sum()
+
+
+def related(mask: torch.Tensor) -> torch.Tensor:
+    """(B, n) -> (B, 1) images with at least 2 instances: the only ones with relations."""
+    return mask.sum(1, keepdim=True) >= 2
+
+
+def instance_relation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, reduction: str, matrix: bool
+) -> torch.Tensor:
+    """L_IR for one level: relation matrices R (B, n, n) when ``matrix``, else refined
+    features z (B, n, D). Images with 0 or 1 instance contribute exactly 0."""
+    if matrix:
+        valid = pair_mask(mask) & related(mask)[:, :, None]
+    else:
+        valid = (mask & related(mask))[:, :, None]
+    return distance(student, teacher, reduction, valid)
+
+
+def instance_feature_loss(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, reduction: str
+) -> torch.Tensor:
+    """L_INS for one level: distance(adapt(e_s), e_t) over the valid instances; (B, n, D)."""
+    return distance(student, teacher, reduction, mask[:, :, None])

@@ -1,0 +1,112 @@
+"""Instance-wise relation block and the learned relation filter (method.md, "Instance-wise
+relation distillation").
+
+Instances of a batch are padded to (B, n, D) with a validity mask (B, n), so
+relations are computed for the whole batch at once and never cross images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# A large finite negative (not -inf): a row with no valid entry must give a finite softmax
+# (zeroed afterwards), or its NaNs would leak into the backward pass.
+_MASKED = -1e9
+
+
+def pad_instances(
+    features: torch.Tensor, image_index: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, D) features with their image index (K,) -> padded (B, n_max, D), mask (B, n_max).
+
+    Instances keep their order within each image; no Python loop over images.
+    """
+    counts = torch.bincount(image_index, minlength=batch_size)
+    n_max = int(counts.max()) if counts.numel() else 0
+    order = torch.argsort(image_index, stable=True)
+    features, image_index = features[order], image_index[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(image_index), device=features.device) - starts[image_index]
+    padded = features.new_zeros(batch_size, n_max, features.shape[1])
+    padded[image_index, slot] = features
+    mask = torch.zeros(batch_size, n_max, dtype=torch.bool, device=features.device)
+    mask[image_index, slot] = True
+    return padded, mask
+
+
+def pair_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, n) instance mask -> (B, n, n) valid (i, j) pairs of the same image."""
+    return mask[:, :, None] & mask[:, None, :]
+
+
+class RelationFilter(nn.Module):
+    """Scores every pair (i, j) of an image and turns the scores into weights on the
+    affinity logits, so the valuable relations stand out.
+
+    Weights are a softmax over j rescaled to mean 1 over the valid j of each row:
+    the filter can only move emphasis between relations, never shrink them all to
+    zero (which would make every relation matrix uniform and the loss vanish).
+    Defined for any n, including 0 and 1.
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(dim, hidden)
+        self.key = nn.Linear(dim, hidden)
+        self.scale = 1 / math.sqrt(hidden)
+
+    def forward(self, e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """e: (B, n, D), mask: (B, n) -> weights (B, n, n), zero on invalid pairs."""
+        valid = pair_mask(mask)
+        scores = (self.query(e) @ self.key(e).transpose(1, 2)) * self.scale
+        weights = torch.softmax(scores.float().masked_fill(~valid, _MASKED), dim=-1)
+        return torch.where(valid, weights * mask.sum(1).clamp(min=1)[:, None, None], 0.0)
+
+
+def relation_matrix(
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    tau: float,
+    topk: int = 0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """R = softmax_j(filtered logits / tau) over the valid pairs; (B, n, n), rows of invalid
+    instances are 0. ``topk`` > 0 keeps the k strongest filtered relations of each row."""
+    valid = pair_mask(mask)
+    filtered = logits.float() if weights is None else logits.float() * weights
+    filtered = filtered.masked_fill(~valid, _MASKED)
+    if topk and filtered.shape[-1] > topk:
+        kth = filtered.topk(topk, dim=-1).values[..., -1:]
+        filtered = filtered.masked_fill(filtered < kth, _MASKED)
+    return torch.where(valid, torch.softmax(filtered / tau, dim=-1), 0.0)
+
+
+class InstanceRelation(nn.Module):
+    """Non-local block over the instances of one image (batched over images).
+
+    ``affinity(e)`` gives a_ij = <theta(e_i), phi(e_j)> / sqrt(d); ``refine(e, R)``
+    gives z = e + W(R g(e)). W starts at zero, so z = e at the start. Without ``refine``
+    (a matrix-only target) g and W are not built: no parameter is left without a gradient.
+    """
+
+    def __init__(self, dim: int, embed: int, refine: bool = True) -> None:
+        super().__init__()
+        self.theta = nn.Linear(dim, embed)
+        self.phi = nn.Linear(dim, embed)
+        self.scale = 1 / math.sqrt(embed)
+        if refine:
+            self.g = nn.Linear(dim, embed)
+            self.out = nn.Linear(embed, dim)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+    def affinity(self, e: torch.Tensor) -> torch.Tensor:
+        """(B, n, D) -> logits (B, n, n)."""
+        return (self.theta(e) @ self.phi(e).transpose(1, 2)) * self.scale
+
+    def refine(self, e: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+        """(B, n, D), (B, n, n) -> z (B, n, D)."""
+        return e + self.out(relation.to(e.dtype) @ self.g(e))
