@@ -156,6 +156,37 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class SearchSpace:
+    """Optuna search space over `distill`. Ranges [low, high] are log-uniform; lists of choices
+    are categorical; one value fixes a dimension; [] leaves it out (the `distill` value holds)."""
+
+    w_pr: tuple[float, ...] = (1e-4, 1e-2)
+    w_ir: tuple[float, ...] = (1e-3, 1e-1)
+    w_ins: tuple[float, ...] = (1e-3, 1e-1)
+    tau: tuple[float, ...] = (0.25, 4.0)
+    topk: tuple[int, ...] = (0, 2, 4)
+    filter_hidden: tuple[int, ...] = (32, 64, 128)
+    filter: tuple[bool, ...] = (True, False)
+    target: tuple[Literal["matrix", "features", "both"], ...] = ("matrix", "features", "both")
+    lr: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`tune` (not run by plain `dvc repro`): a study whose objective is the validation AP of
+    the distilled student after a short budget."""
+
+    study_name: str = "drkd"
+    storage: str = ""  # any Optuna RDB URL; empty: sqlite:///optuna.db in the repo root
+    n_trials: int = field(default=20, metadata=_positive("int"))  # in total, over all workers
+    sampler_seed: int = field(default=0, metadata=_non_negative("int"))
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    epochs: int = field(default=2, metadata=_positive("int"))  # per trial
+    max_steps: int = field(default=0, metadata=_non_negative("int"))  # per trial; 0 = no cap
+    space: SearchSpace = SearchSpace()
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = field(default=8, metadata=_positive("int"))
     num_vis_images: int = field(default=4, metadata=_non_negative("int"))
@@ -177,6 +208,7 @@ class Params:
     teacher: DetectorConfig = DetectorConfig()
     student: DetectorConfig = DetectorConfig()
     distill: DistillConfig = DistillConfig()
+    tune: TuneConfig = TuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -260,6 +292,18 @@ def _check_whole(params: Params) -> None:
         model = getattr(params, name).model
         if model.min_size > model.max_size:
             raise ConfigError(f"{name}.model.min_size: must not exceed max_size")
+    space = params.tune.space
+    for name in ("w_pr", "w_ir", "w_ins", "tau", "lr"):
+        values = getattr(space, name)
+        if (
+            len(values) > 2
+            or any(v <= 0 for v in values)
+            or (len(values) == 2 and values[0] > values[1])
+        ):
+            raise ConfigError(
+                f"tune.space.{name}: expected [], [value] or [low, high] with "
+                f"0 < low <= high, got {list(values)}"
+            )
     if params.data.source == "coco":
         for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
             if not getattr(params.data.coco, key):

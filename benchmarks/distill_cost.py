@@ -1,0 +1,179 @@
+"""What DRKD costs, measured side by side in one run (a benchmark, not a test).
+
+    python benchmarks/distill_cost.py [--params params.yaml] [--steps 20]
+
+Prints, on the embedded default's models and image size:
+1. step-time ratio  distill step / (baseline student step + teacher backbone forward)
+   (target <= 1.20: only the DRKD modules' forward, backward and optimizer work may be added);
+2. batched instance relations vs a per-image loop like the release's, forward + backward,
+   4 images x 10 instances at 256 px (target >= 3x);
+3. peak memory of a distill step vs a student step (each in a fresh process: peak RSS on CPU,
+   max_memory_allocated on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from drkd.config import DistillConfig, load_params
+from drkd.distiller import Distiller
+from drkd.engine import pick_device
+from drkd.models import build_detector
+from drkd.modules.relation import InstanceRelation, RelationFilter, pad_instances, relation_matrix
+
+NUM_CLASSES = 9
+
+
+def batch(size: int, count: int, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=g).to(device) for _ in range(count)]
+    targets = []
+    for _ in range(count):
+        xy = torch.rand(6, 2, generator=g) * size * 0.7
+        wh = 8 + torch.rand(6, 2, generator=g) * size * 0.25
+        boxes = torch.cat([xy, xy + wh], 1).clamp(max=size - 1)
+        targets.append({"boxes": boxes.to(device),
+                        "labels": torch.randint(1, NUM_CLASSES, (6,), generator=g).to(device)})
+    return images, targets
+
+
+def timed(fn: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Median seconds per call after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def models(params_file: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    params = load_params(params_file)
+    torch.manual_seed(0)
+    student = build_detector(params.student.model, NUM_CLASSES).to(device)
+    teacher = build_detector(params.teacher.model, NUM_CLASSES).to(device)
+    return student, teacher
+
+
+def train_step(module: torch.nn.Module, images: list, targets: list) -> Callable[[], None]:
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    module.train()
+
+    def step() -> None:
+        loss = sum(module(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def step_ratio(params_file: str, steps: int) -> dict[str, float]:
+    device = pick_device()
+    params = load_params(params_file)
+    student, teacher = models(params_file, device)
+    size = params.student.model.max_size
+    images, targets = batch(size, params.student.train.batch_size, device)
+    t_student = timed(train_step(student, images, targets), steps, device)
+    teacher.eval()
+    tensors = torch.stack(images)
+
+    def teacher_forward() -> None:
+        with torch.no_grad():
+            teacher.backbone(tensors)
+
+    t_teacher = timed(teacher_forward, steps, device)
+    distiller = Distiller(student, teacher, params.distill).to(device)
+    t_distill = timed(train_step(distiller, images, targets), steps, device)
+    return {"student_step_s": t_student, "teacher_forward_s": t_teacher,
+            "distill_step_s": t_distill, "ratio": t_distill / (t_student + t_teacher)}
+
+
+def relation_speed(steps: int) -> dict[str, float]:
+    """Batched vs per-image instance relations (RoIAlign features of a 256 px, 256-ch P2)."""
+    device = pick_device()
+    images, per_image, dim = 4, 10, 256 * 9
+    torch.manual_seed(0)
+    block, filt = InstanceRelation(dim, 256).to(device), RelationFilter(dim, 64).to(device)
+    e_all = torch.randn(images * per_image, dim, device=device, requires_grad=True)
+    index = torch.arange(images, device=device).repeat_interleave(per_image)
+
+    def batched() -> None:
+        e, mask = pad_instances(e_all, index, images)
+        r = relation_matrix(block.affinity(e), mask, 1.0, 0, filt(e, mask))
+        block.refine(e, r).square().sum().backward()
+
+    def looped() -> None:  # the release: one image at a time
+        total = e_all.new_zeros(())
+        for i in range(images):
+            e = e_all[index == i][None]
+            mask = torch.ones(1, e.shape[1], dtype=torch.bool, device=device)
+            r = relation_matrix(block.affinity(e), mask, 1.0, 0, filt(e, mask))
+            total = total + block.refine(e, r).square().sum()
+        total.backward()
+
+    t_batched, t_looped = timed(batched, steps, device), timed(looped, steps, device)
+    return {"batched_s": t_batched, "looped_s": t_looped, "speedup": t_looped / t_batched}
+
+
+def peak_memory(params_file: str, distill: bool) -> float:
+    """MiB at the peak of 3 train steps, measured in this (fresh) process."""
+    device = pick_device()
+    params = load_params(params_file)
+    student, teacher = models(params_file, device)
+    module: torch.nn.Module = Distiller(student, teacher, params.distill) if distill else student
+    module.to(device)
+    images, targets = batch(params.student.model.max_size, params.student.train.batch_size, device)
+    step = train_step(module, images, targets)
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--memory", choices=["student", "distill"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory:  # child process of the memory comparison
+        print(json.dumps(peak_memory(args.params, args.memory == "distill")))
+        return
+    if load_params(args.params).distill.method == "none":
+        raise SystemExit(f"{args.params}: distill.method is 'none'; nothing to measure")
+    ratio = step_ratio(args.params, args.steps)
+    speed = relation_speed(args.steps)
+    mem = {kind: json.loads(subprocess.run(
+        [sys.executable, __file__, "--params", args.params, "--memory", kind],
+        capture_output=True, text=True, check=True).stdout) for kind in ("student", "distill")}
+    print(f"device: {pick_device()}  threads: {torch.get_num_threads()}")
+    print(f"student step {ratio['student_step_s']:.3f} s + teacher forward "
+          f"{ratio['teacher_forward_s']:.3f} s; distill step {ratio['distill_step_s']:.3f} s")
+    print(f"step-time ratio distill / (student + teacher forward): {ratio['ratio']:.2f} "
+          f"(target <= 1.20)")
+    print(f"instance relations, 4 images x 10 instances, fwd+bwd: batched "
+          f"{1000 * speed['batched_s']:.2f} ms, per-image loop {1000 * speed['looped_s']:.2f} ms, "
+          f"speed-up {speed['speedup']:.2f}x (target >= 3x)")
+    print(f"peak memory: student step {mem['student']:.0f} MiB, distill step "
+          f"{mem['distill']:.0f} MiB, ratio {mem['distill'] / mem['student']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
