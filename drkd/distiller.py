@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from drkd.config import DistillConfig
+from drkd.config import DistillConfig, to_dict
 from drkd.losses import (
     distance,
     instance_feature_loss,
@@ -124,6 +124,16 @@ class Distiller(nn.Module):
                     RelationFilter(dim, inst.filter_hidden) for _ in range(self.instance_levels)
                 )
 
+    def modules_checkpoint(self) -> dict[str, Any]:
+        """The training-only DRKD modules (not the student, not the teacher) and their config,
+        for relation plots; the exported student never needs them."""
+        state = {
+            k: v.detach().cpu()
+            for k, v in self.state_dict().items()
+            if not k.startswith(("student.", "teacher."))
+        }
+        return {"modules": state, "distill_config": to_dict(self.cfg)}
+
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         self.teacher.eval()  # frozen: BatchNorm statistics included
@@ -185,39 +195,12 @@ class Distiller(nn.Module):
         padded_width: int,
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        boxes = [t["boxes"] for t in targets]
-        image_index = torch.cat(
-            [
-                torch.full((len(b),), i, dtype=torch.long, device=b.device)
-                for i, b in enumerate(boxes)
-            ]
-        )
-        boxes_all = torch.cat(boxes)
-        # Degenerate boxes are not instances (method.md, "Pitfalls").
-        keep = ((boxes_all[:, 2] - boxes_all[:, 0]) >= 1) & (
-            (boxes_all[:, 3] - boxes_all[:, 1]) >= 1
-        )
-        boxes_all, image_index = boxes_all[keep], image_index[keep]
-        rois = torch.cat([image_index[:, None].to(boxes_all.dtype), boxes_all], dim=1)
-        batch = student_maps[0].shape[0]
+        rois, image_index = _instance_rois(targets)
         ir, ins = [], []
         for level in range(self.instance_levels):
-            s_map, t_map = student_maps[level], teacher_maps[level]
-            # Spatial scale as MultiScaleRoIAlign infers it: a power of two.
-            scale = 2.0 ** round(math.log2(s_map.shape[-1] / padded_width))
-            pooled_s = roi_align(
-                self.instance_adapters[level](s_map),
-                rois.to(s_map.dtype),
-                ROI_SIZE,
-                scale,
-                sampling_ratio=2,
-                aligned=True,
+            e_s, e_t, mask = self._instance_features(
+                level, student_maps, teacher_maps, rois, image_index, padded_width
             )
-            pooled_t = roi_align(
-                t_map, rois.to(t_map.dtype), ROI_SIZE, scale, sampling_ratio=2, aligned=True
-            )
-            e_s, mask = pad_instances(pooled_s.flatten(1), image_index, batch)
-            e_t, _ = pad_instances(pooled_t.flatten(1), image_index, batch)
             if cfg.w_ins > 0:
                 ins.append(instance_feature_loss(e_s, e_t, mask, cfg.reduction))
             if cfg.w_ir > 0:
@@ -229,21 +212,91 @@ class Distiller(nn.Module):
             out["loss_ir"] = cfg.w_ir * torch.stack(ir).sum()
         return out
 
-    def _relation_loss(
+    def relation_matrices(
+        self,
+        student_maps: list[torch.Tensor],
+        teacher_maps: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        padded_width: int,
+        level: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One instance level's relation matrices R_s, R_t (B, n, n) and mask (B, n), exactly as
+        L_IR computes them (for relation plots). Instances: the non-degenerate boxes, in order."""
+        if not len(self.relation_s):
+            raise ValueError("no instance relation modules: the distill config has w_ir = 0")
+        rois, image_index = _instance_rois(targets)
+        e_s, e_t, mask = self._instance_features(
+            level, student_maps, teacher_maps, rois, image_index, padded_width
+        )
+        r_s, r_t = self._matrices(level, e_s, e_t, mask)
+        return r_s, r_t, mask
+
+    def _instance_features(
+        self,
+        level: int,
+        student_maps: list[torch.Tensor],
+        teacher_maps: list[torch.Tensor],
+        rois: torch.Tensor,
+        image_index: torch.Tensor,
+        padded_width: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoIAlign of one level -> padded e_s (adapted), e_t (B, n, C*9) and mask (B, n)."""
+        s_map, t_map = student_maps[level], teacher_maps[level]
+        # Spatial scale as MultiScaleRoIAlign infers it: a power of two.
+        scale = 2.0 ** round(math.log2(s_map.shape[-1] / padded_width))
+        pooled_s = roi_align(
+            self.instance_adapters[level](s_map),
+            rois.to(s_map.dtype),
+            ROI_SIZE,
+            scale,
+            sampling_ratio=2,
+            aligned=True,
+        )
+        pooled_t = roi_align(
+            t_map, rois.to(t_map.dtype), ROI_SIZE, scale, sampling_ratio=2, aligned=True
+        )
+        batch = s_map.shape[0]
+        e_s, mask = pad_instances(pooled_s.flatten(1), image_index, batch)
+        e_t, _ = pad_instances(pooled_t.flatten(1), image_index, batch)
+        return e_s, e_t, mask
+
+    def _matrices(
         self, level: int, e_s: torch.Tensor, e_t: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """One level's L_IR; e_s (adapted), e_t: (B, n, D), mask (B, n)."""
-        inst, reduction = self.cfg.instance, self.cfg.reduction
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inst = self.cfg.instance
         block_s = cast(InstanceRelation, self.relation_s[level])
         block_t = cast(InstanceRelation, self.relation_t[level])
         # The filter judges relations on the teacher's features and weights both sides alike.
         weights = self.filters[level](e_t, mask) if len(self.filters) else None
         r_s = relation_matrix(block_s.affinity(e_s), mask, inst.tau, inst.topk, weights)
         r_t = relation_matrix(block_t.affinity(e_t), mask, inst.tau, inst.topk, weights)
+        return r_s, r_t
+
+    def _relation_loss(
+        self, level: int, e_s: torch.Tensor, e_t: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One level's L_IR; e_s (adapted), e_t: (B, n, D), mask (B, n)."""
+        inst, reduction = self.cfg.instance, self.cfg.reduction
+        r_s, r_t = self._matrices(level, e_s, e_t, mask)
         loss = e_s.new_zeros(())
         if inst.target in ("matrix", "both"):
             loss = loss + instance_relation_loss(r_s, r_t, mask, reduction, matrix=True)
         if inst.target in ("features", "both"):
+            block_s = cast(InstanceRelation, self.relation_s[level])
+            block_t = cast(InstanceRelation, self.relation_t[level])
             z_s, z_t = block_s.refine(e_s, r_s), block_t.refine(e_t, r_t)
             loss = loss + instance_relation_loss(z_s, z_t, mask, reduction, matrix=False)
         return loss
+
+
+def _instance_rois(targets: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every non-degenerate GT box of the batch as RoIAlign rois (K, 5), and its image (K,)."""
+    boxes = [t["boxes"] for t in targets]
+    image_index = torch.cat(
+        [torch.full((len(b),), i, dtype=torch.long, device=b.device) for i, b in enumerate(boxes)]
+    )
+    boxes_all = torch.cat(boxes)
+    # Degenerate boxes are not instances (method.md, "Pitfalls").
+    keep = ((boxes_all[:, 2] - boxes_all[:, 0]) >= 1) & ((boxes_all[:, 3] - boxes_all[:, 1]) >= 1)
+    boxes_all, image_index = boxes_all[keep], image_index[keep]
+    return torch.cat([image_index[:, None].to(boxes_all.dtype), boxes_all], dim=1), image_index

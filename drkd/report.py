@@ -1,7 +1,9 @@
 """Helpers of the `evaluate` and `report` stages: json I/O, the summary, the markdown table, plots.
 
-Works for any list of model names (the first one is the reference for ``gap_to_first``).
-Plots use matplotlib's Agg backend (no display needed).
+Works for any list of model names: the first one is the reference for ``gap_to_first`` (the
+teacher), the second the baseline (the plain student) that every later model (e.g. the DRKD
+student) is compared with in ``gain_over_<second>`` and ``gap_closed``. Plots use
+matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from drkd.data.coco import CocoDetection  # noqa: E402
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")  # fractions 0..1, -1 = no such GT
 SIZE_BUCKETS = {"AP": "all", "APs": "small", "APm": "medium", "APl": "large"}
+DISTILL_TERMS = ("loss_pr", "loss_ir", "loss_ins", "loss_mimic")  # the Distiller's loss terms
+NOT_LOSSES = ("step", "loss", "lr", "epoch")  # loss-history columns that are not loss terms
 
 
 def write_json(data: Any, path: str | Path) -> None:
@@ -87,33 +91,59 @@ def mlflow_name(name: str) -> str:
 # ---------------------------------------------------------------- summary and table
 
 
+def _deltas(row: dict[str, Any], ref: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """row - ref per key; null where either is -1 (the split has no ground truth of that size)."""
+    return {k: None if -1 in (row[k], ref[k]) else round(row[k] - ref[k], 6) for k in keys}
+
+
+def gap_closed(model_ap: float, baseline_ap: float, reference_ap: float) -> float | None:
+    """(AP_model - AP_baseline) / (AP_reference - AP_baseline): the fraction of the
+    teacher-student gap a distilled student closes (1 = reaches the teacher, < 0 = worse than
+    the plain student). None when the reference does not beat the baseline."""
+    gap = reference_ap - baseline_ap
+    if gap <= 0 or -1 in (model_ap, baseline_ap, reference_ap):
+        return None
+    return round((model_ap - baseline_ap) / gap, 6)
+
+
 def summarize(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{model: {AP.., parameters, inference_ms_per_image}}; every model after the first also
     gets ``gap_to_first``: its value minus the first model's, per number (null where either
-    is -1, i.e. the split has no ground truth of that size)."""
+    is -1, i.e. the split has no ground truth of that size). Every model after the second
+    (``--models teacher student student_drkd``) also gets ``gain_over_<second>`` (its value
+    minus the second model's, per number) and ``gap_closed`` (see :func:`gap_closed`, on AP;
+    null when the first model's AP does not exceed the second's)."""
     keys = (*METRICS, "parameters", "inference_ms_per_image")
     summary = {name: {k: m[k] for k in keys} for name, m in metrics.items()}
-    first = next(iter(summary.values()))
+    names = list(summary)
+    first = summary[names[0]]
     for row in list(summary.values())[1:]:
-        row["gap_to_first"] = {
-            k: None if -1 in (row[k], first[k]) else round(row[k] - first[k], 6) for k in keys
-        }
+        row["gap_to_first"] = _deltas(row, first, keys)
+    if len(names) >= 3:
+        baseline = summary[names[1]]
+        for name in names[2:]:
+            row = summary[name]
+            row[f"gain_over_{names[1]}"] = _deltas(row, baseline, keys)
+            row["gap_closed"] = gap_closed(row["AP"], baseline["AP"], first["AP"])
     return summary
 
 
 def summary_numbers(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The summary flattened for MLflow: ``<model>.<key>`` and ``<model>.gap_to_first.<key>``."""
+    """The summary flattened for MLflow: ``<model>.<key>`` (``gap_closed`` included) and
+    ``<model>.<gap_to_first | gain_over_X>.<key>``; nulls are left out."""
     numbers: dict[str, float] = {}
     for model, row in summary.items():
         name = mlflow_name(model)
         numbers.update({f"{name}.{k}": v for k, v in row.items() if isinstance(v, int | float)})
-        numbers.update(
-            {
-                f"{name}.gap_to_first.{k}": v
-                for k, v in row.get("gap_to_first", {}).items()
-                if v is not None
-            }
-        )
+        for group, deltas in row.items():
+            if isinstance(deltas, dict):
+                numbers.update(
+                    {
+                        f"{name}.{mlflow_name(group)}.{k}": v
+                        for k, v in deltas.items()
+                        if v is not None
+                    }
+                )
     return numbers
 
 
@@ -121,9 +151,43 @@ def _points(value: float) -> str:
     return "-" if value < 0 else f"{100 * value:.1f}"
 
 
+def _signed_points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
+
+
+def gain_table(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines: every model after the second vs the second (AP points) and the fraction
+    of the first-second AP gap it closes; no lines for fewer than 3 models."""
+    names = list(metrics)
+    if len(names) < 3:
+        return []
+    summary = summarize(metrics)
+    first, baseline = names[0], names[1]
+    lines = [
+        "",
+        f"## Gain over {baseline} (val, AP points)",
+        "",
+        f"`gap closed` = (AP - AP {baseline}) / (AP {first} - AP {baseline}).",
+        "",
+        "| model | " + " | ".join(METRICS) + f" | {first}-{baseline} AP gap closed |",
+        "|---|" + "---:|" * (len(METRICS) + 1),
+    ]
+    for name in names[2:]:
+        row = summary[name]
+        gains = row[f"gain_over_{baseline}"]
+        closed = "-" if row["gap_closed"] is None else f"{100 * row['gap_closed']:.0f}%"
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_signed_points(gains[k]) for k in METRICS)
+            + f" | {closed} |"
+        )
+    return lines
+
+
 def markdown_table(metrics: dict[str, dict[str, Any]]) -> str:
-    """Metrics (COCO points, 1 decimal), parameters (M) and ms/image per model, then
-    per-class AP. ``-`` marks a bucket without ground truth."""
+    """Metrics (COCO points, 1 decimal), parameters (M) and ms/image per model; with 3 or more
+    models the gain of every model after the second over the second (:func:`gain_table`);
+    then per-class AP. ``-`` marks a bucket without ground truth."""
     names = list(metrics)
     lines = [
         "## Detection metrics (val)",
@@ -143,6 +207,7 @@ def markdown_table(metrics: dict[str, dict[str, Any]]) -> str:
         + " | ".join(f"{metrics[n]['inference_ms_per_image']:.1f}" for n in names)
         + " |"
     )
+    lines += gain_table(metrics)
     classes = list(dict.fromkeys(c for n in names for c in metrics[n]["per_class_AP"]))
     lines += [
         "",
@@ -192,31 +257,52 @@ def _minor_log_label(value: float, _: int) -> str:
     return f"{value:.3g}" if mantissa in (2, 5) else ""
 
 
+def _log_scale_if_positive(ax: Any, values: list[float]) -> None:
+    """Log-y when all values are positive; symlog (linear below the smallest positive value)
+    when some are exactly 0, e.g. loss_ir over steps whose images have < 2 instances."""
+    positive = [v for v in values if v > 0]
+    if not positive or min(values) < 0:
+        return
+    if len(positive) == len(values):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_log_label))
+    else:
+        ax.set_yscale("symlog", linthresh=min(positive))
+
+
 def plot_loss_curves(histories: dict[str, dict[str, list[float]]], path: Path) -> None:
-    """One subplot per history: the total ``loss`` (thick) and each term; log-y when positive."""
+    """One subplot per history: the total ``loss`` (thick) and each detection term; a history
+    with distillation terms (loss_pr, loss_ir, loss_ins, loss_mimic; weighted, as trained) gets
+    a second subplot with those on their own scale. Log-y when all values are positive."""
     if not histories:
         _placeholder(path, "no training histories given")
         return
-    cols = min(len(histories), 3)
-    rows = math.ceil(len(histories) / cols)
+    panels: list[tuple[str, dict[str, list[float]], list[str], bool]] = []
+    for title, hist in histories.items():
+        terms = [k for k in hist if k not in NOT_LOSSES]
+        distill = [k for k in terms if k in DISTILL_TERMS]
+        panels.append((title, hist, [k for k in terms if k not in distill], True))
+        if distill:
+            panels.append((f"{title}: distillation terms", hist, distill, False))
+    cols = min(len(panels), 3)
+    rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(
         rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False, layout="constrained"
     )
-    for ax, (title, hist) in zip(axes.flat, histories.items(), strict=False):
-        terms = [k for k in hist if k not in ("step", "loss", "lr")]
+    for ax, (title, hist, terms, with_total) in zip(axes.flat, panels, strict=False):
         for key in terms:
             ax.plot(hist["step"], hist[key], lw=1.2, label=key)
-        if "loss" in hist:
+        shown = list(terms)
+        if with_total and "loss" in hist:
             ax.plot(hist["step"], hist["loss"], lw=2.5, color="black", label="loss (total)")
-        values = [v for k in (*terms, "loss") if k in hist for v in hist[k] if not math.isnan(v)]
-        if values and min(values) > 0:
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_log_label))
-        ax.set(title=title, xlabel="step", ylabel="loss")
+            shown.append("loss")
+        _log_scale_if_positive(ax, [v for k in shown for v in hist[k] if not math.isnan(v)])
+        ax.set(title=title, xlabel="step", ylabel="loss" if with_total else "weighted loss")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(histories) :]:
+        if shown:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle("Training loss")
     _save(fig, path)

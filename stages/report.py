@@ -1,9 +1,13 @@
 """DVC stage `report`: every model's metrics + detections -> summary json, markdown table, plots.
 
 Reads ``<metrics-dir>/<NAME>.json`` and ``<eval-dir>/<NAME>/detections.json`` for each
-``--models`` name (any number >= 1; the first is the reference for ``gap_to_first``) and
-the loss-history CSVs. Writes the summary json, the markdown table, and in ``--plots-dir``
-loss_curves.png, ap_by_size.png (+ ap_by_size.csv for `dvc plots`) and detections.png.
+``--models`` name (any number >= 1; the first is the reference for ``gap_to_first``, and
+with 3 or more, e.g. ``teacher student student_drkd``, every model after the second gets
+``gain_over_<second>`` and ``gap_closed``) and the loss-history CSVs. Writes the summary
+json, the markdown table, and in ``--plots-dir`` loss_curves.png, ap_by_size.png
+(+ ap_by_size.csv for `dvc plots`) and detections.png. With ``--teacher``, ``--distilled``
+and ``--modules`` (all three) it also draws the DRKD relation plots pixel_relations.png and
+instance_relations.png (drkd/relations_plot.py).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from drkd import cli
+from drkd import cli, relations_plot
 from drkd import report as rep
 from drkd.config import load_params, to_dict
 from drkd.tracking import stage_run
@@ -31,7 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", required=True, help="markdown table to write")
     parser.add_argument("--plots-dir", required=True)
     parser.add_argument("--params", default="params.yaml")
+    relations = parser.add_argument_group(
+        "relation plots", "all three or none: draw pixel_relations.png / instance_relations.png")
+    relations.add_argument("--teacher", help="teacher checkpoint (models/teacher.pt)")
+    relations.add_argument("--distilled",
+                           help="distilled student checkpoint (models/student_drkd.pt)")
+    relations.add_argument("--modules",
+                           help="its training-only DRKD modules (models/drkd_modules.pt)")
     args = parser.parse_args(argv)
+    relation_files = [args.teacher, args.distilled, args.modules]
+    if any(relation_files) and not all(relation_files):
+        raise ValueError("--teacher, --distilled and --modules go together (relation plots)")
     params = load_params(args.params)
     if len(set(args.models)) != len(args.models):
         raise ValueError(f"--models: duplicate names in {args.models}")
@@ -39,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics_files = {m: Path(args.metrics_dir) / f"{m}.json" for m in args.models}
     detection_files = {m: Path(args.eval_dir) / m / "detections.json" for m in args.models}
     history_files = [Path(h) for h in args.histories]
+    relation_paths = [Path(f) for f in relation_files] if all(relation_files) else []
     rep.require_files([*metrics_files.values(), *detection_files.values(), *history_files,
-                       data / "val.json"])
+                       *relation_paths, data / "val.json"])
     metrics = {m: rep.read_metrics(f) for m, f in metrics_files.items()}
     histories = {h.stem.removeprefix("train_"): rep.read_history(h) for h in history_files}
     plots = Path(args.plots_dir)
@@ -57,11 +72,18 @@ def main(argv: list[str] | None = None) -> int:
                             {m: rep.read_json(f) for m, f in detection_files.items()},
                             params.evaluate.num_vis_images, params.evaluate.vis_score_thresh,
                             plots / "detections.png")
+        written = []
+        if relation_paths:
+            written = relations_plot.plot_relations(
+                args.teacher, args.distilled, args.modules, data / "val.json",
+                params.evaluate.num_vis_images, plots)
         run.log_metrics(rep.summary_numbers(summary))
         for path in (args.summary, args.table):
             run.log_artifact(path)
         for name in ("loss_curves.png", "ap_by_size.png", "ap_by_size.csv", "detections.png"):
             run.log_artifact(plots / name, "plots")
+        for path in written:
+            run.log_artifact(path, "plots")
     print(rep.markdown_table(metrics).split("\n\n## Per-class")[0])
     return 0
 

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "--work-dir", required=True, help="resumable per-epoch state (not a DVC out)"
     )
     parser.add_argument("--teacher", help="teacher checkpoint: distill the student from it")
+    parser.add_argument("--modules-out", help="with --teacher: save the training-only DRKD modules")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     section = getattr(params, args.which)
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 args.out,
             )
+            if isinstance(trained, Distiller) and args.modules_out:
+                save_atomic(trained.modules_checkpoint(), args.modules_out)
             write_history(history, Path(args.history))
             run.log_artifact(args.history)
     return 0

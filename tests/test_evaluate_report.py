@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import toy_model
 from drkd import cli
+from drkd import report as rep
 from drkd.checkpoint import model_checkpoint, save_atomic
 from drkd.data.coco import CocoDetection
 from drkd.evaluation import coco_metrics
@@ -151,3 +152,95 @@ def test_evaluate_logs_mlflow_run(tiny_data: Path, checkpoint: tuple[Path, int],
     assert len(run) == 1 and run["status"].iloc[0] == "FINISHED"
     ap = json.loads((tmp_path / "metrics" / "student.json").read_text())["AP"]
     assert run["metrics.AP"].iloc[0] == pytest.approx(ap)
+
+
+# -- three models: the gain of the distilled student ------------------------------------------
+
+
+def fake_metrics(ap: float, aps: float = -1.0) -> dict[str, Any]:
+    return {**{k: ap for k in KEYS}, "APs": aps, "per_class_AP": {"circle": ap},
+            "parameters": 1000, "inference_ms_per_image": 2.0}
+
+
+def test_summary_gain_and_gap_closed() -> None:
+    summary = rep.summarize({"teacher": fake_metrics(0.4, 0.3),
+                             "student": fake_metrics(0.2, 0.1),
+                             "student_drkd": fake_metrics(0.3),
+                             "student_mimic": fake_metrics(0.15)})
+    assert "gain_over_student" not in summary["student"] and "gap_closed" not in summary["student"]
+    drkd = summary["student_drkd"]
+    assert drkd["gap_closed"] == 0.5
+    assert drkd["gain_over_student"]["AP"] == pytest.approx(0.1)
+    assert drkd["gain_over_student"]["APm"] == pytest.approx(0.1)
+    assert drkd["gain_over_student"]["APs"] is None  # no small GT for student_drkd (-1)
+    assert drkd["gain_over_student"]["parameters"] == 0
+    assert drkd["gap_to_first"]["AP"] == pytest.approx(-0.1)
+    assert summary["student_mimic"]["gap_closed"] == pytest.approx(-0.25)
+    numbers = rep.summary_numbers(summary)
+    assert numbers["student_drkd.gap_closed"] == 0.5
+    assert numbers["student_drkd.gain_over_student.AP"] == pytest.approx(0.1)
+    assert "student_drkd.gain_over_student.APs" not in numbers
+    json.dumps(summary)  # plain json
+
+
+def test_gap_closed_undefined_without_a_gap() -> None:
+    assert rep.gap_closed(0.3, 0.2, 0.2) is None  # reference no better than the baseline
+    assert rep.gap_closed(0.3, 0.25, 0.2) is None
+    assert rep.gap_closed(0.3, -1.0, 0.4) is None
+    assert rep.gap_closed(0.4, 0.2, 0.4) == 1.0
+    summary = rep.summarize({"a": fake_metrics(0.2), "b": fake_metrics(0.3),
+                             "c": fake_metrics(0.25)})
+    assert summary["c"]["gap_closed"] is None
+    assert summary["c"]["gain_over_b"]["AP"] == pytest.approx(-0.05)
+
+
+def test_report_three_models_table_shows_gain(evaluated: Path, tiny_data: Path,
+                                              tmp_path: Path) -> None:
+    for name, ap in (("teacher", 0.4), ("student", 0.2), ("student_drkd", 0.3)):
+        (tmp_path / "metrics").mkdir(exist_ok=True)
+        (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(fake_metrics(ap)))
+        (tmp_path / "eval" / name).mkdir(parents=True)
+        (tmp_path / "eval" / name / "detections.json").write_text(
+            (evaluated / "eval" / "teacher" / "detections.json").read_text())
+    history = tmp_path / "train_student_drkd.csv"
+    with history.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "classification", "epoch", "loss", "loss_ins", "loss_ir",
+                         "loss_pr", "lr"])
+        for step in range(1, 6):
+            writer.writerow([step, 1 / step, 0, 1.5 / step, 1e-3, 0.0, 2e-4 / step, 1e-3])
+    assert report.main([
+        "--models", "teacher", "student", "student_drkd",
+        "--metrics-dir", str(tmp_path / "metrics"), "--eval-dir", str(tmp_path / "eval"),
+        "--data", str(tiny_data), "--histories", str(evaluated / "train_student.csv"),
+        str(history), "--summary", str(tmp_path / "summary.json"),
+        "--table", str(tmp_path / "summary.md"), "--plots-dir", str(tmp_path / "plots"),
+        "--params", str(evaluated / "params.yaml")]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["student_drkd"]["gap_closed"] == 0.5
+    assert summary["student_drkd"]["gain_over_student"]["AP"] == pytest.approx(0.1)
+    table = (tmp_path / "summary.md").read_text()
+    assert "## Gain over student (val, AP points)" in table
+    assert "teacher-student AP gap closed |" in table
+    assert "| student_drkd | +10.0 | +10.0 | +10.0 | - | +10.0 | +10.0 | +10.0 | 50% |" in table
+    assert table.index("## Gain over student") < table.index("## Per-class AP")
+    assert not (tmp_path / "plots" / "pixel_relations.png").exists()  # no relation args
+
+
+def test_loss_curves_put_distillation_terms_on_their_own_subplot(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    figures: list[Any] = []
+    monkeypatch.setattr(rep, "_save", lambda fig, path: figures.append(fig))
+    steps = [1.0, 2.0, 3.0]
+    plain = {"step": steps, "classification": [1.0, 0.5, 0.4], "loss": [1.0, 0.5, 0.4],
+             "lr": [1e-3] * 3, "epoch": [0.0] * 3}
+    drkd = {**plain, "loss_pr": [1e-4, 2e-4, 1e-4], "loss_ir": [0.0, 1e-3, 1e-3],
+            "loss_ins": [1e-3, 1e-3, 1e-3]}
+    rep.plot_loss_curves({"student": plain, "student_drkd": drkd}, tmp_path / "x.png")
+    axes = {ax.get_title(): ax for ax in figures[0].axes if ax.get_title()}
+    assert set(axes) == {"student", "student_drkd", "student_drkd: distillation terms"}
+    labels = {t: [line.get_label() for line in ax.get_lines()] for t, ax in axes.items()}
+    assert labels["student_drkd"] == ["classification", "loss (total)"]
+    assert labels["student_drkd: distillation terms"] == ["loss_pr", "loss_ir", "loss_ins"]
+    assert axes["student_drkd: distillation terms"].get_yscale() == "symlog"  # a 0 value
+    assert axes["student"].get_yscale() == "log"

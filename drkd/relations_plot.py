@@ -1,0 +1,337 @@
+"""Relation plots like the paper's: what the trained DRKD modules see on validation images.
+
+``plot_relations(teacher, distilled, modules, val_json, num_images, out_dir)`` rebuilds the
+Distiller from the teacher checkpoint, the distilled student checkpoint (a plain detector)
+and the training-only modules file (``Distiller.modules_checkpoint()``), runs the first
+``num_images`` validation images once, and writes:
+
+- ``pixel_relations.png``: per image, a query point at the centre of its largest GT box and
+  the pixel relations of that query on the finest FPN level, for the teacher (``glore_t[0]``)
+  and the student (``glore_s[0]``): relation(q, p) = sum_n B[n, q] B[n, p], with B the GloRe
+  projection onto the graph nodes (N x HW), normalised to [0, 1]. Skipped when w_pr = 0.
+- ``instance_relations.png``: per image with >= 2 instances, the relation matrices R_t and
+  R_s of the finest instance level, exactly as L_IR computes them
+  (``Distiller.relation_matrices``), on one colour scale. Skipped when w_ir = 0.
+
+Boxes and queries are in the coordinates of the detector's transformed (resized) batch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, cast
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch.nn import functional as nnf  # noqa: E402
+
+from drkd.checkpoint import load, load_detector  # noqa: E402
+from drkd.config import ConfigError, DistillConfig, from_dict  # noqa: E402
+from drkd.data.coco import CocoDetection  # noqa: E402
+from drkd.data.transforms import eval_transforms  # noqa: E402
+from drkd.distiller import Distiller  # noqa: E402
+from drkd.modules.glore import GloRe  # noqa: E402
+from drkd.report import _placeholder, _save  # noqa: E402
+from drkd.taps import capture, part  # noqa: E402
+
+PIXEL_PNG, INSTANCE_PNG = "pixel_relations.png", "instance_relations.png"
+
+
+def load_distiller(
+    teacher: str | Path, distilled: str | Path, modules: str | Path
+) -> tuple[Distiller, list[str]]:
+    """Distiller(distilled student, teacher, the modules' config) with the trained modules
+    loaded, in eval mode; plus the category names (label - 1 -> name)."""
+    student, student_state = load_detector(distilled)
+    teacher_model, _ = load_detector(teacher)
+    state = load(modules)
+    if not isinstance(state.get("modules"), dict) or not isinstance(
+        state.get("distill_config"), dict
+    ):
+        raise ValueError(
+            f"{modules}: not a DRKD modules checkpoint (needs 'modules' and 'distill_config')"
+        )
+    try:
+        cfg = from_dict(DistillConfig, state["distill_config"], "distill_config")
+    except ConfigError as err:
+        raise ValueError(f"{modules}: {err}") from None
+    distiller = Distiller(student, teacher_model, cfg)
+    try:
+        result = distiller.load_state_dict(state["modules"], strict=False)
+    except RuntimeError as err:  # shape mismatch: modules trained for other detectors
+        first = str(err).strip().splitlines()[-1].strip()
+        raise ValueError(f"{modules}: modules do not fit these detectors ({first})") from None
+    missing = [k for k in result.missing_keys if not k.startswith(("student.", "teacher."))]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{modules}: modules do not match its distill_config: "
+            f"missing {_some(missing)}; unexpected {_some(result.unexpected_keys)}"
+        )
+    names = [str(n) for n in student_state.get("category_names", [])]
+    return distiller.eval(), names
+
+
+def _some(keys: list[str], shown: int = 4) -> str:
+    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+    return (", ".join(keys[:shown]) or "none") + more
+
+
+def pixel_relation(glore: GloRe, feature: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
+    """feature (C, h, w), query (row, col) -> (h, w) relation(q, p) = sum_n B[n, q] B[n, p],
+    min-max normalised to [0, 1]."""
+    h, w = feature.shape[-2:]
+    proj = glore.to_nodes(feature[None]).flatten(2)[0].float()  # (N, hw)
+    relation = proj[:, query[0] * w + query[1]] @ proj  # (hw,)
+    relation = relation - relation.min()
+    return (relation / relation.max().clamp(min=1e-12)).view(h, w)
+
+
+def _largest_box_centre(boxes: torch.Tensor, size: tuple[int, int]) -> tuple[float, float, int]:
+    """(y, x) of the largest box's centre and its index; the image centre (index -1) if none."""
+    if len(boxes) == 0:
+        return size[0] / 2, size[1] / 2, -1
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    i = int(area.argmax())
+    x0, y0, x1, y1 = boxes[i].tolist()
+    return (y0 + y1) / 2, (x0 + x1) / 2, i
+
+
+def _run(
+    distiller: Distiller, dataset: CocoDetection, count: int
+) -> tuple[
+    list[torch.Tensor],
+    list[torch.Tensor],
+    list[torch.Tensor],
+    list[torch.Tensor],
+    list[dict[str, Any]],
+    tuple[int, int],
+]:
+    """One eval forward of the student (captured) and the teacher backbone on its batch ->
+    (student maps, teacher maps, RGB pictures (h, w, 3) in [0, 1], boxes, targets, padded hw)."""
+    device = next(distiller.student.parameters()).device
+    items = [dataset[i] for i in range(count)]
+    images = [im.as_subclass(torch.Tensor).to(device) for im, _ in items]
+    with torch.no_grad(), capture(distiller.student) as tap:
+        distiller.student(images)
+        assert tap.images is not None
+        teacher_maps = list(part(distiller.teacher, "backbone")(tap.images.tensors).values())
+    batch = tap.images.tensors
+    transform = part(distiller.student, "transform")
+    mean = torch.tensor(cast(list[float], transform.image_mean), device=device)[:, None, None]
+    std = torch.tensor(cast(list[float], transform.image_std), device=device)[:, None, None]
+    pictures, boxes = [], []
+    for i, (image, target) in enumerate(zip(images, (t for _, t in items), strict=True)):
+        h, w = tap.images.image_sizes[i]
+        pictures.append((batch[i, :, :h, :w] * std + mean).clamp(0, 1).permute(1, 2, 0).cpu())
+        # The detector's resize_boxes: x by new/old width, y by new/old height.
+        rx, ry = w / image.shape[-1], h / image.shape[-2]
+        scale = torch.tensor([rx, ry, rx, ry])
+        boxes.append(target["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4) * scale)
+    return (
+        tap.features,
+        teacher_maps,
+        pictures,
+        boxes,
+        [t for _, t in items],
+        (batch.shape[-2], batch.shape[-1]),
+    )
+
+
+def _name(label: int, names: list[str]) -> str:
+    return names[label - 1] if 0 < label <= len(names) else str(label)
+
+
+def plot_pixel_relations(
+    distiller: Distiller,
+    student_maps: list[torch.Tensor],
+    teacher_maps: list[torch.Tensor],
+    pictures: list[torch.Tensor],
+    boxes: list[torch.Tensor],
+    targets: list[dict[str, Any]],
+    padded: tuple[int, int],
+    names: list[str],
+    path: Path,
+) -> None:
+    """Rows = images; columns = image + query, teacher relations, student relations."""
+    sides = [
+        ("teacher: GloRe_t[0]", distiller.glore_t[0], teacher_maps[0]),
+        ("student: GloRe_s[0]", distiller.glore_s[0], student_maps[0]),
+    ]
+    fig, axes = plt.subplots(
+        len(pictures), 3, figsize=(9.5, 3.2 * len(pictures)), squeeze=False, layout="constrained"
+    )
+    heat = None
+    for row, (picture, box) in enumerate(zip(pictures, boxes, strict=True)):
+        h, w = picture.shape[:2]
+        cy, cx, which = _largest_box_centre(box, (h, w))
+        fh, fw = student_maps[0].shape[-2:]
+        stride_y, stride_x = padded[0] / fh, padded[1] / fw
+        valid_h, valid_w = math.ceil(h / stride_y), math.ceil(w / stride_x)  # cells over the image
+        query = (min(int(cy / stride_y), valid_h - 1), min(int(cx / stride_x), valid_w - 1))
+        label = (
+            "image centre (no GT)"
+            if which < 0
+            else (f"query: {_name(int(targets[row]['labels'][which]), names)} centre")
+        )
+        ax = axes[row][0]
+        ax.imshow(picture.numpy())
+        for x0, y0, x1, y1 in box.tolist():
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
+        ax.set_title(f"image {int(targets[row]['image_id'])}\n{label}", fontsize=9)
+        for col, (title, glore, maps) in enumerate(sides, start=1):
+            feature = maps[row, :, :valid_h, :valid_w]
+            relation = pixel_relation(cast(GloRe, glore), feature, query)
+            up = nnf.interpolate(
+                relation[None, None],
+                scale_factor=(stride_y, stride_x),
+                mode="bilinear",
+                align_corners=False,
+            )[0, 0, :h, :w]
+            ax = axes[row][col]
+            ax.imshow(picture.numpy())
+            heat = ax.imshow(up.cpu().numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.set_title(title, fontsize=9)
+        for ax in axes[row]:
+            ax.plot(cx, cy, marker="x", color="white", markersize=10, mew=3)
+            ax.plot(cx, cy, marker="x", color="black", markersize=8, mew=1.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if heat is not None:
+        bar = fig.colorbar(heat, ax=axes[:, 1:], shrink=0.6, label="relation to the query (0-1)")
+        if bar.solids is not None:  # opaque scale, though the overlay is half transparent
+            bar.solids.set_alpha(1)
+    fig.suptitle("Pixel relations of a query point, finest FPN level")
+    _save(fig, path)
+
+
+def plot_instance_relations(
+    distiller: Distiller,
+    student_maps: list[torch.Tensor],
+    teacher_maps: list[torch.Tensor],
+    pictures: list[torch.Tensor],
+    boxes: list[torch.Tensor],
+    targets: list[dict[str, Any]],
+    padded: tuple[int, int],
+    names: list[str],
+    path: Path,
+) -> int:
+    """Rows = images with >= 2 instances; columns = numbered boxes, R_t, R_s. Returns the
+    number of rows drawn (a placeholder PNG when 0)."""
+    device = student_maps[0].device
+    r_s, r_t, mask = distiller.relation_matrices(
+        student_maps, teacher_maps, [{"boxes": b.to(device)} for b in boxes], padded[1], level=0
+    )
+    rows = []
+    for i, box in enumerate(boxes):
+        keep = ((box[:, 2] - box[:, 0]) >= 1) & ((box[:, 3] - box[:, 1]) >= 1)  # as the Distiller
+        n = int(mask[i].sum())
+        if n != int(keep.sum()):
+            raise RuntimeError(f"image {i}: {n} instances in the mask, {int(keep.sum())} boxes")
+        if n >= 2:
+            labels = [int(v) for v in targets[i]["labels"][keep]]
+            rows.append((i, box[keep], labels, r_t[i, :n, :n].cpu(), r_s[i, :n, :n].cpu()))
+    if not rows:
+        _placeholder(path, "no validation image among those shown has >= 2 instances")
+        return 0
+    fig, axes = plt.subplots(
+        len(rows), 3, figsize=(11, 3.6 * len(rows)), squeeze=False, layout="constrained"
+    )
+    for row, (i, box, labels, mat_t, mat_s) in enumerate(rows):
+        ticks = [f"{j}:{_name(lbl, names)}" for j, lbl in enumerate(labels)]
+        ax = axes[row][0]
+        ax.imshow(pictures[i].numpy())
+        for j, (x0, y0, x1, y1) in enumerate(box.tolist()):
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
+            ax.text(
+                x0,
+                y0,
+                str(j),
+                color="black",
+                fontsize=8,
+                va="top",
+                bbox={"facecolor": "yellow", "pad": 1, "lw": 0},
+            )
+        ax.set_title(f"image {int(targets[i]['image_id'])}: {len(labels)} instances", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        top = float(max(mat_t.max(), mat_s.max()))
+        for col, (title, mat) in enumerate((("teacher R_t", mat_t), ("student R_s", mat_s)), 1):
+            ax = axes[row][col]
+            shown = ax.imshow(mat.numpy(), cmap="viridis", vmin=0, vmax=top)
+            ax.set_xticks(range(len(ticks)), ticks, rotation=60, ha="right", fontsize=7)
+            ax.set_yticks(range(len(ticks)), ticks, fontsize=7)
+            ax.set_title(title, fontsize=9)
+            if len(ticks) <= 8:
+                for (y, x), v in zip(
+                    torch.cartesian_prod(
+                        torch.arange(len(ticks)), torch.arange(len(ticks))
+                    ).tolist(),
+                    mat.flatten().tolist(),
+                    strict=True,
+                ):
+                    ax.text(
+                        x,
+                        y,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if v < 0.6 * top else "black",
+                    )
+        fig.colorbar(shown, ax=axes[row, 1:], shrink=0.8, label="R (row softmax)")
+    fig.suptitle("Instance relation matrices, finest instance level (rows sum to 1)")
+    _save(fig, path)
+    return len(rows)
+
+
+def plot_relations(
+    teacher: str | Path,
+    distilled: str | Path,
+    modules: str | Path,
+    val_json: str | Path,
+    num_images: int,
+    out_dir: str | Path,
+) -> list[Path]:
+    """Write pixel_relations.png / instance_relations.png into ``out_dir`` (each only when its
+    modules exist); returns the paths written."""
+    distiller, names = load_distiller(teacher, distilled, modules)
+    if torch.cuda.is_available():
+        distiller.cuda()
+    dataset = CocoDetection(val_json, eval_transforms())
+    names = names or dataset.category_names
+    count = min(num_images, len(dataset))
+    out = Path(out_dir)
+    written: list[Path] = []
+    if count == 0:
+        print("[report] relation plots skipped: no validation images (or num_vis_images = 0)")
+        return written
+    student_maps, teacher_maps, pictures, boxes, targets, padded = _run(distiller, dataset, count)
+    args = (distiller, student_maps, teacher_maps, pictures, boxes, targets, padded, names)
+    with torch.no_grad():
+        if len(distiller.glore_s):
+            plot_pixel_relations(*args, out / PIXEL_PNG)
+            written.append(out / PIXEL_PNG)
+        else:
+            print(
+                f"[report] {PIXEL_PNG} skipped: {modules} has no GloRe modules "
+                f"(distill method {distiller.cfg.method!r}, w_pr = {distiller.cfg.w_pr:g})"
+            )
+        if len(distiller.relation_s):
+            shown = plot_instance_relations(*args, out / INSTANCE_PNG)
+            written.append(out / INSTANCE_PNG)
+            if not shown:
+                print(
+                    f"[report] {INSTANCE_PNG}: no image among the first {count} has "
+                    ">= 2 instances (placeholder written)"
+                )
+        else:
+            print(
+                f"[report] {INSTANCE_PNG} skipped: {modules} has no instance relation "
+                f"modules (distill method {distiller.cfg.method!r}, "
+                f"w_ir = {distiller.cfg.w_ir:g})"
+            )
+    return written
