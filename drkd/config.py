@@ -93,7 +93,7 @@ class ModelConfig:
 class TrainConfig:
     """The shared training loop (see drkd/engine.py)."""
 
-    epochs: int = field(default=12, metadata=_positive("int"))
+    epochs: int = field(default=12, metadata=_non_negative("int"))  # 0: keep the given weights
     batch_size: int = field(default=8, metadata=_positive("int"))
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = field(default=1e-3, metadata=_positive("float"))
