@@ -204,6 +204,9 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class Params:
     seed: int = field(default=0, metadata=_non_negative("int"))
+    # How dvc.yaml launches the training stages: `python`, or e.g.
+    # `torchrun --nproc_per_node=8` for DDP on a multi-GPU machine.
+    launcher: str = "python"
     data: DataConfig = DataConfig()
     teacher: DetectorConfig = DetectorConfig()
     student: DetectorConfig = DetectorConfig()
