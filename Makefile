@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test lint install
+.PHONY: repro test lint install tune
 
 install: $(STAMP)
 
@@ -27,3 +27,9 @@ lint: $(STAMP)
 
 test: lint
 	pytest
+
+# Optuna study over the distillation params (not a DVC stage: a study is resumable state, not a
+# function of its inputs). Run it again to continue, or in several shells for several workers:
+#   make tune TUNE_ARGS="--n-trials 40 --storage postgresql://..."
+tune: $(STAMP)
+	python -m stages.tune $(TUNE_ARGS)

@@ -9,6 +9,7 @@ positive float, got 'fast'``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,11 +323,27 @@ def parse_params(data: Any) -> Params:
     return params
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where 1e-05 (no dot) is a string; DVC's `-S` writes floats so."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """yaml.safe_load, but 1e-05 is a float (YAML 1.2), as DVC and JSON write it."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; any problem is one ConfigError line naming the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     except yaml.YAMLError as err:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from drkd import cli
-from drkd.config import ConfigError, flatten, parse_params
+from drkd.config import ConfigError, flatten, parse_params, read_yaml
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--apply", action="store_true", help="write the merged params file")
     args = parser.parse_args(argv)
-    preset = yaml.safe_load(Path(args.preset).read_text()) or {}
-    base = yaml.safe_load(Path(args.params).read_text()) or {}
+    preset = read_yaml(Path(args.preset).read_text()) or {}
+    base = read_yaml(Path(args.params).read_text()) or {}
     merged = merge(base, preset)
     try:
         parse_params(merged)

@@ -1,0 +1,608 @@
+"""Optuna study over the DRKD params (`make tune`; deliberately not a stage of `dvc repro`).
+
+    python -m stages.tune [--params params.yaml] [--data data/prepared]
+                          [--teacher models/teacher.pt] [--storage URL] [--n-trials N]
+                          [--out tuning]
+    python -m stages.tune --promote [--apply] [--out tuning] [--params params.yaml]
+
+Objective: validation AP of the student distilled from the teacher checkpoint for the short
+budget `tune.epochs` / `tune.max_steps`, with the suggested values applied onto `distill`
+(and `student.train.lr`). Every trial starts from the same seeded init in its own temporary
+work dir; the per-epoch AP feeds the pruner. The study lives in an RDB (default
+sqlite:///optuna.db in the current folder): rerunning continues it, and several workers may
+run it at once; `tune.n_trials` counts finished trials (complete, pruned, failed) over all
+workers. A trial left RUNNING by a killed worker is failed once its heartbeat is GRACE_S old.
+
+Writes OUT/best_params.yaml (a partial params file), OUT/trials.csv and OUT/*.png. `--promote`
+prints the `dvc exp run -S ...` line for best_params.yaml; `--promote --apply` merges it into
+params.yaml (comments kept where possible). Optuna is imported only here (design rule 10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import fcntl
+import functools
+import math
+import os
+import re
+import shlex
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import optuna
+import torch
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from drkd import cli
+from drkd.checkpoint import load_detector
+from drkd.config import (
+    ConfigError,
+    Params,
+    SearchSpace,
+    flatten,
+    load_params,
+    parse_params,
+    read_yaml,
+    to_dict,
+)
+from drkd.data.coco import CocoDetection
+from drkd.data.transforms import eval_transforms, train_transforms
+from drkd.distiller import Distiller
+from drkd.engine import fit, pick_device
+from drkd.evaluation import coco_metrics, predict
+from drkd.models import build_detector
+from drkd.tracking import data_hash, git_commit, pipeline_id, tracking_uri
+from stages.preset import merge
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+HEARTBEAT_S = 10  # a live worker refreshes its running trial this often
+GRACE_S = 60  # a RUNNING trial whose heartbeat is older belongs to a dead worker: FAIL
+FLOATS = ("w_pr", "w_ir", "w_ins", "tau", "lr")  # [low, high] is a log range; else choices
+TOP_LEVEL = ("w_pr", "w_ir", "w_ins")  # distill.<name>; lr -> student.train.lr; rest -> instance
+PLOTS: dict[str, Callable[..., Any]] = {
+    "optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
+    "param_importances": optuna.visualization.matplotlib.plot_param_importances,
+    "parallel_coordinate": optuna.visualization.matplotlib.plot_parallel_coordinate,
+    "intermediate_values": optuna.visualization.matplotlib.plot_intermediate_values,
+}
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """One value per dimension of ``space`` ([] dims are left out: their params value holds)."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(space):
+        choices = getattr(space, field.name)
+        if field.name in FLOATS and len(choices) == 2:
+            values[field.name] = trial.suggest_float(field.name, *choices, log=True)
+        elif choices:
+            values[field.name] = trial.suggest_categorical(field.name, list(choices))
+    return values
+
+
+def partial_params(values: dict[str, Any]) -> dict[str, Any]:
+    """Suggested values as a partial params file: {distill: {..., instance: {...}}, student}."""
+    distill = {k: v for k, v in values.items() if k in TOP_LEVEL}
+    instance = {k: v for k, v in values.items() if k not in TOP_LEVEL and k != "lr"}
+    out: dict[str, Any] = {"distill": {**distill, **({"instance": instance} if instance else {})}}
+    if "lr" in values:
+        out["student"] = {"train": {"lr": values["lr"]}}
+    return out
+
+
+def trial_params(params: Params, values: dict[str, Any]) -> Params:
+    """``params`` with the suggested values applied and the student's budget cut to `tune`'s."""
+    applied = parse_params(merge(to_dict(params), partial_params(values)))
+    train = dataclasses.replace(
+        applied.student.train, epochs=params.tune.epochs, max_steps=params.tune.max_steps
+    )
+    return dataclasses.replace(applied, student=dataclasses.replace(applied.student, train=train))
+
+
+def evaluate_ap(model: nn.Module, val: CocoDetection, batch_size: int) -> float:
+    detections, _ = predict(model, val, batch_size, pick_device(), progress=False)
+    return float(coco_metrics(val.annotation_file, detections)["AP"])
+
+
+def distill_and_evaluate(
+    params: Params,
+    teacher: nn.Module,
+    train: CocoDetection,
+    val: CocoDetection,
+    work_dir: Path,
+    on_ap: Callable[[int, float], None],
+    desc: str,
+) -> float:
+    """Distil a fresh student (seeded init) for the short budget; AP after each epoch."""
+    torch.manual_seed(params.seed)
+    student = build_detector(params.student.model, train.num_classes)
+    distiller = Distiller(student, teacher, params.distill)
+    last = math.nan
+
+    def on_epoch(epoch: int, _: nn.Module) -> None:
+        nonlocal last
+        last = evaluate_ap(student, val, params.evaluate.batch_size)
+        on_ap(epoch, last)
+
+    fit(
+        distiller,
+        train,
+        params.student.train,
+        seed=params.seed,
+        work_dir=work_dir,
+        desc=desc,
+        on_epoch=on_epoch,
+    )
+    return last
+
+
+class Tracker:
+    """MLflow for the study: one parent run per invocation, one nested run per trial."""
+
+    def __init__(self, mlflow: Any = None) -> None:
+        self.mlflow = mlflow
+
+    def start_trial(self, number: int) -> None:
+        if self.mlflow:
+            self.mlflow.start_run(
+                run_name=f"trial-{number}",
+                nested=True,
+                tags={"trial": str(number), "dvc_stage": "tune"},
+            )
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        if self.mlflow:
+            self.mlflow.log_params(values)
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.mlflow:
+            self.mlflow.log_metrics(metrics, step=step)
+
+    def end_trial(self, state: str, seconds: float, reason: str) -> None:
+        if self.mlflow:
+            self.mlflow.set_tags({"state": state, "fail_reason": reason[:5000]})
+            self.mlflow.log_metric("duration_s", seconds)
+            status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
+            self.mlflow.end_run(status=status)
+
+    def log_artifact(self, path: Path) -> None:
+        if self.mlflow and path.exists():
+            self.mlflow.log_artifact(str(path))
+
+
+def make_objective(
+    params: Params, teacher: nn.Module, train: CocoDetection, val: CocoDetection, track: Tracker
+) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        track.start_trial(trial.number)
+        state, reason, start = "FAIL", "", time.perf_counter()
+
+        def on_ap(epoch: int, ap: float) -> None:
+            track.log({"epoch_AP": ap}, step=epoch)
+            trial.report(ap, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: AP {ap:.4f}")
+
+        try:
+            values = suggest(trial, params.tune.space)  # fails if the space changed kind
+            track.log_params(values)
+            with tempfile.TemporaryDirectory(prefix=f"drkd-tune-{trial.number}-") as work:
+                ap = distill_and_evaluate(
+                    trial_params(params, values),
+                    teacher,
+                    train,
+                    val,
+                    Path(work),
+                    on_ap,
+                    desc=f"trial {trial.number}",
+                )
+            if not math.isfinite(ap):
+                raise ValueError(f"validation AP is {ap}")
+            track.log({"AP": ap})
+            state = "COMPLETE"
+            return ap
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        except BaseException as err:  # NonFiniteLoss, any bug, or Ctrl-C: FAIL with the reason
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            trial.set_user_attr("fail_reason", reason)
+            raise
+        finally:
+            track.end_trial(state, time.perf_counter() - start, reason)
+
+    return objective
+
+
+def trial_ap(t: FrozenTrial) -> float | None:
+    """The objective value, or a pruned trial's last reported AP."""
+    if t.value is not None:
+        return t.value
+    return t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+
+
+def seconds(t: FrozenTrial) -> float | None:
+    if t.datetime_start and t.datetime_complete:
+        return (t.datetime_complete - t.datetime_start).total_seconds()
+    return None
+
+
+def fail_reason(t: FrozenTrial) -> str:
+    if t.state != TrialState.FAIL:
+        return ""
+    return str(t.user_attrs.get("fail_reason", "no heartbeat: its worker died"))
+
+
+def progress(study: optuna.Study, t: FrozenTrial) -> None:
+    ap, took = trial_ap(t), seconds(t)
+    shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in t.params.items()}
+    line = (
+        f"[tune] trial {t.number} {t.state.name:8} AP={'-' if ap is None else f'{ap:.4f}'} "
+        f"{took or 0:.1f}s {shown}"
+    )
+    if t.state == TrialState.FAIL:
+        line += f" ({fail_reason(t)})"
+    try:
+        best = study.best_trial
+        line += f" | best: trial {best.number} AP={best.value:.4f}"
+    except ValueError:  # no complete trial yet
+        pass
+    print(line, flush=True)
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_outputs(study: optuna.Study, out: Path, track: Tracker) -> None:
+    """best_params.yaml, trials.csv and the plots, from every trial in the storage."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    names = sorted({k for t in trials for k in t.params})
+
+    def write_csv(path: Path) -> None:
+        with path.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(
+                [
+                    "number",
+                    "state",
+                    "AP",
+                    "duration_s",
+                    "worker",
+                    "fail_reason",
+                    *(f"param_{n}" for n in names),
+                ]
+            )
+            for t in trials:
+                ap, took = trial_ap(t), seconds(t)
+                writer.writerow(
+                    [
+                        t.number,
+                        t.state.name,
+                        "" if ap is None else f"{ap:.6g}",
+                        "" if took is None else f"{took:.2f}",
+                        t.user_attrs.get("worker", ""),
+                        fail_reason(t),
+                        *(t.params.get(n, "") for n in names),
+                    ]
+                )
+
+    written = [out / "trials.csv"]
+    write_atomic(written[0], write_csv)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        header = (
+            f"# Best of Optuna study '{study.study_name}': trial {best.number}, validation "
+            f"AP {best.value:.4f} ({len(complete)} complete of {len(trials)} trials).\n"
+            "# Promote: python -m stages.tune --promote [--apply]\n"
+        )
+        body = yaml.safe_dump(partial_params(best.params), sort_keys=False)
+        write_atomic(out / "best_params.yaml", lambda p: p.write_text(header + body))
+        written.append(out / "best_params.yaml")
+        track.log({"best_AP": float(best.value or 0.0)})
+        print(f"[tune] best: trial {best.number} AP={best.value:.4f} -> {out / 'best_params.yaml'}")
+    else:
+        print("[tune] no complete trial yet: best_params.yaml not written")
+    track.log(
+        {
+            s.name.lower(): float(sum(t.state == s for t in trials))
+            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        }
+    )
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name, plot in PLOTS.items():
+        if name == "param_importances" and len(complete) < 2:
+            print(f"[tune] {name}.png skipped: needs 2 complete trials, have {len(complete)}")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning, empty-study warnings
+                figure = plot(study).figure
+            write_atomic(
+                out / f"{name}.png", functools.partial(figure.savefig, dpi=100, bbox_inches="tight")
+            )
+            written.append(out / f"{name}.png")
+        except Exception as err:  # a plot must not cost the study's results
+            print(f"[tune] {name}.png skipped: {type(err).__name__}: {err}")
+        finally:
+            plt.close("all")
+    for path in written:
+        track.log_artifact(path)
+
+
+def open_study(params: Params, url: str) -> optuna.Study:
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+            )
+    except Exception as err:  # bad URL, unreachable server: one line
+        raise ValueError(f"storage {url}: {type(err).__name__}: {err}") from None
+    tune = params.tune
+    pruners: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(1, max(tune.epochs, 2)),
+        "none": optuna.pruners.NopPruner,
+    }
+    return optuna.create_study(
+        storage=storage,
+        study_name=tune.study_name,
+        direction="maximize",
+        pruner=pruners[tune.pruner](),
+        load_if_exists=True,
+    )
+
+
+class Gate:
+    """Makes "count the trials, then create one" a single step for all workers on one sqlite
+    file (an flock on <db>.lock), so that the study ends with exactly n_trials. Server RDBs
+    get no lock: two workers that count at the same moment may then each add a trial."""
+
+    def __init__(self, url: str) -> None:
+        db = url.removeprefix("sqlite:///")
+        self.path = Path(f"{db}.lock") if db != url and db not in ("", ":memory:") else None
+        self.handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        if self.path is not None:
+            self.handle = self.path.open("a")
+            fcntl.flock(self.handle, fcntl.LOCK_EX)  # released by the OS if this worker dies
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+def run_study(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    n_trials: int,
+    seed: int,
+    gate: Gate,
+) -> None:
+    """Trials until the study holds ``n_trials`` finished or running ones (all workers)."""
+
+    def gated(trial: optuna.Trial) -> float:
+        gate.release()  # the trial exists (and counts) now: let other workers count
+        return objective(trial)
+
+    while True:
+        gate.acquire()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            taken = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+            if len(taken) >= n_trials:
+                return
+            # Seeded by how far the study is: reproducible from the same storage state, and
+            # resumed or parallel workers do not replay each other's suggestions.
+            study.sampler = optuna.samplers.TPESampler(seed=seed + len(taken))
+            study.optimize(gated, n_trials=1, catch=(Exception,), callbacks=[progress])
+        finally:
+            gate.release()
+
+
+def tune(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    data, teacher_path = Path(args.data), Path(args.teacher)
+    if not teacher_path.is_file():
+        raise FileNotFoundError(
+            f"{teacher_path}: teacher checkpoint not found (dvc repro train_teacher)"
+        )
+    if not (data / "train.json").is_file():
+        raise FileNotFoundError(f"{data / 'train.json'}: not found (dvc repro prepare)")
+    train = CocoDetection(data / "train.json", train_transforms(params.student.train.hflip))
+    val = CocoDetection(data / "val.json", eval_transforms())
+    teacher, state = load_detector(teacher_path)
+    if state["category_ids"] != train.category_ids:
+        raise ValueError(f"{teacher_path}: trained on other categories than {data}")
+    trial_params(params, {})  # the budget override must itself be valid params
+    url = args.storage or params.tune.storage or DEFAULT_STORAGE
+    n_trials = args.n_trials or params.tune.n_trials
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    gate = Gate(url)
+    gate.acquire()  # two workers creating a fresh sqlite file would race on its tables
+    try:
+        study = open_study(params, url)
+    finally:
+        gate.release()
+    print(
+        f"[tune] study '{study.study_name}' in {url}: {len(study.trials)} trials so far, "
+        f"budget {n_trials}"
+    )
+    with parent_run(params, study.study_name, url, n_trials, data) as track:
+        objective = make_objective(params, teacher, train, val, track)
+        run_study(study, objective, n_trials, params.tune.sampler_seed, gate)
+        write_outputs(study, Path(args.out), track)
+    return 0
+
+
+@contextmanager
+def parent_run(
+    params: Params, study_name: str, url: str, n_trials: int, data: Path
+) -> Iterator[Tracker]:
+    """The MLflow run of this invocation (this worker); trials nest under it."""
+    if not params.tracking.enabled:
+        yield Tracker()
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(params.tracking))
+    mlflow.set_experiment(params.tracking.experiment)
+    tags = {
+        "git_commit": git_commit(),
+        "dvc_stage": "tune",
+        "pipeline_id": pipeline_id(),
+        "study": study_name,
+        "data_hash": data_hash([data / "train.json", data / "val.json"]),
+    }
+    with mlflow.start_run(run_name="tune", tags=tags):
+        logged = {**flatten({"tune": to_dict(params.tune)}), "storage": url, "n_trials": n_trials}
+        mlflow.log_params({k: str(v)[:500] for k, v in logged.items()})
+        yield Tracker(mlflow)
+
+
+def yaml_scalar(value: Any) -> str:
+    """As PyYAML writes it (1e-05 -> 1.0e-05, which PyYAML also reads back as a float)."""
+    return yaml.safe_dump([value], default_flow_style=True).strip()[1:-1]
+
+
+def set_scalars(text: str, values: dict[str, Any]) -> str:
+    """Replace the values of existing dotted keys in block-style YAML, keeping comments."""
+    lines = text.splitlines(keepends=True)
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip(" "))
+
+    def content(line: str) -> bool:
+        return bool(line.strip()) and not line.lstrip().startswith("#")
+
+    for dotted, value in values.items():
+        start, end, line = 0, len(lines), -1
+        for key in dotted.split("."):
+            rows = [i for i in range(start, end) if content(lines[i])]
+            level = min((indent(lines[i]) for i in rows), default=0)
+            found = [
+                i
+                for i in rows
+                if indent(lines[i]) == level
+                and re.match(rf"{re.escape(key)}\s*:", lines[i].lstrip())
+            ]
+            if not found:
+                raise KeyError(dotted)
+            line = found[0]
+            start = line + 1
+            end = next(
+                (i for i in range(start, end) if content(lines[i]) and indent(lines[i]) <= level),
+                end,
+            )
+        match = re.match(r"(\s*[^:#]+:\s*)([^#\n]*?)(\s+#.*)?(\n?)$", lines[line])
+        if match is None:
+            raise KeyError(dotted)
+        lines[line] = f"{match[1]}{yaml_scalar(value)}{match[3] or ''}{match[4]}"
+    return "".join(lines)
+
+
+def promote(args: argparse.Namespace) -> int:
+    path = Path(args.out) / "best_params.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run python -m stages.tune first)")
+    best = read_yaml(path.read_text()) or {}
+    if not isinstance(best, dict) or not set(best) <= {"distill", "student"}:
+        raise ConfigError(f"{path}: expected a partial params file with distill / student")
+    flat = flatten(best)
+    params_path = Path(args.params)
+    text = params_path.read_text()
+    merged = merge(read_yaml(text) or {}, best)
+    try:
+        parse_params(merged)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if not args.apply:
+        flags = " ".join(f"-S {shlex.quote(f'{k}={yaml_scalar(v)}')}" for k, v in flat.items())
+        print(f"dvc exp run {flags}")
+        return 0
+    try:
+        new_text = set_scalars(text, flat)
+        kept = read_yaml(new_text) == merged
+    except KeyError:
+        kept = False
+    if not kept:  # a key missing from the file, or flow style: rewrite it whole
+        new_text = yaml.safe_dump(merged, sort_keys=False)
+        print(f"[tune] {params_path}: rewritten without its comments")
+    write_atomic(params_path, lambda p: p.write_text(new_text))
+    print(f"[tune] {params_path}: set {', '.join(f'{k}={v!r}' for k, v in flat.items())}")
+    print("[tune] `dvc repro` now reruns distill and what follows")
+    if "student.train.lr" in flat:
+        print(
+            "[tune] student.train.lr changed: the baseline student (train_student) "
+            "retrains too, so the comparison stays like for like"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--teacher", default="models/teacher.pt")
+    parser.add_argument(
+        "--storage",
+        default="",
+        help=f"Optuna RDB URL (default: tune.storage, else {DEFAULT_STORAGE})",
+    )
+    parser.add_argument(
+        "--n-trials",
+        type=int,
+        default=0,
+        help="finished trials in total over all workers (default: tune.n_trials)",
+    )
+    parser.add_argument("--out", default="tuning", help="best_params.yaml, trials.csv, plots")
+    parser.add_argument(
+        "--promote",
+        action="store_true",
+        help="print the `dvc exp run -S ...` line for OUT/best_params.yaml",
+    )
+    parser.add_argument("--apply", action="store_true", help="with --promote: edit --params")
+    args = parser.parse_args(argv)
+    if args.n_trials < 0:
+        parser.error("--n-trials must be positive")
+    if args.apply and not args.promote:
+        parser.error("--apply goes with --promote")
+    return promote(args) if args.promote else tune(args)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,313 @@
+"""stages/tune.py: the Optuna study over the distill params, on toy detectors and tiny data."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from conftest import toy_model
+from drkd.checkpoint import model_checkpoint, save_atomic
+from drkd.config import SearchSpace, load_params, parse_params
+from drkd.data.coco import CocoDetection
+from drkd.engine import NonFiniteLoss
+from drkd.models import build_detector
+from drkd.tracking import PIPELINE_ENV
+from stages import tune
+from stages.preset import merge
+
+ROOT = Path(__file__).resolve().parents[1]
+PNGS = ["optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"]
+MODEL = {"fpn_channels": 16, "min_size": 64, "max_size": 64}
+TRAIN = {"batch_size": 4, "warmup_steps": 2, "num_workers": 0, "log_every": 1, "amp": "off"}
+PARAMS: dict[str, Any] = {
+    "seed": 0,
+    "teacher": {"model": MODEL, "train": TRAIN},
+    "student": {"model": MODEL, "train": TRAIN},
+    "distill": {  # tiny relation modules: a trial takes about a second
+        "pixel": {"nodes": [4] * 5, "states": [8] * 5},
+        "instance": {"embed_dim": 16, "filter_hidden": 8},
+    },
+    "tune": {
+        "study_name": "toy",
+        "n_trials": 3,
+        "pruner": "none",
+        "epochs": 1,
+        "space": {
+            "w_pr": [1e-4, 1e-2],
+            "w_ir": [1e-3, 1e-1],
+            "w_ins": [1e-3],
+            "tau": [0.5, 2.0],
+            "topk": [0, 2],
+            "filter_hidden": [8, 16],
+            "filter": [True, False],
+            "target": ["matrix", "features", "both"],
+            "lr": [],
+        },
+    },
+    "evaluate": {"batch_size": 4},
+    "tracking": {"enabled": False},
+}
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A (random) toy teacher checkpoint, as stages.train writes it."""
+    data = CocoDetection(tiny_data / "train.json")
+    model = build_detector(toy_model(), data.num_classes)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_atomic(model_checkpoint(model, toy_model(), data.category_ids, data.category_names), path)
+    return path
+
+
+def write_params(folder: Path, **tune_overrides: Any) -> Path:
+    path = folder / "params.yaml"
+    params = merge(PARAMS, {"tune": tune_overrides})
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    load_params(path)
+    return path
+
+
+def args(params: Path, data: Path, teacher: Path, folder: Path, *extra: str) -> list[str]:
+    return [
+        "--params", str(params), "--data", str(data), "--teacher", str(teacher),
+        "--storage", f"sqlite:///{folder / 'optuna.db'}", "--out", str(folder / "tuning"), *extra,
+    ]  # fmt: skip
+
+
+def load_study(folder: Path) -> optuna.Study:
+    return optuna.load_study(study_name="toy", storage=f"sqlite:///{folder / 'optuna.db'}")
+
+
+def trials(folder: Path) -> list[optuna.trial.FrozenTrial]:
+    return load_study(folder).get_trials()
+
+
+def fake_ap(monkeypatch: pytest.MonkeyPatch, script: list[float | Exception]) -> None:
+    """Validation AP per evaluation, in call order (an exception is raised instead)."""
+    calls = iter(script)
+
+    def evaluate_ap(*_: Any) -> float:
+        value = next(calls)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    monkeypatch.setattr(tune, "evaluate_ap", evaluate_ap)
+
+
+def test_search_space_convention() -> None:
+    space = SearchSpace(w_pr=(1e-4, 1e-2), w_ir=(0.01,), w_ins=(), topk=(0, 4), lr=(1e-4, 1e-3))
+    trial = optuna.create_study().ask()
+    values = tune.suggest(trial, space)
+    dists = trial.distributions
+    assert isinstance(dists["w_pr"], optuna.distributions.FloatDistribution) and dists["w_pr"].log
+    assert values["w_ir"] == 0.01 and "w_ins" not in values  # [v] fixed, [] left out
+    assert isinstance(dists["topk"], optuna.distributions.CategoricalDistribution)
+    assert tune.partial_params(values) == {
+        "distill": {
+            "w_pr": values["w_pr"],
+            "w_ir": 0.01,
+            "instance": {
+                k: values[k] for k in ("tau", "topk", "filter_hidden", "filter", "target")
+            },
+        },
+        "student": {"train": {"lr": values["lr"]}},
+    }
+
+
+def test_study_writes_best_params_trials_and_plots(
+    tiny_data: Path,
+    teacher: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    params = write_params(tmp_path, epochs=2)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # trials' work dirs
+    start = time.perf_counter()
+    assert tune.main(args(params, tiny_data, teacher, tmp_path)) == 0
+    print(f"3 trials in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    out = tmp_path / "tuning"
+    done = trials(tmp_path)
+    assert [t.state for t in done] == [TrialState.COMPLETE] * 3
+    assert all(sorted(t.intermediate_values) == [0, 1] for t in done)  # AP after each epoch
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 3
+    best = yaml.safe_load((out / "best_params.yaml").read_text())
+    assert set(best) == {"distill"} and best["distill"]["w_ins"] == 1e-3
+    best_trial = load_study(tmp_path).best_trial
+    assert best["distill"]["instance"]["target"] == best_trial.params["target"]
+    merged = parse_params(merge(yaml.safe_load(params.read_text()), best))
+    assert merged.distill.w_pr == best_trial.params["w_pr"]
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["number"] for r in rows] == ["0", "1", "2"]
+    assert {r["state"] for r in rows} == {"COMPLETE"} and all(float(r["AP"]) >= 0 for r in rows)
+    assert {"duration_s", "fail_reason", "param_w_pr", "param_target"} <= set(rows[0])
+    for name in PNGS:
+        assert (out / f"{name}.png").stat().st_size > 1000, name
+    assert list((tmp_path / "tmp").iterdir()) == []  # deleted after each trial
+    log = capsys.readouterr().out
+    assert log.count("[tune] trial ") == 3 and "| best: trial" in log
+    # Rerunning with the budget met runs nothing and rewrites the same outputs.
+    assert tune.main(args(params, tiny_data, teacher, tmp_path)) == 0
+    assert len(trials(tmp_path)) == 3
+
+
+def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
+    tiny_data: Path,
+    teacher: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Also the MLflow test: one parent run, one nested run per trial with its state and AP."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv(PIPELINE_ENV, "pipe-tune")
+    params = write_params(tmp_path, n_trials=4, epochs=2, pruner="median")
+    params.write_text(params.read_text().replace("enabled: false", "enabled: true"))
+    # Trials 0 and 1 complete; 2 hits a non-finite loss; 3 is far below the median: pruned.
+    bad = NonFiniteLoss("[trial 2] step 1: loss term 'loss_ir' is nan")
+    fake_ap(monkeypatch, [0.3, 0.4, 0.2, 0.5, bad, 0.0])
+    assert tune.main(args(params, tiny_data, teacher, tmp_path)) == 0
+    done = trials(tmp_path)
+    assert [t.state for t in done] == [
+        TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED,
+    ]  # fmt: skip
+    assert done[2].user_attrs["fail_reason"].startswith("NonFiniteLoss: [trial 2] step 1")
+    assert done[3].intermediate_values == {0: 0.0}  # stopped after its first epoch
+    rows = list(csv.DictReader((tmp_path / "tuning" / "trials.csv").open()))
+    assert [(r["state"], r["AP"]) for r in rows] == [
+        ("COMPLETE", "0.4"), ("COMPLETE", "0.5"), ("FAIL", ""), ("PRUNED", "0"),
+    ]  # fmt: skip
+    assert "NonFiniteLoss" in rows[2]["fail_reason"]
+    best = yaml.safe_load((tmp_path / "tuning" / "best_params.yaml").read_text())
+    assert best["distill"]["w_pr"] == done[1].params["w_pr"]
+    assert "(NonFiniteLoss: [trial 2]" in capsys.readouterr().out
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["drkd"], output_format="list")
+    (parent,) = [r for r in runs if r.info.run_name == "tune"]
+    assert parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    assert tags["dvc_stage"] == "tune" and tags["pipeline_id"] == "pipe-tune"
+    assert tags["study"] == "toy" and tags["git_commit"]
+    assert parent.data.metrics["best_AP"] == 0.5 and parent.data.metrics["pruned"] == 1
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"best_params.yaml", "trials.csv", "optimization_history.png"} <= artifacts
+    children = sorted(
+        (r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+        key=lambda r: int(r.data.tags["trial"]),
+    )
+    assert [(r.data.tags["state"], r.info.status) for r in children] == [
+        ("COMPLETE", "FINISHED"),
+        ("COMPLETE", "FINISHED"),
+        ("FAIL", "FAILED"),
+        ("PRUNED", "KILLED"),
+    ]
+    assert children[1].data.metrics["AP"] == 0.5 and "AP" not in children[3].data.metrics
+    assert children[2].data.tags["fail_reason"].startswith("NonFiniteLoss")
+    assert children[0].data.params["target"] == done[0].params["target"]
+    assert all(r.data.metrics["duration_s"] >= 0 for r in children)
+    history = mlflow.MlflowClient().get_metric_history(children[0].info.run_id, "epoch_AP")
+    assert [(m.step, m.value) for m in history] == [(0, 0.3), (1, 0.4)]
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+def test_resume_fails_the_stale_trial_of_a_killed_worker(
+    tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tune, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(tune, "GRACE_S", 1)
+    params = write_params(tmp_path, n_trials=3)
+    fake_ap(monkeypatch, [0.1, 0.2, 0.3])
+    # A worker killed mid-trial: trial 0 RUNNING, its heartbeat no longer refreshed.
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=1
+    )
+    study = optuna.create_study(study_name="toy", storage=storage, direction="maximize")
+    study.ask()
+    study_id = storage.get_study_id_from_name("toy")
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, 0))
+    time.sleep(1.5)
+    assert tune.main(args(params, tiny_data, teacher, tmp_path)) == 0
+    done = trials(tmp_path)
+    assert [t.state for t in done] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    rows = list(csv.DictReader((tmp_path / "tuning" / "trials.csv").open()))
+    assert rows[0]["fail_reason"] == "no heartbeat: its worker died"
+
+
+def test_two_workers_share_one_study(tiny_data: Path, teacher: Path, tmp_path: Path) -> None:
+    params = write_params(tmp_path, n_trials=5, epochs=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "stages.tune", *args(params, tiny_data, teacher, tmp_path)]
+    workers = [
+        subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    logs = [w.communicate(timeout=300)[0].decode() for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(logs)
+    done = trials(tmp_path)
+    assert [t.number for t in done] == list(range(5))
+    assert all(t.state == TrialState.COMPLETE for t in done)
+    by_worker = Counter(t.user_attrs["worker"] for t in done)
+    assert len(by_worker) == 2, by_worker  # both ran trials, none lost or run twice
+    assert sum(log.count("[tune] trial ") for log in logs) == 5
+
+
+def test_promote_prints_the_dvc_line_and_applies_only_distill(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    out = tmp_path / "tuning"
+    out.mkdir()
+    best = {
+        "distill": {"w_pr": 2.5e-05, "instance": {"target": "both", "topk": 4, "filter": False}},
+        "student": {"train": {"lr": 0.0003}},
+    }
+    (out / "best_params.yaml").write_text("# header\n" + yaml.safe_dump(best))
+    base = ["--promote", "--out", str(out), "--params", str(params)]
+    assert tune.main(base) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("dvc exp run -S ") and "distill.w_pr=2.5e-05" in line
+    assert "distill.instance.target=both" in line and "student.train.lr=0.0003" in line
+    before = yaml.safe_load(params.read_text())
+    assert tune.main([*base, "--apply"]) == 0
+    assert "baseline student" in capsys.readouterr().out
+    text = params.read_text()
+    after = yaml.safe_load(text)
+    assert after == merge(before, best)
+    assert after["distill"]["w_pr"] == 2.5e-05  # read back as a float, not a string
+    assert "# matrix (paper) | features (release) | both" in text  # comments kept
+    assert {k for k in before if before[k] != after[k]} == {"distill", "student"}
+    assert after["student"]["model"] == before["student"]["model"]
+    load_params(params)
+
+
+def test_errors_are_one_line(
+    tiny_data: Path, teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = write_params(tmp_path)
+    missing = tmp_path / "none.pt"
+    assert tune.cli.run(tune.main, args(params, tiny_data, missing, tmp_path)) == 2
+    assert "none.pt: teacher checkpoint not found" in capsys.readouterr().err
+    params.write_text(params.read_text().replace("n_trials: 3", "n_trials: many"))
+    assert tune.cli.run(tune.main, args(params, tiny_data, teacher, tmp_path)) == 2
+    assert "tune.n_trials: expected a positive int" in capsys.readouterr().err
+    assert tune.cli.run(tune.main, ["--promote", "--out", str(tmp_path / "nothing")]) == 2
+    assert "best_params.yaml: not found" in capsys.readouterr().err
