@@ -9,13 +9,14 @@ Either way the merged result is validated by the strict loader first.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
 
 from drkd import cli
 from drkd.config import ConfigError, flatten, parse_params, read_yaml
@@ -32,6 +33,38 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def flags(partial: dict[str, Any]) -> str:
+    """`-S key=value` flags that make `dvc exp run` apply ``partial`` (values as YAML)."""
+    pairs = ((k, v if isinstance(v, str) else json.dumps(v)) for k, v in flatten(partial).items())
+    return " ".join(f"-S {shlex.quote(f'{k}={v}')}" for k, v in pairs)
+
+
+def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
+    """Merge ``partial`` into ``params_file`` in place, keeping its comments and layout
+    (ruamel round-trip); validated by the strict loader first, written atomically."""
+    text = params_file.read_text()
+    try:
+        parse_params(merge(read_yaml(text) or {}, partial))
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    editor = YAML()
+    document = editor.load(text)
+
+    def update(node: Any, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                update(node[key], value)
+            else:
+                node[key] = value
+
+    update(document, partial)
+    buffer = io.StringIO()
+    editor.dump(document, buffer)
+    tmp = params_file.with_name(f".{params_file.name}.tmp")
+    tmp.write_text(buffer.getvalue())
+    tmp.replace(params_file)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -41,22 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apply", action="store_true", help="write the merged params file")
     args = parser.parse_args(argv)
     preset = read_yaml(Path(args.preset).read_text()) or {}
-    base = read_yaml(Path(args.params).read_text()) or {}
-    merged = merge(base, preset)
-    try:
-        parse_params(merged)
-    except ConfigError as err:
-        raise ConfigError(f"{args.preset}: {err}") from None
     if args.apply:
-        tmp = Path(args.params).with_name(f".{Path(args.params).name}.tmp")
-        tmp.write_text(yaml.safe_dump(merged, sort_keys=False))
-        tmp.replace(args.params)
+        apply(Path(args.params), preset, args.preset)
     else:
-        print(
-            " ".join(
-                f"-S {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in flatten(preset).items()
-            )
-        )
+        base = read_yaml(Path(args.params).read_text()) or {}
+        try:
+            parse_params(merge(base, preset))
+        except ConfigError as err:
+            raise ConfigError(f"{args.preset}: {err}") from None
+        print(flags(preset))
     return 0
 
 

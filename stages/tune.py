@@ -27,8 +27,6 @@ import fcntl
 import functools
 import math
 import os
-import re
-import shlex
 import socket
 import sys
 import tempfile
@@ -64,7 +62,7 @@ from drkd.engine import fit, pick_device
 from drkd.evaluation import coco_metrics, predict
 from drkd.models import build_detector
 from drkd.tracking import data_hash, git_commit, pipeline_id, tracking_uri
-from stages.preset import merge
+from stages.preset import apply, flags, merge
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 HEARTBEAT_S = 10  # a live worker refreshes its running trial this often
@@ -492,47 +490,6 @@ def parent_run(
         yield Tracker(mlflow)
 
 
-def yaml_scalar(value: Any) -> str:
-    """As PyYAML writes it (1e-05 -> 1.0e-05, which PyYAML also reads back as a float)."""
-    return yaml.safe_dump([value], default_flow_style=True).strip()[1:-1]
-
-
-def set_scalars(text: str, values: dict[str, Any]) -> str:
-    """Replace the values of existing dotted keys in block-style YAML, keeping comments."""
-    lines = text.splitlines(keepends=True)
-
-    def indent(line: str) -> int:
-        return len(line) - len(line.lstrip(" "))
-
-    def content(line: str) -> bool:
-        return bool(line.strip()) and not line.lstrip().startswith("#")
-
-    for dotted, value in values.items():
-        start, end, line = 0, len(lines), -1
-        for key in dotted.split("."):
-            rows = [i for i in range(start, end) if content(lines[i])]
-            level = min((indent(lines[i]) for i in rows), default=0)
-            found = [
-                i
-                for i in rows
-                if indent(lines[i]) == level
-                and re.match(rf"{re.escape(key)}\s*:", lines[i].lstrip())
-            ]
-            if not found:
-                raise KeyError(dotted)
-            line = found[0]
-            start = line + 1
-            end = next(
-                (i for i in range(start, end) if content(lines[i]) and indent(lines[i]) <= level),
-                end,
-            )
-        match = re.match(r"(\s*[^:#]+:\s*)([^#\n]*?)(\s+#.*)?(\n?)$", lines[line])
-        if match is None:
-            raise KeyError(dotted)
-        lines[line] = f"{match[1]}{yaml_scalar(value)}{match[3] or ''}{match[4]}"
-    return "".join(lines)
-
-
 def promote(args: argparse.Namespace) -> int:
     path = Path(args.out) / "best_params.yaml"
     if not path.is_file():
@@ -542,25 +499,15 @@ def promote(args: argparse.Namespace) -> int:
         raise ConfigError(f"{path}: expected a partial params file with distill / student")
     flat = flatten(best)
     params_path = Path(args.params)
-    text = params_path.read_text()
-    merged = merge(read_yaml(text) or {}, best)
-    try:
-        parse_params(merged)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
     if not args.apply:
-        flags = " ".join(f"-S {shlex.quote(f'{k}={yaml_scalar(v)}')}" for k, v in flat.items())
-        print(f"dvc exp run {flags}")
+        base = read_yaml(params_path.read_text()) or {}
+        try:
+            parse_params(merge(base, best))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        print(f"dvc exp run {flags(best)}")
         return 0
-    try:
-        new_text = set_scalars(text, flat)
-        kept = read_yaml(new_text) == merged
-    except KeyError:
-        kept = False
-    if not kept:  # a key missing from the file, or flow style: rewrite it whole
-        new_text = yaml.safe_dump(merged, sort_keys=False)
-        print(f"[tune] {params_path}: rewritten without its comments")
-    write_atomic(params_path, lambda p: p.write_text(new_text))
+    apply(params_path, best, str(path))
     print(f"[tune] {params_path}: set {', '.join(f'{k}={v!r}' for k, v in flat.items())}")
     print("[tune] `dvc repro` now reruns distill and what follows")
     if "student.train.lr" in flat:
