@@ -64,16 +64,18 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
 
 def test_repro_writes_metrics_reports_and_mlflow_runs(repo: tuple[Path, dict[str, str]]) -> None:
     root, _ = repo
-    for name in ("teacher", "student"):
+    for name in ("teacher", "student", "student_drkd"):
         metrics = json.loads((root / "metrics" / f"{name}.json").read_text())
         for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):
             assert -1.0 <= metrics[key] <= 1.0, (name, key)
         assert metrics["parameters"] > 0 and metrics["inference_ms_per_image"] > 0
         assert json.loads((root / "eval" / name / "detections.json").read_text()) is not None
     summary = json.loads((root / "metrics" / "summary.json").read_text())
-    assert {"teacher", "student"} <= set(summary)
+    assert {"teacher", "student", "student_drkd"} <= set(summary)
+    assert "gap_closed" in summary["student_drkd"]
     assert "teacher" in (root / "reports" / "summary.md").read_text()
-    for png in ("loss_curves.png", "ap_by_size.png", "detections.png"):
+    for png in ("loss_curves.png", "ap_by_size.png", "detections.png", "pixel_relations.png",
+                "instance_relations.png"):
         assert (root / "reports" / "plots" / png).stat().st_size > 1000
 
     import mlflow
@@ -81,20 +83,15 @@ def test_repro_writes_metrics_reports_and_mlflow_runs(repo: tuple[Path, dict[str
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["drkd"], output_format="list")
     stages = {r.data.tags["dvc_stage"]: r for r in runs}
-    expected = {
-        "prepare",
-        "train_teacher",
-        "train_student",
-        "evaluate_teacher",
-        "evaluate_student",
-        "report",
-    }
+    expected = {"prepare", "train_teacher", "train_student", "distill", "evaluate_teacher",
+                "evaluate_student", "evaluate_student_drkd", "report"}
     assert expected <= set(stages)
     for run in stages.values():
         assert run.info.status == "FINISHED"
         assert run.data.tags["pipeline_id"] == "e2e-test"
         assert run.data.tags["git_commit"] not in ("", "unknown")
     assert "loss" in stages["train_teacher"].data.metrics
+    assert {"loss_pr", "loss_ir", "loss_ins"} <= set(stages["distill"].data.metrics)
     assert stages["evaluate_teacher"].data.metrics["AP"] >= 0
 
 
@@ -110,9 +107,15 @@ def test_second_repro_is_a_no_op_and_student_change_reruns_only_its_branch(
     (root / "params.yaml").write_text(head + marker + tail.replace("lr: 0.001", "lr: 0.002", 1))
     out = _run(["dvc", "repro"], root, env)
     assert "Running stage 'train_student'" in out
+    assert "Running stage 'distill'" in out  # the same student recipe
     assert "Running stage 'evaluate@student'" in out
     assert "Running stage 'report'" in out
     for stage in ("prepare", "train_teacher", "evaluate@teacher"):
+        assert f"Running stage '{stage}'" not in out
+    # `dvc exp run -S` is the override mechanism; a distill param reruns only what follows it.
+    out = _run(["dvc", "exp", "run", "-S", "distill.w_ir=0.02"], root, env)
+    assert "Running stage 'distill'" in out and "Running stage 'report'" in out
+    for stage in ("train_teacher", "train_student", "evaluate@student"):
         assert f"Running stage '{stage}'" not in out
 
 
