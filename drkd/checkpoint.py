@@ -7,8 +7,6 @@ params.yaml: ``{"model": state_dict, "model_config": dict, "num_classes": int,
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +14,14 @@ import torch
 from torch import nn
 
 from drkd.config import ModelConfig, from_dict, to_dict
+from drkd.files import atomic_path
 from drkd.models import build_detector
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load(path: str | Path) -> dict[str, Any]:

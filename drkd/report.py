@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,33 +27,12 @@ from torchvision.transforms.v2 import functional as F  # noqa: E402
 from torchvision.utils import draw_bounding_boxes  # noqa: E402
 
 from drkd.data.coco import CocoDetection  # noqa: E402
+from drkd.files import atomic_path  # noqa: E402
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")  # fractions 0..1, -1 = no such GT
 SIZE_BUCKETS = {"AP": "all", "APs": "small", "APm": "medium", "APl": "large"}
 DISTILL_TERMS = ("loss_pr", "loss_ir", "loss_ins", "loss_mimic")  # the Distiller's loss terms
 NOT_LOSSES = ("step", "loss", "lr", "epoch")  # loss-history columns that are not loss terms
-
-
-def write_json(data: Any, path: str | Path) -> None:
-    """Deterministic, atomic json write: sorted keys, indent 2, temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(data, sort_keys=True, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(text: str, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def require_files(paths: list[Path]) -> None:
@@ -321,13 +298,10 @@ def ap_by_size_rows(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, 
 
 
 def write_ap_by_size_csv(metrics: dict[str, dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["model", "bucket", "AP", "label"])
         writer.writerows(ap_by_size_rows(metrics))
-    tmp.replace(path)
 
 
 def plot_ap_by_size(metrics: dict[str, dict[str, Any]], path: Path) -> None:

@@ -28,14 +28,16 @@ from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
 from drkd.engine import pick_device
 from drkd.evaluation import STAT_NAMES, coco_metrics, predict
+from drkd.files import write_json
 from drkd.models import count_parameters
-from drkd.report import mlflow_name, write_json
+from drkd.report import mlflow_name
 from drkd.tracking import stage_run
 
 
 @torch.no_grad()
-def time_inference(model: nn.Module, dataset: CocoDetection, num_images: int,
-                   device: torch.device) -> float:
+def time_inference(
+    model: nn.Module, dataset: CocoDetection, num_images: int, device: torch.device
+) -> float:
     """Mean ms per image at batch size 1 over the first ``num_images`` images (1 warm-up)."""
     model.eval().to(device)
     images = [dataset[i][0].to(device) for i in range(min(num_images, len(dataset)))]
@@ -55,8 +57,9 @@ def time_inference(model: nn.Module, dataset: CocoDetection, num_images: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("name", help="model name (teacher, student, ...)")
     parser.add_argument("--checkpoint", required=True, help="model checkpoint to evaluate")
     parser.add_argument("--data", default="data/prepared")
@@ -69,13 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     dataset = CocoDetection(data / "val.json", eval_transforms())
     model, checkpoint = load_detector(args.checkpoint)
     if list(checkpoint["category_ids"]) != dataset.category_ids:
-        raise ValueError(f"{args.checkpoint}: trained on categories {checkpoint['category_ids']}, "
-                         f"but {data / 'val.json'} has {dataset.category_ids}")
+        raise ValueError(
+            f"{args.checkpoint}: trained on categories {checkpoint['category_ids']}, "
+            f"but {data / 'val.json'} has {dataset.category_ids}"
+        )
     device = pick_device()
-    logged = {"name": args.name, "checkpoint": args.checkpoint,
-              "model": checkpoint["model_config"], "evaluate": to_dict(params.evaluate)}
-    with stage_run(params.tracking, f"evaluate_{args.name}", logged,
-                   [data / "train.json", data / "val.json"]) as run:
+    logged = {
+        "name": args.name,
+        "checkpoint": args.checkpoint,
+        "model": checkpoint["model_config"],
+        "evaluate": to_dict(params.evaluate),
+    }
+    with stage_run(
+        params.tracking, f"evaluate_{args.name}", logged, [data / "train.json", data / "val.json"]
+    ) as run:
         detections, batched_ms = predict(model, dataset, params.evaluate.batch_size, device)
         metrics = coco_metrics(data / "val.json", detections)
         ms = batched_ms
@@ -85,13 +95,20 @@ def main(argv: list[str] | None = None) -> int:
         metrics["inference_ms_per_image"] = round(ms, 3)
         write_json(detections, args.detections)
         write_json(metrics, args.metrics)
-        run.log_metrics({
-            **{key: metrics[key] for key in (*STAT_NAMES, "parameters", "inference_ms_per_image")},
-            **{f"AP_class.{mlflow_name(c)}": ap for c, ap in metrics["per_class_AP"].items()},
-        })
+        run.log_metrics(
+            {
+                **{
+                    key: metrics[key]
+                    for key in (*STAT_NAMES, "parameters", "inference_ms_per_image")
+                },
+                **{f"AP_class.{mlflow_name(c)}": ap for c, ap in metrics["per_class_AP"].items()},
+            }
+        )
         run.log_artifact(args.metrics)
-    print(f"{args.name}: AP {100 * metrics['AP']:.1f}  AP50 {100 * metrics['AP50']:.1f}  "
-          f"{metrics['parameters'] / 1e6:.2f} M params  {ms:.1f} ms/image ({device.type})")
+    print(
+        f"{args.name}: AP {100 * metrics['AP']:.1f}  AP50 {100 * metrics['AP50']:.1f}  "
+        f"{metrics['parameters'] / 1e6:.2f} M params  {ms:.1f} ms/image ({device.type})"
+    )
     return 0
 
 

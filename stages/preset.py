@@ -20,6 +20,7 @@ from ruamel.yaml import YAML
 
 from drkd import cli
 from drkd.config import ConfigError, flatten, parse_params, read_yaml
+from drkd.files import write_text
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -60,9 +61,7 @@ def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
     update(document, partial)
     buffer = io.StringIO()
     editor.dump(document, buffer)
-    tmp = params_file.with_name(f".{params_file.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    tmp.replace(params_file)
+    write_text(buffer.getvalue(), params_file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,29 +19,38 @@ from pathlib import Path
 from drkd import cli, relations_plot
 from drkd import report as rep
 from drkd.config import load_params, to_dict
+from drkd.files import write_json, write_text
 from drkd.tracking import stage_run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", required=True, help="model names, reference first")
     parser.add_argument("--metrics-dir", default="metrics")
     parser.add_argument("--eval-dir", default="eval")
-    parser.add_argument("--histories", nargs="*", default=[],
-                        help="loss-history CSVs; subplot title = file stem without 'train_'")
+    parser.add_argument(
+        "--histories",
+        nargs="*",
+        default=[],
+        help="loss-history CSVs; subplot title = file stem without 'train_'",
+    )
     parser.add_argument("--data", default="data/prepared")
     parser.add_argument("--summary", required=True, help="summary json to write")
     parser.add_argument("--table", required=True, help="markdown table to write")
     parser.add_argument("--plots-dir", required=True)
     parser.add_argument("--params", default="params.yaml")
     relations = parser.add_argument_group(
-        "relation plots", "all three or none: draw pixel_relations.png / instance_relations.png")
+        "relation plots", "all three or none: draw pixel_relations.png / instance_relations.png"
+    )
     relations.add_argument("--teacher", help="teacher checkpoint (models/teacher.pt)")
-    relations.add_argument("--distilled",
-                           help="distilled student checkpoint (models/student_drkd.pt)")
-    relations.add_argument("--modules",
-                           help="its training-only DRKD modules (models/drkd_modules.pt)")
+    relations.add_argument(
+        "--distilled", help="distilled student checkpoint (models/student_drkd.pt)"
+    )
+    relations.add_argument(
+        "--modules", help="its training-only DRKD modules (models/drkd_modules.pt)"
+    )
     args = parser.parse_args(argv)
     relation_files = [args.teacher, args.distilled, args.modules]
     if any(relation_files) and not all(relation_files):
@@ -54,8 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     detection_files = {m: Path(args.eval_dir) / m / "detections.json" for m in args.models}
     history_files = [Path(h) for h in args.histories]
     relation_paths = [Path(f) for f in relation_files] if all(relation_files) else []
-    rep.require_files([*metrics_files.values(), *detection_files.values(), *history_files,
-                       *relation_paths, data / "val.json"])
+    rep.require_files(
+        [
+            *metrics_files.values(),
+            *detection_files.values(),
+            *history_files,
+            *relation_paths,
+            data / "val.json",
+        ]
+    )
     metrics = {m: rep.read_metrics(f) for m, f in metrics_files.items()}
     histories = {h.stem.removeprefix("train_"): rep.read_history(h) for h in history_files}
     plots = Path(args.plots_dir)
@@ -63,20 +79,28 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [data / "train.json", data / "val.json"]
     with stage_run(params.tracking, "report", logged, inputs) as run:
         summary = rep.summarize(metrics)
-        rep.write_json(summary, args.summary)
-        rep.write_text(rep.markdown_table(metrics), args.table)
+        write_json(summary, args.summary)
+        write_text(rep.markdown_table(metrics), args.table)
         rep.plot_loss_curves(histories, plots / "loss_curves.png")
         rep.plot_ap_by_size(metrics, plots / "ap_by_size.png")
         rep.write_ap_by_size_csv(metrics, plots / "ap_by_size.csv")
-        rep.plot_detections(data / "val.json",
-                            {m: rep.read_json(f) for m, f in detection_files.items()},
-                            params.evaluate.num_vis_images, params.evaluate.vis_score_thresh,
-                            plots / "detections.png")
+        rep.plot_detections(
+            data / "val.json",
+            {m: rep.read_json(f) for m, f in detection_files.items()},
+            params.evaluate.num_vis_images,
+            params.evaluate.vis_score_thresh,
+            plots / "detections.png",
+        )
         written = []
         if relation_paths:
             written = relations_plot.plot_relations(
-                args.teacher, args.distilled, args.modules, data / "val.json",
-                params.evaluate.num_vis_images, plots)
+                args.teacher,
+                args.distilled,
+                args.modules,
+                data / "val.json",
+                params.evaluate.num_vis_images,
+                plots,
+            )
         run.log_metrics(rep.summary_numbers(summary))
         for path in (args.summary, args.table):
             run.log_artifact(path)

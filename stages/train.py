@@ -26,21 +26,19 @@ from drkd.data.coco import CocoDetection
 from drkd.data.transforms import train_transforms
 from drkd.distiller import Distiller
 from drkd.engine import distributed, fit, is_main
+from drkd.files import atomic_path
 from drkd.models import build_detector, count_parameters
 from drkd.tracking import stage_run
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
     """Loss history as CSV (one row per logged step) for `dvc plots` and the report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = sorted({k for row in history for k in row} - {"step"})
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", *names])
         for row in history:
             writer.writerow([int(row["step"]), *(f"{row.get(n, float('nan')):.6g}" for n in names)])
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

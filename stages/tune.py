@@ -60,6 +60,7 @@ from drkd.data.transforms import eval_transforms, train_transforms
 from drkd.distiller import Distiller
 from drkd.engine import fit, pick_device
 from drkd.evaluation import coco_metrics, predict
+from drkd.files import atomic_path
 from drkd.models import build_detector
 from drkd.tracking import data_hash, git_commit, pipeline_id, tracking_uri
 from stages.preset import apply, flags, merge
@@ -262,13 +263,8 @@ def progress(study: optuna.Study, t: FrozenTrial) -> None:
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` then rename over ``path``: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_outputs(study: optuna.Study, out: Path, track: Tracker) -> None:

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from drkd.config import DataConfig
 from drkd.data import synthetic
-
-
-def write_json(data: Any, path: Path) -> None:
-    """Deterministic, atomic json write (sorted keys; temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
-    tmp.replace(path)
+from drkd.files import write_json
 
 
 def split_stats(coco: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +53,7 @@ def prepare(cfg: DataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
         ):
             splits[split], dropped[split] = clean_coco(Path(ann), Path(images), c.max_images)
     for split, coco in splits.items():
-        write_json(coco, out_dir / f"{split}.json")
+        write_json(coco, out_dir / f"{split}.json", indent=1)
         stats[split] = {**split_stats(coco), "dropped_boxes": dropped[split]}
-    write_json(stats, out_dir / "stats.json")
+    write_json(stats, out_dir / "stats.json", indent=1)
     return stats
