@@ -20,9 +20,9 @@ from torchvision.ops import roi_align
 
 from drkd.config import DistillConfig, to_dict
 from drkd.losses import (
-    distance,
     instance_feature_loss,
     instance_relation_loss,
+    level_sum,
     pixel_relation_loss,
 )
 from drkd.modules.glore import GloRe
@@ -165,17 +165,8 @@ class Distiller(nn.Module):
         """FPN maps finest first, (B, C, H_l, W_l); targets with boxes in batch coordinates."""
         cfg, out = self.cfg, {}
         if len(self.mimic_adapters):
-            out["loss_mimic"] = (
-                cfg.w_mimic
-                * torch.stack(
-                    [
-                        distance(a(s), t, "mse")
-                        for a, s, t in zip(
-                            self.mimic_adapters, student_maps, teacher_maps, strict=False
-                        )
-                    ]
-                ).sum()
-            )
+            adapted = [a(s) for a, s in zip(self.mimic_adapters, student_maps, strict=False)]
+            out["loss_mimic"] = cfg.w_mimic * level_sum(adapted, teacher_maps, "mse")
         if len(self.glore_s):
             s_rel = [
                 a(g(s))

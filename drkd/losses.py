@@ -28,14 +28,19 @@ def distance(
     return (diff**2).sum() / max(count, 1)
 
 
-def pixel_relation_loss(
+def level_sum(
     student: list[torch.Tensor], teacher: list[torch.Tensor], reduction: str
 ) -> torch.Tensor:
-    """L_PR: sum over levels of distance(adapt(GloRe_s(F_s[l])), GloRe_t(F_t[l])).
-    Inputs per level: (B, C_t, H_l, W_l), already through GloRe (and the student adapter)."""
+    """Sum over FPN levels of distance(student[l], teacher[l]); maps (B, C_t, H_l, W_l).
+
+    L_PR when the inputs went through GloRe (and the student adapter); the `mimic` baseline
+    when they are the adapted student and the raw teacher maps."""
     return torch.stack(
         [distance(s, t, reduction) for s, t in zip(student, teacher, strict=True)]
     ).sum()
+
+
+pixel_relation_loss = level_sum  # L_PR, method.md "Pixel-wise relation distillation"
 
 
 def related(mask: torch.Tensor) -> torch.Tensor:

@@ -40,14 +40,21 @@ def flags(partial: dict[str, Any]) -> str:
     return " ".join(f"-S {shlex.quote(f'{k}={v}')}" for k, v in pairs)
 
 
-def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
-    """Merge ``partial`` into ``params_file`` in place, keeping its comments and layout
-    (ruamel round-trip); validated by the strict loader first, written atomically."""
+def check(params_file: Path, partial: dict[str, Any], source: str) -> str:
+    """Validate ``params_file`` with ``partial`` merged in (errors name ``source``); return
+    the file's text."""
     text = params_file.read_text()
     try:
         parse_params(merge(read_yaml(text) or {}, partial))
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    return text
+
+
+def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
+    """Merge ``partial`` into ``params_file`` in place, keeping its comments and layout
+    (ruamel round-trip); validated by the strict loader first, written atomically."""
+    text = check(params_file, partial, source)
     editor = YAML()
     document = editor.load(text)
 
@@ -76,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.apply:
         apply(Path(args.params), preset, args.preset)
     else:
-        base = read_yaml(Path(args.params).read_text()) or {}
-        try:
-            parse_params(merge(base, preset))
-        except ConfigError as err:
-            raise ConfigError(f"{args.preset}: {err}") from None
+        check(Path(args.params), preset, args.preset)
         print(flags(preset))
     return 0
 

@@ -63,7 +63,7 @@ from drkd.evaluation import coco_metrics, predict
 from drkd.files import atomic_path
 from drkd.models import build_detector
 from drkd.tracking import data_hash, git_commit, pipeline_id, tracking_uri
-from stages.preset import apply, flags, merge
+from stages.preset import apply, check, flags, merge
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 HEARTBEAT_S = 10  # a live worker refreshes its running trial this often
@@ -496,11 +496,7 @@ def promote(args: argparse.Namespace) -> int:
     flat = flatten(best)
     params_path = Path(args.params)
     if not args.apply:
-        base = read_yaml(params_path.read_text()) or {}
-        try:
-            parse_params(merge(base, best))
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+        check(params_path, best, str(path))
         print(f"dvc exp run {flags(best)}")
         return 0
     apply(params_path, best, str(path))
