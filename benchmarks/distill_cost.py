@@ -7,15 +7,17 @@ Prints, on the embedded default's models and image size:
    (target <= 1.20: only the DRKD modules' forward, backward and optimizer work may be added);
 2. batched instance relations vs a per-image loop like the release's, forward + backward,
    4 images x 10 instances at 256 px (target >= 3x);
-3. peak memory of a distill step vs a student step (each in a fresh process: peak RSS on CPU,
-   max_memory_allocated on CUDA).
+3. peak memory of a distill step vs a student step, each in a fresh process: on CPU the peak
+   resident memory (VmHWM) minus the resident memory after the imports, i.e. models, optimizer
+   state and activations without the ~1.3 GiB of torch libraries; on CUDA max_memory_allocated.
+Optimizers come from the training loop (drkd.engine.make_optimizer), as in real training.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,9 +26,9 @@ from collections.abc import Callable
 
 import torch
 
-from drkd.config import DistillConfig, load_params
+from drkd.config import TrainConfig, load_params
 from drkd.distiller import Distiller
-from drkd.engine import pick_device
+from drkd.engine import make_optimizer, pick_device
 from drkd.models import build_detector
 from drkd.modules.relation import InstanceRelation, RelationFilter, pad_instances, relation_matrix
 
@@ -46,20 +48,23 @@ def batch(size: int, count: int, device: torch.device) -> tuple[list[torch.Tenso
     return images, targets
 
 
-def timed(fn: Callable[[], None], steps: int, device: torch.device) -> float:
-    """Median seconds per call after 3 warm-up calls."""
+def timed(fns: dict[str, Callable[[], None]], steps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn (A, B, C, A, B, C, ...) after
+    3 warm-up rounds, so that a slow spell of the machine hits every function alike."""
     for _ in range(3):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def models(params_file: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -70,8 +75,10 @@ def models(params_file: str, device: torch.device) -> tuple[torch.nn.Module, tor
     return student, teacher
 
 
-def train_step(module: torch.nn.Module, images: list, targets: list) -> Callable[[], None]:
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+def train_step(
+    module: torch.nn.Module, images: list, targets: list, cfg: TrainConfig
+) -> Callable[[], None]:
+    opt = make_optimizer([p for p in module.parameters() if p.requires_grad], cfg)
     module.train()
 
     def step() -> None:
@@ -89,7 +96,6 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
     student, teacher = models(params_file, device)
     size = params.student.model.max_size
     images, targets = batch(size, params.student.train.batch_size, device)
-    t_student = timed(train_step(student, images, targets), steps, device)
     teacher.eval()
     tensors = torch.stack(images)
 
@@ -97,11 +103,21 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
         with torch.no_grad():
             teacher.backbone(tensors)
 
-    t_teacher = timed(teacher_forward, steps, device)
-    distiller = Distiller(student, teacher, params.distill).to(device)
-    t_distill = timed(train_step(distiller, images, targets), steps, device)
-    return {"student_step_s": t_student, "teacher_forward_s": t_teacher,
-            "distill_step_s": t_distill, "ratio": t_distill / (t_student + t_teacher)}
+    # The distiller trains its own copy of the student (same init), so the two steps are
+    # timed on identical networks.
+    distiller = Distiller(copy.deepcopy(student), teacher, params.distill).to(device)
+    t = timed(
+        {
+            "student": train_step(student, images, targets, params.student.train),
+            "teacher": teacher_forward,
+            "distill": train_step(distiller, images, targets, params.student.train),
+        },
+        steps,
+        device,
+    )
+    return {"student_step_s": t["student"], "teacher_forward_s": t["teacher"],
+            "distill_step_s": t["distill"],
+            "ratio": t["distill"] / (t["student"] + t["teacher"])}
 
 
 def relation_speed(steps: int) -> dict[str, float]:
@@ -127,24 +143,35 @@ def relation_speed(steps: int) -> dict[str, float]:
             total = total + block.refine(e, r).square().sum()
         total.backward()
 
-    t_batched, t_looped = timed(batched, steps, device), timed(looped, steps, device)
-    return {"batched_s": t_batched, "looped_s": t_looped, "speedup": t_looped / t_batched}
+    t = timed({"batched": batched, "looped": looped}, steps, device)
+    return {"batched_s": t["batched"], "looped_s": t["looped"],
+            "speedup": t["looped"] / t["batched"]}
+
+
+def resident_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak so far) of this process, from /proc (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def peak_memory(params_file: str, distill: bool) -> float:
-    """MiB at the peak of 3 train steps, measured in this (fresh) process."""
+    """MiB at the peak of 3 train steps, measured in this (fresh) process, above the
+    footprint of the imports."""
     device = pick_device()
+    imports = resident_mib("VmRSS") if device.type == "cpu" else 0.0
     params = load_params(params_file)
     student, teacher = models(params_file, device)
     module: torch.nn.Module = Distiller(student, teacher, params.distill) if distill else student
     module.to(device)
     images, targets = batch(params.student.model.max_size, params.student.train.batch_size, device)
-    step = train_step(module, images, targets)
+    step = train_step(module, images, targets, params.student.train)
     for _ in range(3):
         step()
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resident_mib("VmHWM") - imports
 
 
 def main() -> None:

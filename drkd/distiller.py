@@ -102,7 +102,7 @@ class Distiller(nn.Module):
                 GloRe(c_t, n, s) for n, s in zip(sizes.nodes, sizes.states, strict=False)
             )
             del self.glore_s[levels:], self.glore_t[levels:]
-            self.pixel_adapters.extend(_adapter(c_s, c_t) for _ in range(levels))
+            self.pixel_adapters.extend(nn.Linear(c_s, c_t) for _ in range(levels))  # on pixels
         self.instance_levels = min(inst.levels, levels)
         if cfg.method == "drkd" and (cfg.w_ir > 0 or cfg.w_ins > 0):
             self.instance_adapters.extend(_adapter(c_s, c_t) for _ in range(self.instance_levels))
@@ -168,11 +168,13 @@ class Distiller(nn.Module):
             adapted = [a(s) for a, s in zip(self.mimic_adapters, student_maps, strict=False)]
             out["loss_mimic"] = cfg.w_mimic * level_sum(adapted, teacher_maps, "mse")
         if len(self.glore_s):
+            glore_s = cast(list[GloRe], self.glore_s)
+            glore_t = cast(list[GloRe], self.glore_t)
             s_rel = [
-                a(g(s))
-                for a, g, s in zip(self.pixel_adapters, self.glore_s, student_maps, strict=False)
+                a(g.pixels(s))
+                for a, g, s in zip(self.pixel_adapters, glore_s, student_maps, strict=False)
             ]
-            t_rel = [g(t) for g, t in zip(self.glore_t, teacher_maps, strict=False)]
+            t_rel = [g.pixels(t) for g, t in zip(glore_t, teacher_maps, strict=False)]
             out["loss_pr"] = cfg.w_pr * pixel_relation_loss(s_rel, t_rel, cfg.reduction)
         if len(self.instance_adapters):
             out.update(self.instance_losses(student_maps, teacher_maps, targets, padded_width))
@@ -235,13 +237,11 @@ class Distiller(nn.Module):
         s_map, t_map = student_maps[level], teacher_maps[level]
         # Spatial scale as MultiScaleRoIAlign infers it: a power of two.
         scale = 2.0 ** round(math.log2(s_map.shape[-1] / padded_width))
-        pooled_s = roi_align(
-            self.instance_adapters[level](s_map),
-            rois.to(s_map.dtype),
-            ROI_SIZE,
-            scale,
-            sampling_ratio=2,
-            aligned=True,
+        # The 1x1 adapter commutes with RoIAlign's bilinear sampling (GT boxes lie inside the
+        # map), so adapt the K pooled 3x3 patches rather than the whole map: same features,
+        # and RoIAlign's backward runs on the student's C_s channels instead of C_t.
+        pooled_s = self.instance_adapters[level](
+            roi_align(s_map, rois.to(s_map.dtype), ROI_SIZE, scale, sampling_ratio=2, aligned=True)
         )
         pooled_t = roi_align(
             t_map, rois.to(t_map.dtype), ROI_SIZE, scale, sampling_ratio=2, aligned=True

@@ -84,7 +84,7 @@ def pixel_relation(glore: GloRe, feature: torch.Tensor, query: tuple[int, int]) 
     """feature (C, h, w), query (row, col) -> (h, w) relation(q, p) = sum_n B[n, q] B[n, p],
     min-max normalised to [0, 1]."""
     h, w = feature.shape[-2:]
-    proj = glore.to_nodes(feature[None]).flatten(2)[0].float()  # (N, hw)
+    proj = glore.projections(feature[None])[1][0].T.float()  # (N, hw)
     relation = proj[:, query[0] * w + query[1]] @ proj  # (hw,)
     relation = relation - relation.min()
     return (relation / relation.max().clamp(min=1e-12)).view(h, w)

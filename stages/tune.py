@@ -100,6 +100,27 @@ def partial_params(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def current_values(params: Params) -> dict[str, Any]:
+    """The params file's own value of every searched dimension that lies inside the space:
+    enqueued as trial 0, so the study measures the defaults at the same budget."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(params.tune.space):
+        choices = getattr(params.tune.space, field.name)
+        if field.name == "lr":
+            value = params.student.train.lr
+        elif field.name in TOP_LEVEL:
+            value = getattr(params.distill, field.name)
+        else:
+            value = getattr(params.distill.instance, field.name)
+        if field.name in FLOATS and len(choices) == 2:
+            inside = choices[0] <= value <= choices[1]
+        else:
+            inside = value in choices
+        if inside:
+            values[field.name] = value
+    return values
+
+
 def trial_params(params: Params, values: dict[str, Any]) -> Params:
     """``params`` with the suggested values applied and the student's budget cut to `tune`'s."""
     applied = parse_params(merge(to_dict(params), partial_params(values)))
@@ -448,6 +469,8 @@ def tune(args: argparse.Namespace) -> int:
     gate.acquire()  # two workers creating a fresh sqlite file would race on its tables
     try:
         study = open_study(params, url)
+        if not study.trials:
+            study.enqueue_trial(current_values(params), user_attrs={"from": "params.yaml"})
     finally:
         gate.release()
     print(

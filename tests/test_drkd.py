@@ -7,7 +7,7 @@ import csv
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -93,11 +93,11 @@ def changed(before: list[torch.Tensor], module: nn.Module) -> bool:
 
 def identity_adapters(d: Distiller) -> None:
     with torch.no_grad():
-        for conv in [*d.pixel_adapters, *d.instance_adapters]:
-            assert isinstance(conv, nn.Conv2d) and conv.in_channels == conv.out_channels
-            conv.weight.copy_(torch.eye(conv.in_channels)[:, :, None, None])
-            assert conv.bias is not None
-            conv.bias.zero_()
+        for adapter in [*d.pixel_adapters, *d.instance_adapters]:
+            weight, bias = cast(torch.Tensor, adapter.weight), cast(torch.Tensor, adapter.bias)
+            assert weight.shape[0] == weight.shape[1]
+            weight.copy_(torch.eye(weight.shape[0]).view(weight.shape))
+            bias.zero_()
 
 
 # -- (1) both detectors: shapes, finite losses, backward -------------------------------------
@@ -108,8 +108,8 @@ def test_forward_on_both_detectors(arch: str) -> None:
     d = distiller(arch)
     assert len(d.glore_s) == len(d.glore_t) == len(d.pixel_adapters) == 5
     assert len(d.instance_adapters) == len(d.relation_s) == len(d.filters) == 2
-    for conv in [*d.pixel_adapters, *d.instance_adapters]:
-        assert (conv.in_channels, conv.out_channels) == (16, 24)
+    for adapter in [*d.pixel_adapters, *d.instance_adapters]:
+        assert cast(torch.Tensor, adapter.weight).shape[:2] == (24, 16)
     d.train()
     losses = d(*batch((0, 1, 4)))
     assert {"loss_pr", "loss_ir", "loss_ins"} <= set(losses)
@@ -142,6 +142,26 @@ def test_glore_identity_at_init_and_shape() -> None:
         glore.norm.weight.fill_(1.0)
     y = glore.train()(x)
     assert y.shape == x.shape and (y - x).abs().max() > 1e-3  # not the identity once trained
+
+
+def test_glore_equals_the_papers_convolution_form() -> None:
+    """method.md steps 1-4 written with 1x1 convolutions, on the unit's own weights."""
+    torch.manual_seed(0)
+    glore = GloRe(8, 4, 6).eval()
+    with torch.no_grad():
+        glore.norm.weight.fill_(1.5)
+        glore.norm.running_mean.uniform_()
+    x = torch.randn(3, 8, 5, 7)
+    conv1x1 = lambda t, w, b=None: torch.nn.functional.conv1d(t, w[:, :, None], b)  # noqa: E731
+    w_s, w_b = glore.project.weight.split([6, 4]), glore.project.bias.split([6, 4])
+    states = conv1x1(x.flatten(2), w_s[0], w_b[0])  # X_s: (B, S, HW)
+    proj = conv1x1(x.flatten(2), w_s[1], w_b[1])  # B: (B, N, HW)
+    v = states @ proj.transpose(1, 2) / 35  # (B, S, N)
+    a_v = conv1x1(v.transpose(1, 2), glore.node_mix.weight, glore.node_mix.bias).transpose(1, 2)
+    z = conv1x1(torch.relu(v + a_v), glore.state_mix.weight)
+    y = conv1x1(z @ proj, glore.back.weight).view(3, 8, 5, 7)
+    expected = x + glore.norm(y.flatten(2)).view_as(x)
+    torch.testing.assert_close(glore(x), expected, rtol=1e-5, atol=1e-5)
 
 
 # -- (2) images with 0 or 1 instance ---------------------------------------------------------
@@ -574,11 +594,11 @@ def test_distance_by_hand() -> None:
 # tau, topk, both reductions): a change of the math must change them deliberately.
 GOLDEN: dict[tuple[str, str, int], tuple[float, float, float]] = {
     # (reduction, target, topk): (loss_pr, loss_ir, loss_ins)
-    ("norm", "features", 0): (129.86511, 214.75887, 44.843498),
-    ("norm", "matrix", 0): (129.86511, 5.3423781, 44.843498),
-    ("mse", "features", 0): (12.258258, 33.651932, 1.4508519),
-    ("mse", "matrix", 0): (12.258258, 0.56221628, 1.4508519),
-    ("mse", "both", 2): (12.258258, 34.255775, 1.4508519),
+    ("norm", "features", 0): (134.1008, 214.75887, 44.843498),
+    ("norm", "matrix", 0): (134.1008, 5.3423781, 44.843498),
+    ("mse", "features", 0): (15.067932, 33.651932, 1.4508519),
+    ("mse", "matrix", 0): (15.067932, 0.56221628, 1.4508519),
+    ("mse", "both", 2): (15.067932, 34.255775, 1.4508519),
 }
 
 

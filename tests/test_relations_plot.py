@@ -85,7 +85,7 @@ def test_pixel_relation_is_normalised_and_peaks_where_projection_matches() -> No
     assert relation.shape == (5, 7)
     relation = relation.detach()
     assert float(relation.min()) == 0 and float(relation.max()) == pytest.approx(1)
-    proj = glore.to_nodes(feature[None]).flatten(2)[0]
+    proj = glore.projections(feature[None])[1][0].T
     expected = proj[:, 2 * 7 + 3] @ proj
     assert int(relation.flatten().argmax()) == int(expected.argmax())
 

@@ -37,6 +37,9 @@ PARAMS: dict[str, Any] = {
     "teacher": {"model": MODEL, "train": TRAIN},
     "student": {"model": MODEL, "train": TRAIN},
     "distill": {  # tiny relation modules: a trial takes about a second
+        "w_pr": 1e-3,
+        "w_ir": 1e-2,
+        "w_ins": 1e-2,
         "pixel": {"nodes": [4] * 5, "states": [8] * 5},
         "instance": {"embed_dim": 16, "filter_hidden": 8},
     },
@@ -144,6 +147,10 @@ def test_study_writes_best_params_trials_and_plots(
     out = tmp_path / "tuning"
     done = trials(tmp_path)
     assert [t.state for t in done] == [TrialState.COMPLETE] * 3
+    # Trial 0 is the params file's own setting (w_ins = 0.01 is outside the fixed [1e-3]).
+    defaults = tune.current_values(load_params(params))
+    assert "w_ins" not in defaults and defaults["w_ir"] == 1e-2 and defaults["tau"] == 1
+    assert {k: v for k, v in done[0].params.items() if k != "w_ins"} == defaults
     assert all(sorted(t.intermediate_values) == [0, 1] for t in done)  # AP after each epoch
     assert len({tuple(sorted(t.params.items())) for t in done}) == 3
     best = yaml.safe_load((out / "best_params.yaml").read_text())

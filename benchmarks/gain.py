@@ -1,0 +1,164 @@
+"""Does DRKD make the student better? Baseline vs DRKD vs mimic over seeds, and the ablations.
+
+    python benchmarks/gain.py [--runs NAME ...] [--out benchmarks/gain]
+
+Every run trains the student of params.yaml with one set of overrides (identical budget,
+data and teacher: ``models/teacher.pt`` and ``data/prepared`` from ``dvc repro``), evaluates
+it on val with pycocotools, and is tracked in MLflow (experiment ``drkd-gain``, pipeline id
+``gain-<run>``). Finished runs (their metrics file exists) are skipped, so the script
+resumes; after each run ``<out>/results.md`` and ``results.json`` are rewritten: mean and
+per-seed AP / APs / APm / APl per method, the share of the teacher-student gap closed,
+and the ablation table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from drkd.config import load_params, parse_params, read_yaml, to_dict
+from drkd.files import write_json, write_text
+
+SEEDS = (0, 1, 2)
+METHODS: dict[str, dict[str, Any]] = {  # name -> distill overrides (None: no teacher)
+    "baseline": {"method": "none"},
+    "drkd": {},
+    "mimic": {"method": "mimic"},
+}
+ABLATIONS: dict[str, dict[str, Any]] = {  # at seed 0; "PR+IR+INS" is drkd-s0
+    "PR only": {"w_ir": 0.0, "w_ins": 0.0},
+    "IR only": {"w_pr": 0.0, "w_ins": 0.0},
+    "PR+IR": {"w_ins": 0.0},
+    "filter off": {"instance": {"filter": False}},
+    "target matrix": {"instance": {"target": "matrix"}},
+}
+STATS = ("AP", "APs", "APm", "APl")
+
+
+def slug(name: str) -> str:
+    return name.lower().replace(" ", "-").replace("+", "-")
+
+
+def runs() -> dict[str, tuple[int, dict[str, Any]]]:
+    """run name -> (seed, distill overrides)."""
+    out = {f"{m}-s{s}": (s, o) for m in METHODS for s in SEEDS for o in [METHODS[m]]}
+    out.update({f"ablate-{slug(a)}": (0, o) for a, o in ABLATIONS.items()})
+    return out
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def run_one(name: str, seed: int, overrides: dict[str, Any], out: Path, params_file: str) -> None:
+    run_dir = out / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params = to_dict(load_params(params_file))
+    params["seed"] = seed
+    params["distill"] = merged(params["distill"], overrides)
+    params["tracking"]["experiment"] = "drkd-gain"
+    parse_params(params)  # refuse a bad override before spending minutes
+    write_text(json.dumps(params, indent=1), run_dir / "params.yaml")
+    env = {**os.environ, "DRKD_PIPELINE_ID": f"gain-{name}"}
+    common = ["--params", str(run_dir / "params.yaml"), "--data", "data/prepared"]
+    train = [sys.executable, "-m", "stages.train", "student", *common,
+             "--out", str(run_dir / "model.pt"), "--history", str(run_dir / "history.csv"),
+             "--work-dir", f"work/gain/{name}"]
+    if params["distill"]["method"] != "none":
+        train += ["--teacher", "models/teacher.pt"]
+    start = time.time()
+    subprocess.run(train, check=True, env=env)
+    minutes = (time.time() - start) / 60
+    subprocess.run([sys.executable, "-m", "stages.evaluate", name, *common,
+                    "--checkpoint", str(run_dir / "model.pt"),
+                    "--metrics", str(run_dir / "metrics.tmp.json"),
+                    "--detections", str(run_dir / "detections.json")], check=True, env=env)
+    metrics = json.loads((run_dir / "metrics.tmp.json").read_text())
+    metrics["train_minutes"] = minutes
+    write_json(metrics, run_dir / "metrics.json")  # written last: marks the run finished
+    (run_dir / "metrics.tmp.json").unlink()
+
+
+def points(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: 100 * metrics[k] for k in STATS}
+
+
+def summarise(out: Path, teacher: dict[str, float]) -> dict[str, Any]:
+    done = {p.parent.name: points(json.loads(p.read_text())) for p in out.glob("*/metrics.json")}
+    summary: dict[str, Any] = {"teacher": teacher, "methods": {}, "ablations": {}}
+    for method in METHODS:
+        per_seed = {s: done[f"{method}-s{s}"] for s in SEEDS if f"{method}-s{s}" in done}
+        if per_seed:
+            mean = {k: statistics.mean(r[k] for r in per_seed.values()) for k in STATS}
+            summary["methods"][method] = {"per_seed": per_seed, "mean": mean}
+    base = summary["methods"].get("baseline", {}).get("mean")
+    for method, entry in summary["methods"].items():
+        if base and method != "baseline":
+            entry["gap_closed"] = (entry["mean"]["AP"] - base["AP"]) / (teacher["AP"] - base["AP"])
+    for name in ("PR+IR+INS", *ABLATIONS):
+        key = "drkd-s0" if name == "PR+IR+INS" else f"ablate-{slug(name)}"
+        if key in done:
+            summary["ablations"][name] = done[key]
+    return summary
+
+
+def table(summary: dict[str, Any]) -> str:
+    t = summary["teacher"]
+    lines = [
+        "| model | seed | AP | APs | APm | APl | gap closed |",
+        "|---|---|---|---|---|---|---|",
+        f"| teacher | 0 | {' | '.join(f'{t[k]:.1f}' for k in STATS)} | |",
+    ]
+    for method, entry in summary["methods"].items():
+        for seed, r in entry["per_seed"].items():
+            lines.append(f"| {method} | {seed} | {' | '.join(f'{r[k]:.1f}' for k in STATS)} | |")
+        gap = f"{100 * entry['gap_closed']:.0f}%" if "gap_closed" in entry else ""
+        mean = " | ".join(f"**{entry['mean'][k]:.1f}**" for k in STATS)
+        lines.append(f"| **{method}** | mean of {len(entry['per_seed'])} | {mean} | {gap} |")
+    lines += ["", "Ablation (seed 0):", "", "| terms | AP | APs | APm | APl |"]
+    lines.append("|---|---|---|---|---|")
+    for name, r in summary["ablations"].items():
+        lines.append(f"| {name} | {' | '.join(f'{r[k]:.1f}' for k in STATS)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="*", help=f"subset of: {' '.join(runs())}")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/gain"))
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    todo = runs()
+    unknown = set(args.runs or ()) - set(todo)
+    if unknown:
+        raise SystemExit(f"--runs: unknown {sorted(unknown)}; known: {' '.join(todo)}")
+    teacher_metrics = Path("metrics/teacher.json")
+    if not teacher_metrics.is_file() or not Path("models/teacher.pt").is_file():
+        raise SystemExit("metrics/teacher.json or models/teacher.pt missing: run `make repro`")
+    teacher = points(json.loads(teacher_metrics.read_text()))
+    read_yaml(Path(args.params).read_text())
+    for name in args.runs or todo:
+        if (args.out / name / "metrics.json").is_file():
+            continue
+        print(f"== {name}", flush=True)
+        seed, overrides = todo[name]
+        run_one(name, seed, overrides, args.out, args.params)
+        summary = summarise(args.out, teacher)
+        write_json(summary, args.out / "results.json")
+        write_text(table(summary), args.out / "results.md")
+        print(table(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
