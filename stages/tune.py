@@ -122,10 +122,16 @@ def current_values(params: Params) -> dict[str, Any]:
 
 
 def trial_params(params: Params, values: dict[str, Any]) -> Params:
-    """``params`` with the suggested values applied and the student's budget cut to `tune`'s."""
+    """``params`` with the suggested values applied and the student's recipe compressed to
+    `tune`'s budget: fewer epochs, and the warm-up shortened by the same factor (a warm-up
+    as long as the whole trial would leave the student untrained and the study blind)."""
     applied = parse_params(merge(to_dict(params), partial_params(values)))
+    share = min(1.0, params.tune.epochs / applied.student.train.epochs)
     train = dataclasses.replace(
-        applied.student.train, epochs=params.tune.epochs, max_steps=params.tune.max_steps
+        applied.student.train,
+        epochs=params.tune.epochs,
+        max_steps=params.tune.max_steps,
+        warmup_steps=round(applied.student.train.warmup_steps * share),
     )
     return dataclasses.replace(applied, student=dataclasses.replace(applied.student, train=train))
 

@@ -131,6 +131,13 @@ def test_search_space_convention() -> None:
     }
 
 
+def test_a_trial_runs_the_student_recipe_compressed_to_the_tune_budget() -> None:
+    over = {"student": {"train": {"epochs": 8, "warmup_steps": 300}}, "tune": {"epochs": 2}}
+    trial = tune.trial_params(parse_params(merge(PARAMS, over)), {"w_pr": 5e-3})
+    assert (trial.student.train.epochs, trial.student.train.warmup_steps) == (2, 75)
+    assert trial.distill.w_pr == 5e-3
+
+
 def test_study_writes_best_params_trials_and_plots(
     tiny_data: Path,
     teacher: Path,
