@@ -56,6 +56,7 @@ def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
     (ruamel round-trip); validated by the strict loader first, written atomically."""
     text = check(params_file, partial, source)
     editor = YAML()
+    editor.preserve_quotes = True  # `uri: ""` stays as written
     document = editor.load(text)
 
     def update(node: Any, values: dict[str, Any]) -> None:

@@ -308,6 +308,7 @@ def test_promote_prints_the_dvc_line_and_applies_only_distill(
     assert after == merge(before, best)
     assert after["distill"]["w_pr"] == 2.5e-05  # read back as a float, not a string
     assert "# matrix (paper) | features (release) | both" in text  # comments kept
+    assert "storage: \"\"" in text  # and quotes
     assert {k for k in before if before[k] != after[k]} == {"distill", "student"}
     assert after["student"]["model"] == before["student"]["model"]
     load_params(params)
