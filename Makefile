@@ -22,7 +22,7 @@ repro: $(STAMP)
 	@cat reports/summary.md
 
 lint: $(STAMP)
-	ruff check drkd stages tests
+	ruff check drkd stages tests benchmarks
 	mypy
 
 test: lint

@@ -121,7 +121,8 @@ def summarise(out: Path, teacher: dict[str, float] | None) -> dict[str, Any]:
 
 def table(summary: dict[str, Any]) -> str:
     t = summary["teacher"]
-    lines = ["| model | seed | AP | APs | APm | APl | gap closed |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | seed | AP | APs | APm | APl | gap closed |",
+             "|---|---|---|---|---|---|---|"]
     if t:
         lines.append(f"| teacher | 0 | {' | '.join(f'{t[k]:.1f}' for k in STATS)} | |")
     for method, entry in summary["methods"].items():
@@ -159,8 +160,8 @@ def main() -> None:
         print(f"== {name}", flush=True)
         seed, overrides = todo[name]
         run_one(name, seed, overrides, args.out, args.params)
-        teacher_metrics = Path("metrics/teacher.json")  # for the gap closed, once it exists
-        teacher = points(json.loads(teacher_metrics.read_text())) if teacher_metrics.is_file() else None
+        teacher_file = Path("metrics/teacher.json")  # for the gap closed, once it exists
+        teacher = points(json.loads(teacher_file.read_text())) if teacher_file.is_file() else None
         summary = summarise(args.out, teacher)
         write_json(summary, args.out / "results.json")
         write_text(table(summary), args.out / "results.md")
