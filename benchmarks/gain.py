@@ -6,9 +6,10 @@ Every run trains the student of params.yaml with one set of overrides (identical
 data and teacher: ``models/teacher.pt`` and ``data/prepared`` from ``dvc repro``), evaluates
 it on val with pycocotools, and is tracked in MLflow (experiment ``drkd-gain``, pipeline id
 ``gain-<run>``). Finished runs (their metrics file exists) are skipped, so the script
-resumes; after each run ``<out>/results.md`` and ``results.json`` are rewritten: mean and
-per-seed AP / APs / APm / APl per method, the share of the teacher-student gap closed,
-and the ablation table (seed 0 at ABLATION_EPOCHS, every row at that budget).
+resumes; after each run ``<out>/results.md``, ``results.json`` and ``results.png`` are
+rewritten (run it with nothing left to do to redraw them): mean and per-seed AP / APs / APm /
+APl per method, the share of the teacher-student gap closed, and the ablation table (seed 0
+at ABLATION_EPOCHS, every row at that budget).
 Set OMP_NUM_THREADS=1 and run two of these with disjoint --runs to use both cores of a
 2-core machine (~15% more runs per hour than one process with 2 threads).
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from drkd.config import load_params, parse_params, read_yaml, to_dict
-from drkd.files import write_json, write_text
+from drkd.files import atomic_path, write_json, write_text
 
 SEEDS = (0, 1, 2)
 METHODS: dict[str, dict[str, Any]] = {  # name -> distill overrides ("none": no teacher)
@@ -160,12 +161,48 @@ def main() -> None:
         print(f"== {name}", flush=True)
         seed, overrides = todo[name]
         run_one(name, seed, overrides, args.out, args.params)
-        teacher_file = Path("metrics/teacher.json")  # for the gap closed, once it exists
-        teacher = points(json.loads(teacher_file.read_text())) if teacher_file.is_file() else None
-        summary = summarise(args.out, teacher)
-        write_json(summary, args.out / "results.json")
-        write_text(table(summary), args.out / "results.md")
-        print(table(summary), flush=True)
+        report(args.out)
+    if not selected:  # nothing left to run: redraw the report from the finished runs
+        report(args.out)
+
+
+def report(out: Path) -> None:
+    """Rewrite results.json, results.md and results.png from every finished run."""
+    teacher_file = Path("metrics/teacher.json")  # for the gap closed, once it exists
+    teacher = points(json.loads(teacher_file.read_text())) if teacher_file.is_file() else None
+    summary = summarise(out, teacher)
+    write_json(summary, out / "results.json")
+    write_text(table(summary), out / "results.md")
+    plot(summary, out / "results.png")
+    print(table(summary), flush=True)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Bars: mean AP / APs / APm / APl per method (teacher as a reference), dots: each seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("teacher", {"mean": summary["teacher"], "per_seed": {}})] if summary["teacher"] else []
+    rows += list(summary["methods"].items())
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(rows)
+    for i, (name, entry) in enumerate(rows):
+        xs = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(STATS))]
+        ax.bar(xs, [entry["mean"][s] for s in STATS], width, label=name)
+        for run in entry["per_seed"].values():
+            ax.scatter(xs, [run[s] for s in STATS], s=8, color="black", zorder=3)
+    ax.set_xticks(range(len(STATS)), STATS)
+    ax.set_ylabel("COCO AP (points)")
+    ax.set_title("Embedded default: mean over seeds (bars), each seed (dots)")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
