@@ -200,7 +200,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(STATS)), STATS)
     ax.set_ylabel("COCO AP (points)")
     ax.set_title("Embedded default: mean over seeds (bars), each seed (dots)")
-    ax.legend()
+    top = max(entry["mean"][s] for _, entry in rows for s in STATS)
+    ax.set_ylim(0, top * 1.2)  # room for the legend above the bars
+    ax.legend(loc="upper center", ncol=len(rows), fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
