@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from drkd.config import load_params, parse_params, read_yaml, to_dict
-from drkd.files import atomic_path, write_json, write_text
+from drkd.files import write_json, write_text
 
 SEEDS = (0, 1, 2)
 METHODS: dict[str, dict[str, Any]] = {  # name -> distill overrides ("none": no teacher)
@@ -174,17 +174,17 @@ def report(out: Path) -> None:
     teacher = points(json.loads(teacher_file.read_text())) if teacher_file.is_file() else None
     summary = summarise(out, teacher)
     write_json(summary, out / "results.json")
-    write_text(table(summary), out / "results.md")
+    text = table(summary)
+    write_text(text, out / "results.md")
     plot(summary, out / "results.png")
-    print(table(summary), flush=True)
+    print(text, flush=True)
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
     """Bars: mean AP / APs / APm / APl per method (teacher as a reference), dots: each seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from drkd.report import save_figure  # selects the Agg backend
 
     rows = [("teacher", {"mean": summary["teacher"], "per_seed": {}})] if summary["teacher"] else []
     rows += list(summary["methods"].items())
@@ -203,10 +203,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     top = max(entry["mean"][s] for _, entry in rows for s in STATS)
     ax.set_ylim(0, top * 1.2)  # room for the legend above the bars
     ax.legend(loc="upper center", ncol=len(rows), fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

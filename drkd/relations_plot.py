@@ -35,7 +35,7 @@ from drkd.data.coco import CocoDetection  # noqa: E402
 from drkd.data.transforms import eval_transforms  # noqa: E402
 from drkd.distiller import Distiller  # noqa: E402
 from drkd.modules.glore import GloRe  # noqa: E402
-from drkd.report import _placeholder, _save  # noqa: E402
+from drkd.report import _placeholder, save_figure  # noqa: E402
 from drkd.taps import capture, part  # noqa: E402
 
 PIXEL_PNG, INSTANCE_PNG = "pixel_relations.png", "instance_relations.png"
@@ -205,7 +205,7 @@ def plot_pixel_relations(
         if bar.solids is not None:  # opaque scale, though the overlay is half transparent
             bar.solids.set_alpha(1)
     fig.suptitle("Pixel relations of a query point, finest FPN level")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_instance_relations(
@@ -284,7 +284,7 @@ def plot_instance_relations(
                     )
         fig.colorbar(shown, ax=axes[row, 1:], shrink=0.8, label="R (row softmax)")
     fig.suptitle("Instance relation matrices, finest instance level (rows sum to 1)")
-    _save(fig, path)
+    save_figure(fig, path)
     return len(rows)
 
 

@@ -206,12 +206,13 @@ def _placeholder(path: Path, text: str) -> None:
     fig, ax = plt.subplots(figsize=(4, 1.5))
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+def save_figure(fig: Any, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically (a reader never sees half a plot) and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -282,7 +283,7 @@ def plot_loss_curves(histories: dict[str, dict[str, list[float]]], path: Path) -
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle("Training loss")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def ap_by_size_rows(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, float, str]]:
@@ -320,7 +321,7 @@ def plot_ap_by_size(metrics: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_ylim(0, min(top * 1.15, 105))
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _colors(n: int) -> list[str]:
@@ -414,4 +415,4 @@ def plot_detections(
                 ax.set_ylabel(f"image {int(target['image_id'])}")
     fig.suptitle(f"Validation detections (score >= {score_thresh:g})")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

@@ -230,7 +230,7 @@ def test_report_three_models_table_shows_gain(evaluated: Path, tiny_data: Path,
 def test_loss_curves_put_distillation_terms_on_their_own_subplot(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     figures: list[Any] = []
-    monkeypatch.setattr(rep, "_save", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(rep, "save_figure", lambda fig, path: figures.append(fig))
     steps = [1.0, 2.0, 3.0]
     plain = {"step": steps, "classification": [1.0, 0.5, 0.4], "loss": [1.0, 0.5, 0.4],
              "lr": [1e-3] * 3, "epoch": [0.0] * 3}
@@ -244,3 +244,24 @@ def test_loss_curves_put_distillation_terms_on_their_own_subplot(
     assert labels["student_drkd: distillation terms"] == ["loss_pr", "loss_ir", "loss_ins"]
     assert axes["student_drkd: distillation terms"].get_yscale() == "symlog"  # a 0 value
     assert axes["student"].get_yscale() == "log"
+
+
+def test_save_figure_is_atomic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "plots" / "p.png"
+    fig, _ = plt.subplots()
+    rep.save_figure(fig, path)
+    before = path.read_bytes()
+    assert Image.open(path).format == "PNG"
+
+    def broken(self: Figure, fname: Any, *args: Any, **kwargs: Any) -> None:
+        Path(fname).write_bytes(b"half a png")  # a write that dies midway
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        rep.save_figure(plt.subplots()[0], path)
+    assert path.read_bytes() == before  # the old plot survives a failed write
+    assert [p.name for p in path.parent.iterdir()] == ["p.png"]  # no temp file left
