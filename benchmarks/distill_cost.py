@@ -120,32 +120,50 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
             "ratio": t["distill"] / (t["student"] + t["teacher"])}
 
 
-def relation_speed(steps: int) -> dict[str, float]:
-    """Batched vs per-image instance relations (RoIAlign features of a 256 px, 256-ch P2)."""
+def relation_speed(params_file: str, steps: int, rounds: int = 5) -> dict[str, float]:
+    """Batched vs per-image instance relations (RoIAlign features of a 256 px, 256-ch P2), with
+    the embedding, filter, tau and topk of ``params_file``.
+
+    Gradients are reset before each call, as in training. The two versions are timed side by
+    side in ``rounds`` rounds; the speed-up is the median round's (the spread is printed, since
+    one round on a shared machine can be off by 0.3x either way)."""
     device = pick_device()
+    inst = load_params(params_file).distill.instance
     images, per_image, dim = 4, 10, 256 * 9
     torch.manual_seed(0)
-    block, filt = InstanceRelation(dim, 256).to(device), RelationFilter(dim, 64).to(device)
+    block = InstanceRelation(dim, inst.embed_dim).to(device)
+    filt = RelationFilter(dim, inst.filter_hidden).to(device)
     e_all = torch.randn(images * per_image, dim, device=device, requires_grad=True)
     index = torch.arange(images, device=device).repeat_interleave(per_image)
+    tensors = [e_all, *block.parameters(), *filt.parameters()]
+
+    def weights(e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        return filt(e, mask) if inst.filter else None
 
     def batched() -> None:
+        for t in tensors:
+            t.grad = None
         e, mask = pad_instances(e_all, index, images)
-        r = relation_matrix(block.affinity(e), mask, 1.0, 0, filt(e, mask))
+        r = relation_matrix(block.affinity(e), mask, inst.tau, inst.topk, weights(e, mask))
         block.refine(e, r).square().sum().backward()
 
     def looped() -> None:  # the release: one image at a time
+        for t in tensors:
+            t.grad = None
         total = e_all.new_zeros(())
         for i in range(images):
             e = e_all[index == i][None]
             mask = torch.ones(1, e.shape[1], dtype=torch.bool, device=device)
-            r = relation_matrix(block.affinity(e), mask, 1.0, 0, filt(e, mask))
+            r = relation_matrix(block.affinity(e), mask, inst.tau, inst.topk, weights(e, mask))
             total = total + block.refine(e, r).square().sum()
         total.backward()
 
-    t = timed({"batched": batched, "looped": looped}, steps, device)
-    return {"batched_s": t["batched"], "looped_s": t["looped"],
-            "speedup": t["looped"] / t["batched"]}
+    runs = [timed({"batched": batched, "looped": looped}, steps, device) for _ in range(rounds)]
+    speedups = sorted(r["looped"] / r["batched"] for r in runs)
+    return {"batched_s": statistics.median(r["batched"] for r in runs),
+            "looped_s": statistics.median(r["looped"] for r in runs),
+            "speedup": statistics.median(speedups), "speedup_min": speedups[0],
+            "speedup_max": speedups[-1]}
 
 
 def resident_mib(field: str) -> float:
@@ -186,7 +204,7 @@ def main() -> None:
     if load_params(args.params).distill.method == "none":
         raise SystemExit(f"{args.params}: distill.method is 'none'; nothing to measure")
     ratio = step_ratio(args.params, args.steps)
-    speed = relation_speed(args.steps)
+    speed = relation_speed(args.params, args.steps)
     mem = {kind: json.loads(subprocess.run(
         [sys.executable, __file__, "--params", args.params, "--memory", kind],
         capture_output=True, text=True, check=True).stdout) for kind in ("student", "distill")}
@@ -197,7 +215,8 @@ def main() -> None:
           f"(target <= 1.20)")
     print(f"instance relations, 4 images x 10 instances, fwd+bwd: batched "
           f"{1000 * speed['batched_s']:.2f} ms, per-image loop {1000 * speed['looped_s']:.2f} ms, "
-          f"speed-up {speed['speedup']:.2f}x (target >= 3x)")
+          f"speed-up {speed['speedup']:.2f}x (median of 5 rounds, range "
+          f"{speed['speedup_min']:.2f}-{speed['speedup_max']:.2f}; target >= 3x)")
     print(f"peak memory: student step {mem['student']:.0f} MiB, distill step "
           f"{mem['distill']:.0f} MiB, ratio {mem['distill'] / mem['student']:.2f}")
 

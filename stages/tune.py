@@ -24,7 +24,7 @@ import argparse
 import csv
 import dataclasses
 import fcntl
-import functools
+import io
 import math
 import os
 import socket
@@ -60,8 +60,9 @@ from drkd.data.transforms import eval_transforms, train_transforms
 from drkd.distiller import Distiller
 from drkd.engine import fit, pick_device
 from drkd.evaluation import coco_metrics, predict
-from drkd.files import atomic_path
+from drkd.files import write_text
 from drkd.models import build_detector
+from drkd.report import save_figure
 from drkd.tracking import data_hash, git_commit, pipeline_id, tracking_uri
 from stages.preset import apply, check, flags, merge
 
@@ -288,47 +289,33 @@ def progress(study: optuna.Study, t: FrozenTrial) -> None:
     print(line, flush=True)
 
 
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` then rename over ``path``: a reader never sees half a file."""
-    with atomic_path(path) as tmp:
-        write(tmp)
-
-
 def write_outputs(study: optuna.Study, out: Path, track: Tracker) -> None:
     """best_params.yaml, trials.csv and the plots, from every trial in the storage."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     names = sorted({k for t in trials for k in t.params})
 
-    def write_csv(path: Path) -> None:
-        with path.open("w", newline="") as fh:
-            writer = csv.writer(fh)
+    def csv_text() -> str:
+        fh = io.StringIO(newline="")
+        writer = csv.writer(fh)
+        header = ["number", "state", "AP", "duration_s", "worker", "fail_reason"]
+        writer.writerow(header + [f"param_{n}" for n in names])
+        for t in trials:
+            ap, took = trial_ap(t), seconds(t)
             writer.writerow(
                 [
-                    "number",
-                    "state",
-                    "AP",
-                    "duration_s",
-                    "worker",
-                    "fail_reason",
-                    *(f"param_{n}" for n in names),
+                    t.number,
+                    t.state.name,
+                    "" if ap is None else f"{ap:.6g}",
+                    "" if took is None else f"{took:.2f}",
+                    t.user_attrs.get("worker", ""),
+                    fail_reason(t),
+                    *(t.params.get(n, "") for n in names),
                 ]
             )
-            for t in trials:
-                ap, took = trial_ap(t), seconds(t)
-                writer.writerow(
-                    [
-                        t.number,
-                        t.state.name,
-                        "" if ap is None else f"{ap:.6g}",
-                        "" if took is None else f"{took:.2f}",
-                        t.user_attrs.get("worker", ""),
-                        fail_reason(t),
-                        *(t.params.get(n, "") for n in names),
-                    ]
-                )
+        return fh.getvalue()
 
     written = [out / "trials.csv"]
-    write_atomic(written[0], write_csv)
+    write_text(csv_text(), written[0])
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
         best = study.best_trial
@@ -338,7 +325,7 @@ def write_outputs(study: optuna.Study, out: Path, track: Tracker) -> None:
             "# Promote: python -m stages.tune --promote [--apply]\n"
         )
         body = yaml.safe_dump(partial_params(best.params), sort_keys=False)
-        write_atomic(out / "best_params.yaml", lambda p: p.write_text(header + body))
+        write_text(header + body, out / "best_params.yaml")
         written.append(out / "best_params.yaml")
         track.log({"best_AP": float(best.value or 0.0)})
         print(f"[tune] best: trial {best.number} AP={best.value:.4f} -> {out / 'best_params.yaml'}")
@@ -351,10 +338,7 @@ def write_outputs(study: optuna.Study, out: Path, track: Tracker) -> None:
         }
     )
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after drkd.report, which picks the Agg backend
 
     for name, plot in PLOTS.items():
         if name == "param_importances" and len(complete) < 2:
@@ -364,9 +348,7 @@ def write_outputs(study: optuna.Study, out: Path, track: Tracker) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ExperimentalWarning, empty-study warnings
                 figure = plot(study).figure
-            write_atomic(
-                out / f"{name}.png", functools.partial(figure.savefig, dpi=100, bbox_inches="tight")
-            )
+            save_figure(figure, out / f"{name}.png")
             written.append(out / f"{name}.png")
         except Exception as err:  # a plot must not cost the study's results
             print(f"[tune] {name}.png skipped: {type(err).__name__}: {err}")
