@@ -49,6 +49,7 @@ from drkd.config import (
     ConfigError,
     Params,
     SearchSpace,
+    TrainConfig,
     flatten,
     load_params,
     parse_params,
@@ -142,16 +143,27 @@ def evaluate_ap(model: nn.Module, val: CocoDetection, batch_size: int) -> float:
     return float(coco_metrics(val.annotation_file, detections)["AP"])
 
 
+def last_epoch(cfg: TrainConfig, num_images: int) -> int:
+    """Index of the last epoch that ``fit`` runs with ``cfg`` in one process."""
+    per_epoch = max(num_images // cfg.batch_size, 1)
+    steps = cfg.epochs * per_epoch
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    return max(math.ceil(steps / per_epoch), 1) - 1
+
+
 def distill_and_evaluate(
     params: Params,
     teacher: nn.Module,
     train: CocoDetection,
     val: CocoDetection,
     work_dir: Path,
-    on_ap: Callable[[int, float], None],
+    on_ap: Callable[[int, float, bool], None],
     desc: str,
 ) -> float:
-    """Distil a fresh student (seeded init) for the short budget; AP after each epoch."""
+    """Distil a fresh student (seeded init) for the short budget; ``on_ap(epoch, AP, final)``
+    after each epoch."""
+    final = last_epoch(params.student.train, len(train))
     torch.manual_seed(params.seed)
     student = build_detector(params.student.model, train.num_classes)
     distiller = Distiller(student, teacher, params.distill)
@@ -160,7 +172,7 @@ def distill_and_evaluate(
     def on_epoch(epoch: int, _: nn.Module) -> None:
         nonlocal last
         last = evaluate_ap(student, val, params.evaluate.batch_size)
-        on_ap(epoch, last)
+        on_ap(epoch, last, epoch == final)
 
     fit(
         distiller,
@@ -216,10 +228,12 @@ def make_objective(
         track.start_trial(trial.number)
         state, reason, start = "FAIL", "", time.perf_counter()
 
-        def on_ap(epoch: int, ap: float) -> None:
+        def on_ap(epoch: int, ap: float, final: bool) -> None:
             track.log({"epoch_AP": ap}, step=epoch)
             trial.report(ap, epoch)
-            if trial.should_prune():
+            # A trial that has run its whole budget is complete: pruning it now would save
+            # nothing and would hide its final AP from the sampler.
+            if not final and trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: AP {ap:.4f}")
 
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from optuna.trial import TrialState
 
 from conftest import toy_model
 from drkd.checkpoint import model_checkpoint, save_atomic
-from drkd.config import SearchSpace, load_params, parse_params
+from drkd.config import SearchSpace, TrainConfig, load_params, parse_params
 from drkd.data.coco import CocoDetection
 from drkd.engine import NonFiniteLoss
 from drkd.models import build_detector
@@ -111,6 +112,14 @@ def fake_ap(monkeypatch: pytest.MonkeyPatch, script: list[float | Exception]) ->
     monkeypatch.setattr(tune, "evaluate_ap", evaluate_ap)
 
 
+def test_last_epoch_matches_the_budget_fit_runs() -> None:
+    cfg = TrainConfig(epochs=2, batch_size=4)  # 20 images: 5 steps per epoch
+    assert tune.last_epoch(cfg, 20) == 1
+    assert tune.last_epoch(dataclasses.replace(cfg, max_steps=6), 20) == 1
+    assert tune.last_epoch(dataclasses.replace(cfg, max_steps=5), 20) == 0
+    assert tune.last_epoch(dataclasses.replace(cfg, epochs=3, max_steps=100), 20) == 2
+
+
 def test_search_space_convention() -> None:
     space = SearchSpace(w_pr=(1e-4, 1e-2), w_ir=(0.01,), w_ins=(), topk=(0, 4), lr=(1e-4, 1e-3))
     trial = optuna.create_study().ask()
@@ -191,21 +200,23 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv(PIPELINE_ENV, "pipe-tune")
-    params = write_params(tmp_path, n_trials=4, epochs=2, pruner="median")
+    params = write_params(tmp_path, n_trials=5, epochs=2, pruner="median")
     params.write_text(params.read_text().replace("enabled: false", "enabled: true"))
-    # Trials 0 and 1 complete; 2 hits a non-finite loss; 3 is far below the median: pruned.
+    # Trials 0 and 1 complete; 2 hits a non-finite loss; 3 is far below the median: pruned;
+    # 4 falls below the median only in its last epoch: complete (it ran its whole budget).
     bad = NonFiniteLoss("[trial 2] step 1: loss term 'loss_ir' is nan")
-    fake_ap(monkeypatch, [0.3, 0.4, 0.2, 0.5, bad, 0.0])
+    fake_ap(monkeypatch, [0.3, 0.4, 0.2, 0.5, bad, 0.0, 0.45, 0.0])
     assert tune.main(args(params, tiny_data, teacher, tmp_path)) == 0
     done = trials(tmp_path)
     assert [t.state for t in done] == [
         TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED,
+        TrialState.COMPLETE,
     ]  # fmt: skip
     assert done[2].user_attrs["fail_reason"].startswith("NonFiniteLoss: [trial 2] step 1")
     assert done[3].intermediate_values == {0: 0.0}  # stopped after its first epoch
     rows = list(csv.DictReader((tmp_path / "tuning" / "trials.csv").open()))
     assert [(r["state"], r["AP"]) for r in rows] == [
-        ("COMPLETE", "0.4"), ("COMPLETE", "0.5"), ("FAIL", ""), ("PRUNED", "0"),
+        ("COMPLETE", "0.4"), ("COMPLETE", "0.5"), ("FAIL", ""), ("PRUNED", "0"), ("COMPLETE", "0"),
     ]  # fmt: skip
     assert "NonFiniteLoss" in rows[2]["fail_reason"]
     best = yaml.safe_load((tmp_path / "tuning" / "best_params.yaml").read_text())
@@ -231,6 +242,7 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
         ("COMPLETE", "FINISHED"),
         ("FAIL", "FAILED"),
         ("PRUNED", "KILLED"),
+        ("COMPLETE", "FINISHED"),
     ]
     assert children[1].data.metrics["AP"] == 0.5 and "AP" not in children[3].data.metrics
     assert children[2].data.tags["fail_reason"].startswith("NonFiniteLoss")
