@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,8 +18,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     removed on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    # Not tempfile.mkstemp: its mode 0600 would stay with the renamed file. Created like a
+    # plain open() (0666 less the umask), so outputs stay readable by whoever could read them.
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}{path.suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,19 @@ def test_save_atomic_failure_keeps_old_file(tmp_path: Path) -> None:
         checkpoint.save_atomic({"a": lambda: 0}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
     assert torch.equal(checkpoint.load(path)["a"], torch.ones(2))
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path: Path) -> None:
+    """Not the 0600 of a mkstemp temp file: a report or checkpoint must stay readable by
+    whoever may read what this user writes (umask 022 -> 0644)."""
+    old = os.umask(0o022)
+    try:
+        checkpoint.save_atomic({"a": torch.ones(1)}, tmp_path / "state.pt")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"state.pt": 0o644, "plain.txt": 0o644}
 
 
 def test_load_truncated_checkpoint(tmp_path: Path) -> None:
