@@ -32,7 +32,16 @@ def predict(
 ) -> tuple[list[dict[str, Any]], float]:
     """Detections in COCO result format (original category ids) and mean inference ms/image."""
     model.eval().to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, so
+    # evaluating between epochs (tuning, on_epoch) would shift the rest of training's random
+    # augmentations, and a tune trial would not train like the same setting in stages.train.
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        generator=torch.Generator(),
+    )
     results: list[dict[str, Any]] = []
     seconds = 0.0
     for images, targets in tqdm(

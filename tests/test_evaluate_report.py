@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -16,7 +17,8 @@ from drkd import cli
 from drkd import report as rep
 from drkd.checkpoint import model_checkpoint, save_atomic
 from drkd.data.coco import CocoDetection
-from drkd.evaluation import coco_metrics
+from drkd.data.transforms import eval_transforms
+from drkd.evaluation import coco_metrics, predict
 from drkd.models import build_detector, count_parameters
 from stages import evaluate, report
 
@@ -40,6 +42,15 @@ def test_ground_truth_scores_perfect(tiny_data: Path) -> None:
     metrics = coco_metrics(tiny_data / "val.json", gt_as_detections(tiny_data / "val.json"))
     assert metrics["AP"] == pytest.approx(1.0)
     assert metrics["AP50"] == pytest.approx(1.0)
+
+
+def test_predict_leaves_the_global_rng_alone(tiny_data: Path) -> None:
+    """Evaluating between training epochs must not change training's random stream."""
+    data = CocoDetection(tiny_data / "val.json", eval_transforms())
+    model = build_detector(toy_model(), data.num_classes)
+    state = torch.get_rng_state()
+    predict(model, data, 2, torch.device("cpu"), progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_shifted_boxes_score_lower(tiny_data: Path) -> None:
