@@ -32,9 +32,8 @@ def predict(
 ) -> tuple[list[dict[str, Any]], float]:
     """Detections in COCO result format (original category ids) and mean inference ms/image."""
     model.eval().to(device)
-    # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, so
-    # evaluating between epochs (tuning, on_epoch) would shift the rest of training's random
-    # augmentations, and a tune trial would not train like the same setting in stages.train.
+    # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, and
+    # evaluating between epochs (on_epoch, tuning) must not move training's random stream.
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
