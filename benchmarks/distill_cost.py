@@ -33,6 +33,7 @@ from drkd.models import build_detector
 from drkd.modules.relation import InstanceRelation, RelationFilter, pad_instances, relation_matrix
 
 NUM_CLASSES = 9
+RELATION_ROUNDS = 5
 
 
 def batch(size: int, count: int, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
@@ -120,7 +121,7 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
             "ratio": t["distill"] / (t["student"] + t["teacher"])}
 
 
-def relation_speed(params_file: str, steps: int, rounds: int = 5) -> dict[str, float]:
+def relation_speed(params_file: str, steps: int, rounds: int = RELATION_ROUNDS) -> dict[str, float]:
     """Batched vs per-image instance relations (RoIAlign features of a 256 px, 256-ch P2), with
     the embedding, filter, tau and topk of ``params_file``.
 
@@ -137,19 +138,21 @@ def relation_speed(params_file: str, steps: int, rounds: int = 5) -> dict[str, f
     index = torch.arange(images, device=device).repeat_interleave(per_image)
     tensors = [e_all, *block.parameters(), *filt.parameters()]
 
+    def reset_grads() -> None:  # as zero_grad(set_to_none=True) in training
+        for t in tensors:
+            t.grad = None
+
     def weights(e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         return filt(e, mask) if inst.filter else None
 
     def batched() -> None:
-        for t in tensors:
-            t.grad = None
+        reset_grads()
         e, mask = pad_instances(e_all, index, images)
         r = relation_matrix(block.affinity(e), mask, inst.tau, inst.topk, weights(e, mask))
         block.refine(e, r).square().sum().backward()
 
     def looped() -> None:  # the release: one image at a time
-        for t in tensors:
-            t.grad = None
+        reset_grads()
         total = e_all.new_zeros(())
         for i in range(images):
             e = e_all[index == i][None]
@@ -215,7 +218,7 @@ def main() -> None:
           f"(target <= 1.20)")
     print(f"instance relations, 4 images x 10 instances, fwd+bwd: batched "
           f"{1000 * speed['batched_s']:.2f} ms, per-image loop {1000 * speed['looped_s']:.2f} ms, "
-          f"speed-up {speed['speedup']:.2f}x (median of 5 rounds, range "
+          f"speed-up {speed['speedup']:.2f}x (median of {RELATION_ROUNDS} rounds, range "
           f"{speed['speedup_min']:.2f}-{speed['speedup_max']:.2f}; target >= 3x)")
     print(f"peak memory: student step {mem['student']:.0f} MiB, distill step "
           f"{mem['distill']:.0f} MiB, ratio {mem['distill'] / mem['student']:.2f}")

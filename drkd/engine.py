@@ -129,6 +129,20 @@ def _loader(dataset: Dataset[Any], cfg: TrainConfig, seed: int, epoch: int) -> D
     )
 
 
+def schedule(cfg: TrainConfig, num_images: int, processes: int = 1) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run of ``cfg`` on ``num_images`` images."""
+    steps_per_epoch = num_images // (cfg.batch_size * processes)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"train.batch_size: {cfg.batch_size} x {processes} processes exceeds the "
+            f"{num_images} training images"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    return steps_per_epoch, total_steps
+
+
 def fit(
     module: nn.Module,
     dataset: Dataset[Any],
@@ -153,16 +167,7 @@ def fit(
     module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
-    num_images = len(cast(Sized, dataset))
-    steps_per_epoch = num_images // (cfg.batch_size * size)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"train.batch_size: {cfg.batch_size} x {size} processes exceeds the "
-            f"{num_images} training images"
-        )
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    steps_per_epoch, total_steps = schedule(cfg, len(cast(Sized, dataset)), size)
     amp = device.type == "cuda" and cfg.amp != "off"
     amp_dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and cfg.amp == "fp16")

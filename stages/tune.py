@@ -59,7 +59,7 @@ from drkd.config import (
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms, train_transforms
 from drkd.distiller import Distiller
-from drkd.engine import fit, pick_device
+from drkd.engine import fit, pick_device, schedule
 from drkd.evaluation import coco_metrics, predict
 from drkd.files import write_text
 from drkd.models import build_detector
@@ -145,11 +145,8 @@ def evaluate_ap(model: nn.Module, val: CocoDetection, batch_size: int) -> float:
 
 def last_epoch(cfg: TrainConfig, num_images: int) -> int:
     """Index of the last epoch that ``fit`` runs with ``cfg`` in one process."""
-    per_epoch = max(num_images // cfg.batch_size, 1)
-    steps = cfg.epochs * per_epoch
-    if cfg.max_steps:
-        steps = min(steps, cfg.max_steps)
-    return max(math.ceil(steps / per_epoch), 1) - 1
+    per_epoch, total = schedule(cfg, num_images)
+    return math.ceil(total / per_epoch) - 1
 
 
 def distill_and_evaluate(
