@@ -2,11 +2,14 @@
 
 A model checkpoint carries what is needed to rebuild the detector without
 params.yaml: ``{"model": state_dict, "model_config": dict, "num_classes": int,
-"category_ids": [...], "category_names": [...]}``.
+"category_ids": [...], "category_names": [...]}``. ``code_digest`` fingerprints the code a
+resumable training state was written by.
 """
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,8 @@ from torch import nn
 from drkd.config import ModelConfig, from_dict, to_dict
 from drkd.files import atomic_path
 from drkd.models import build_detector
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -61,3 +66,26 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_detector(cfg, int(state["num_classes"]))
     model.load_state_dict(state["model"])
     return model, state
+
+
+def code_digest(root: Path = REPO) -> str:
+    """sha256 of the source files this process has imported from ``root/drkd`` and
+    ``root/stages`` (each file's path and content, in path order).
+
+    Part of the resume fingerprint of a training stage: a run killed under one version of
+    the code is never continued under another. Only loaded modules count, so editing the
+    report does not discard a training run's progress. The two packages are named, not the
+    whole repository, because the virtual environment and the tests may live inside it.
+    """
+    packages = (root / "drkd", root / "stages")
+    files = {
+        Path(file).resolve()
+        for module in list(sys.modules.values())
+        if (file := getattr(module, "__file__", None))
+    }
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        if any(path.is_relative_to(package) for package in packages):
+            digest.update(f"{path.relative_to(root)}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

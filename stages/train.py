@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from drkd import cli
-from drkd.checkpoint import load_detector, model_checkpoint, save_atomic
+from drkd.checkpoint import code_digest, load_detector, model_checkpoint, save_atomic
 from drkd.config import load_params, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import train_transforms
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         digest.update(Path(args.teacher).read_bytes())
         stage = "distill"
     digest.update(json.dumps(logged, sort_keys=True).encode())
+    # The code too: a run killed under other code is not continued under this one.
+    digest.update(code_digest().encode())
     fingerprint = digest.hexdigest()
     with (
         distributed(),
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                 save_atomic(trained.modules_checkpoint(), args.modules_out)
             write_history(history, Path(args.history))
             run.log_artifact(args.history)
+            # Finished: nothing is left to resume, so the next run of this stage (DVC reruns
+            # it only when something changed) trains from the start.
+            (Path(args.work_dir) / "last.pt").unlink(missing_ok=True)
     return 0
 
 

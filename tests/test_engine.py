@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import yaml
 from torch import nn
 from torch.utils.data import Subset
 
+import stages.train
 from conftest import TINY_DATA, toy_model, toy_train
 from drkd import checkpoint, cli, engine
 from drkd.data.coco import CocoDetection
@@ -305,8 +308,6 @@ def toy_params(path: Path, **train: object) -> Path:
 
 def test_train_stage_writes_outputs(tiny_data: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    import stages.train
-
     params = toy_params(tmp_path / "params.yaml")  # amp: bf16 by default, ignored on CPU
     out, history = tmp_path / "models" / "student.pt", tmp_path / "plots" / "student.csv"
     work = tmp_path / "work"
@@ -322,19 +323,95 @@ def test_train_stage_writes_outputs(tiny_data: Path, tmp_path: Path,
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"step", "bbox_regression", "classification", "loss", "lr", "epoch"}
     assert all(math.isfinite(float(r["loss"])) for r in rows)
-    last = checkpoint.load(work / "last.pt")
-    assert last["step"] == 4 and last["epoch"] == 0
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, last["module"][key]), key
-    assert sorted(p.name for p in work.iterdir()) == ["last.pt"]
+    assert not (work / "last.pt").exists()  # finished: nothing left to resume from
     capsys.readouterr()
 
-    # Re-running the stage resumes the finished run: same checkpoint, no training.
-    first = out.read_bytes()
+    # Re-running a finished stage (DVC does so when an input changed) trains from the start.
     out.unlink()
     assert cli.run(stages.train.main, argv) == 0
     captured = capsys.readouterr()
-    assert "resuming after epoch 1 (step 4)" in captured.out + captured.err
+    assert "resuming" not in captured.out + captured.err
     again, _ = checkpoint.load_detector(out)
-    assert_same_state(again.state_dict(), model.state_dict())
-    assert len(out.read_bytes()) == len(first)
+    assert_same_state(again.state_dict(), model.state_dict())  # seeded: the same weights
+    assert not (work / "last.pt").exists()
+
+
+def test_code_digest_covers_the_loaded_package_sources(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The digest changes with the content of a loaded drkd/stages module or a newly loaded
+    one; a loaded file elsewhere under the root (a venv, the tests) does not count."""
+    root = tmp_path / "repo"
+
+    def load(relative: str, text: str) -> None:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        module = types.ModuleType(relative)
+        module.__file__ = str(path)
+        monkeypatch.setitem(sys.modules, f"probe:{relative}", module)
+
+    load("drkd/losses.py", "W = 1\n")
+    load("stages/train.py", "pass\n")
+    before = checkpoint.code_digest(root)
+    assert checkpoint.code_digest(root) == before
+    load(".venv/lib/site.py", "x = 1\n")
+    load("tests/test_x.py", "x = 1\n")
+    assert checkpoint.code_digest(root) == before
+    load("drkd/losses.py", "W = 2\n")
+    edited = checkpoint.code_digest(root)
+    assert edited != before
+    load("drkd/extra.py", "\n")
+    assert checkpoint.code_digest(root) not in (before, edited)
+
+
+def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stages.train's fit raises Killed right after epoch 0's checkpoint and callbacks."""
+    real_fit = stages.train.fit
+
+    def fit_then_die(*args: Any, on_epoch: engine.EpochCallback, **kwargs: Any) -> Any:
+        def on_epoch_then_die(epoch: int, module: nn.Module) -> None:
+            on_epoch(epoch, module)
+            raise Killed(epoch)
+
+        return real_fit(*args, on_epoch=on_epoch_then_die, **kwargs)
+
+    monkeypatch.setattr(stages.train, "fit", fit_then_die)
+
+
+def test_train_stage_resumes_a_killed_run_only_under_the_same_code(
+        tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    params = toy_params(tmp_path / "params.yaml", epochs=2, log_every=3)
+
+    def run(name: str) -> tuple[dict[str, torch.Tensor], str]:
+        """Run the stage into <name>.pt / work_<name>; (saved weights, console output)."""
+        argv = ["student", "--params", str(params), "--data", str(tiny_data),
+                "--out", str(tmp_path / f"{name}.pt"), "--history", str(tmp_path / f"{name}.csv"),
+                "--work-dir", str(tmp_path / f"work_{name}")]
+        try:
+            assert cli.run(stages.train.main, argv) == 0
+        finally:
+            captured = capsys.readouterr()
+        return checkpoint.load(tmp_path / f"{name}.pt")["model"], captured.out + captured.err
+
+    full, _ = run("full")
+
+    for name in ("resumed", "edited"):
+        with monkeypatch.context() as m:
+            kill_after_first_epoch(m)
+            with pytest.raises(Killed):
+                run(name)
+        assert checkpoint.load(tmp_path / f"work_{name}" / "last.pt")["epoch"] == 0
+
+    weights, log = run("resumed")
+    assert "resuming after epoch 1 (step 4)" in log
+    assert_same_state(weights, full)
+    assert (tmp_path / "resumed.csv").read_text() == (tmp_path / "full.csv").read_text()
+    assert not (tmp_path / "work_resumed" / "last.pt").exists()
+
+    # The same run after a code change (another code digest): trained from the start.
+    monkeypatch.setattr(stages.train, "code_digest", lambda: "edited code")
+    weights, log = run("edited")
+    assert "resuming" not in log and "starting afresh" in log
+    assert_same_state(weights, full)
+    assert not (tmp_path / "work_edited" / "last.pt").exists()
