@@ -55,7 +55,9 @@ def model_checkpoint(
 
 
 def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a plain torchvision detector from a model checkpoint; returns (model, checkpoint)."""
+    """Rebuild a plain torchvision detector from a model checkpoint; returns (model, checkpoint).
+
+    Leaves the global RNG where it was."""
     state = load(path)
     for key in ("model", "model_config", "num_classes", "category_ids"):
         if key not in state:
@@ -63,7 +65,10 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     cfg = from_dict(
         ModelConfig, dict(state["model_config"], weights="", backbone_weights=""), "model_config"
     )
-    model = build_detector(cfg, int(state["num_classes"]))
+    # The random init is overwritten by the saved weights: drawn from a forked RNG, it does not
+    # move the caller's seeded stream (the distill stage loads its teacher after seeding).
+    with torch.random.fork_rng(devices=[]):
+        model = build_detector(cfg, int(state["num_classes"]))
     model.load_state_dict(state["model"])
     return model, state
 

@@ -16,8 +16,10 @@ from typing import Any
 import mlflow
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
+from torch import nn
 
 from conftest import toy_model
 from drkd.checkpoint import model_checkpoint, save_atomic
@@ -145,6 +147,39 @@ def test_a_trial_runs_the_student_recipe_compressed_to_the_tune_budget() -> None
     trial = tune.trial_params(parse_params(merge(PARAMS, over)), {"w_pr": 5e-3})
     assert (trial.student.train.epochs, trial.student.train.warmup_steps) == (2, 75)
     assert trial.distill.w_pr == 5e-3
+
+
+def test_a_trial_and_the_distill_stage_start_from_the_same_state(
+    tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial 0 (the params file's setting) and `stages.train --teacher` enter the training
+    loop with the same Distiller weights (student and DRKD modules) and the same RNG state,
+    although the stage loads its teacher after seeding and the study before."""
+    import stages.train
+
+    params = write_params(tmp_path, space={"w_ins": [1e-2]})  # trial 0: exactly the file's
+    started: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
+
+    def record(module: nn.Module, *_: Any, **__: Any) -> list[dict[str, float]]:
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        started.append((state, torch.get_rng_state()))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(stages.train, "fit", record)
+    monkeypatch.setattr(tune, "fit", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        stages.train.main([
+            "student", "--params", str(params), "--data", str(tiny_data), "--teacher", str(teacher),
+            "--out", str(tmp_path / "s.pt"), "--history", str(tmp_path / "s.csv"),
+            "--work-dir", str(tmp_path / "work"),
+        ])  # fmt: skip
+    assert tune.main(args(params, tiny_data, teacher, tmp_path, "--n-trials", "1")) == 0
+    (stage, stage_rng), (trial, trial_rng) = started
+    assert stage.keys() == trial.keys()
+    assert any(k.startswith("glore_s.") for k in stage)
+    different = [k for k in stage if not torch.equal(stage[k], trial[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert torch.equal(stage_rng, trial_rng)
 
 
 def test_study_writes_best_params_trials_and_plots(
