@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from drkd.config import ModelConfig, from_dict, to_dict
+from drkd.config import ModelConfig, UserError, from_dict, to_dict
 from drkd.files import atomic_path
 from drkd.models import build_detector
 
@@ -32,13 +32,13 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise UserError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a drkd checkpoint (top level is {type(state).__name__})")
+        raise UserError(f"{path}: not a drkd checkpoint (top level is {type(state).__name__})")
     return state
 
 
@@ -61,7 +61,7 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     state = load(path)
     for key in ("model", "model_config", "num_classes", "category_ids"):
         if key not in state:
-            raise ValueError(f"{path}: not a model checkpoint (no '{key}')")
+            raise UserError(f"{path}: not a model checkpoint (no '{key}')")
     cfg = from_dict(
         ModelConfig, dict(state["model_config"], weights="", backbone_weights=""), "model_config"
     )

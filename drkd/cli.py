@@ -1,20 +1,32 @@
-"""Shared entry-point plumbing for the stage scripts."""
+"""Shared entry-point plumbing for the stage scripts: how a failed stage ends."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
-from drkd.config import ConfigError
+from drkd.config import UserError
 
-# Bad input (params, data, checkpoints) is reported as one line, not a traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError)
+NON_FINITE_HINT = (
+    "hint: the usual causes are a learning rate too high (train.lr, train.warmup_steps) or "
+    "distillation loss weights too large (distill.w_*); with AMP on CUDA, try train.amp: off"
+)
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """``main(argv)``'s exit code. Bad input (UserError) ends in one ``error:`` line and exit
+    code 2; a loss gone NaN/inf (a setting that diverges) in its one-line message, a hint and
+    exit code 1. Anything else is a bug and keeps its traceback."""
     try:
         return main(argv)
-    except USER_ERRORS as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        # Imported only here: drkd.engine pulls in torch, which e.g. stages.preset never needs.
+        from drkd.engine import NonFiniteLoss
+
+        if not isinstance(err, NonFiniteLoss):
+            raise
+        print(f"error: {err}\n{NON_FINITE_HINT}", file=sys.stderr)
+        return 1

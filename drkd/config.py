@@ -18,7 +18,15 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input: params, presets, data, checkpoints or arguments that cannot make a run.
+
+    Its message is one line naming the file or key; the stage scripts print it without a
+    traceback (drkd.cli). Any other exception is a bug and keeps its traceback.
+    """
+
+
+class ConfigError(UserError):
     """A params file that does not describe a valid run (one-line message)."""
 
 
@@ -339,15 +347,22 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; any problem is one ConfigError line naming the file."""
+def read_yaml_file(path: str | Path) -> Any:
+    """``read_yaml`` of a file (params, preset, best params); an unreadable file or invalid
+    YAML is one ConfigError line naming the file."""
     path = Path(path)
     try:
-        data = read_yaml(path.read_text())
+        return read_yaml(path.read_text())
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; any problem is one ConfigError line naming the file."""
+    path = Path(path)
+    data = read_yaml_file(path)
     try:
         return parse_params(data or {})
     except ConfigError as err:

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from drkd.config import UserError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -28,6 +30,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def require_files(paths: list[Path]) -> None:
+    """One UserError naming the first missing input, before any work starts."""
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: file not found (run the stage that writes it first)")
 
 
 def write_text(text: str, path: str | Path) -> None:

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from torch.nn import functional as nnf  # noqa: E402
 
 from drkd.checkpoint import load, load_detector  # noqa: E402
-from drkd.config import ConfigError, DistillConfig, from_dict  # noqa: E402
+from drkd.config import ConfigError, DistillConfig, UserError, from_dict  # noqa: E402
 from drkd.data.coco import CocoDetection  # noqa: E402
 from drkd.data.transforms import eval_transforms  # noqa: E402
 from drkd.distiller import Distiller  # noqa: E402
@@ -52,22 +52,22 @@ def load_distiller(
     if not isinstance(state.get("modules"), dict) or not isinstance(
         state.get("distill_config"), dict
     ):
-        raise ValueError(
+        raise UserError(
             f"{modules}: not a DRKD modules checkpoint (needs 'modules' and 'distill_config')"
         )
     try:
         cfg = from_dict(DistillConfig, state["distill_config"], "distill_config")
     except ConfigError as err:
-        raise ValueError(f"{modules}: {err}") from None
+        raise UserError(f"{modules}: {err}") from None
     distiller = Distiller(student, teacher_model, cfg)
     try:
         result = distiller.load_state_dict(state["modules"], strict=False)
     except RuntimeError as err:  # shape mismatch: modules trained for other detectors
         first = str(err).strip().splitlines()[-1].strip()
-        raise ValueError(f"{modules}: modules do not fit these detectors ({first})") from None
+        raise UserError(f"{modules}: modules do not fit these detectors ({first})") from None
     missing = [k for k in result.missing_keys if not k.startswith(("student.", "teacher."))]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise UserError(
             f"{modules}: modules do not match its distill_config: "
             f"missing {_some(missing)}; unexpected {_some(result.unexpected_keys)}"
         )

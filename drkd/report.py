@@ -26,8 +26,9 @@ import torch  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 from torchvision.utils import draw_bounding_boxes  # noqa: E402
 
+from drkd.config import UserError  # noqa: E402
 from drkd.data.coco import CocoDetection  # noqa: E402
-from drkd.files import atomic_path  # noqa: E402
+from drkd.files import atomic_path, require_files  # noqa: E402
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")  # fractions 0..1, -1 = no such GT
 SIZE_BUCKETS = {"AP": "all", "APs": "small", "APm": "medium", "APl": "large"}
@@ -35,19 +36,12 @@ DISTILL_TERMS = ("loss_pr", "loss_ir", "loss_ins", "loss_mimic")  # the Distille
 NOT_LOSSES = ("step", "loss", "lr", "epoch")  # loss-history columns that are not loss terms
 
 
-def require_files(paths: list[Path]) -> None:
-    """One ValueError naming the first missing input, before any work starts."""
-    for path in paths:
-        if not path.is_file():
-            raise ValueError(f"{path}: file not found (run the stage that writes it first)")
-
-
 def read_json(path: Path) -> Any:
     require_files([path])
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid json ({err.msg}, line {err.lineno})") from None
+        raise UserError(f"{path}: not valid json ({err.msg}, line {err.lineno})") from None
 
 
 def read_metrics(path: Path) -> dict[str, Any]:
@@ -56,7 +50,7 @@ def read_metrics(path: Path) -> dict[str, Any]:
     need = (*METRICS, "per_class_AP", "parameters", "inference_ms_per_image")
     missing = [k for k in need if not isinstance(metrics, dict) or k not in metrics]
     if missing:
-        raise ValueError(f"{path}: not an evaluate metrics file (missing {', '.join(missing)})")
+        raise UserError(f"{path}: not an evaluate metrics file (missing {', '.join(missing)})")
     return dict(metrics)
 
 
@@ -222,7 +216,7 @@ def read_history(path: Path) -> dict[str, list[float]]:
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or "step" not in rows[0]:
-        raise ValueError(f"{path}: not a loss history (needs a 'step' column and rows)")
+        raise UserError(f"{path}: not a loss history (needs a 'step' column and rows)")
     return {
         key: [float(r[key]) if r[key] not in ("", None) else math.nan for r in rows]
         for key in rows[0]

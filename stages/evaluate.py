@@ -23,12 +23,12 @@ from torch import nn
 
 from drkd import cli
 from drkd.checkpoint import load_detector
-from drkd.config import load_params, to_dict
+from drkd.config import UserError, load_params, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
 from drkd.engine import pick_device
 from drkd.evaluation import STAT_NAMES, coco_metrics, predict
-from drkd.files import write_json
+from drkd.files import require_files, write_json
 from drkd.models import count_parameters
 from drkd.report import mlflow_name
 from drkd.tracking import stage_run
@@ -69,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     data = Path(args.data)
+    require_files([data / "val.json"])
     dataset = CocoDetection(data / "val.json", eval_transforms())
     model, checkpoint = load_detector(args.checkpoint)
     if list(checkpoint["category_ids"]) != dataset.category_ids:
-        raise ValueError(
+        raise UserError(
             f"{args.checkpoint}: trained on categories {checkpoint['category_ids']}, "
             f"but {data / 'val.json'} has {dataset.category_ids}"
         )

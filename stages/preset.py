@@ -19,7 +19,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from drkd import cli
-from drkd.config import ConfigError, flatten, parse_params, read_yaml
+from drkd.config import ConfigError, flatten, parse_params, read_yaml_file
 from drkd.files import write_text
 
 
@@ -40,21 +40,20 @@ def flags(partial: dict[str, Any]) -> str:
     return " ".join(f"-S {shlex.quote(f'{k}={v}')}" for k, v in pairs)
 
 
-def check(params_file: Path, partial: dict[str, Any], source: str) -> str:
-    """Validate ``params_file`` with ``partial`` merged in (errors name ``source``); return
-    the file's text."""
-    text = params_file.read_text()
+def check(params_file: Path, partial: dict[str, Any], source: str) -> None:
+    """Validate ``params_file`` with ``partial`` merged in (errors name ``source``)."""
+    base = read_yaml_file(params_file) or {}
     try:
-        parse_params(merge(read_yaml(text) or {}, partial))
+        parse_params(merge(base, partial))
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
-    return text
 
 
 def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
     """Merge ``partial`` into ``params_file`` in place, keeping its comments and layout
     (ruamel round-trip); validated by the strict loader first, written atomically."""
-    text = check(params_file, partial, source)
+    check(params_file, partial, source)
+    text = params_file.read_text()
     editor = YAML()
     editor.preserve_quotes = True  # `uri: ""` stays as written
     document = editor.load(text)
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--apply", action="store_true", help="write the merged params file")
     args = parser.parse_args(argv)
-    preset = read_yaml(Path(args.preset).read_text()) or {}
+    preset = read_yaml_file(args.preset) or {}
     if args.apply:
         apply(Path(args.params), preset, args.preset)
     else:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from drkd import cli, relations_plot
 from drkd import report as rep
-from drkd.config import load_params, to_dict
-from drkd.files import write_json, write_text
+from drkd.config import UserError, load_params, to_dict
+from drkd.files import require_files, write_json, write_text
 from drkd.tracking import stage_run
 
 
@@ -54,16 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     relation_files = [args.teacher, args.distilled, args.modules]
     if any(relation_files) and not all(relation_files):
-        raise ValueError("--teacher, --distilled and --modules go together (relation plots)")
+        raise UserError("--teacher, --distilled and --modules go together (relation plots)")
     params = load_params(args.params)
     if len(set(args.models)) != len(args.models):
-        raise ValueError(f"--models: duplicate names in {args.models}")
+        raise UserError(f"--models: duplicate names in {args.models}")
     data = Path(args.data)
     metrics_files = {m: Path(args.metrics_dir) / f"{m}.json" for m in args.models}
     detection_files = {m: Path(args.eval_dir) / m / "detections.json" for m in args.models}
     history_files = [Path(h) for h in args.histories]
     relation_paths = [Path(f) for f in relation_files] if all(relation_files) else []
-    rep.require_files(
+    require_files(
         [
             *metrics_files.values(),
             *detection_files.values(),

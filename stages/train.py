@@ -21,12 +21,12 @@ import torch
 
 from drkd import cli
 from drkd.checkpoint import code_digest, load_detector, model_checkpoint, save_atomic
-from drkd.config import load_params, to_dict
+from drkd.config import UserError, load_params, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import train_transforms
 from drkd.distiller import Distiller
 from drkd.engine import distributed, fit, is_main
-from drkd.files import atomic_path
+from drkd.files import atomic_path, require_files
 from drkd.models import build_detector, count_parameters
 from drkd.tracking import stage_run
 
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     section = getattr(params, args.which)
     data = Path(args.data)
+    require_files([data / "train.json"])
     dataset = CocoDetection(data / "train.json", train_transforms(section.train.hflip))
     torch.manual_seed(params.seed)
     model = build_detector(section.model, dataset.num_classes)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher:
         teacher, state = load_detector(args.teacher)
         if state["category_ids"] != dataset.category_ids:
-            raise ValueError(f"{args.teacher}: trained on other categories than {data}")
+            raise UserError(f"{args.teacher}: trained on other categories than {data}")
         trained = Distiller(model, teacher, params.distill)
         logged["distill"] = to_dict(params.distill)
         digest.update(Path(args.teacher).read_bytes())

@@ -50,10 +50,11 @@ from drkd.config import (
     Params,
     SearchSpace,
     TrainConfig,
+    UserError,
     flatten,
     load_params,
     parse_params,
-    read_yaml,
+    read_yaml_file,
     to_dict,
 )
 from drkd.data.coco import CocoDetection
@@ -378,7 +379,7 @@ def open_study(params: Params, url: str) -> optuna.Study:
                 url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
             )
     except Exception as err:  # bad URL, unreachable server: one line
-        raise ValueError(f"storage {url}: {type(err).__name__}: {err}") from None
+        raise UserError(f"storage {url}: {type(err).__name__}: {err}") from None
     tune = params.tune
     pruners: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
@@ -450,16 +451,14 @@ def tune(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     data, teacher_path = Path(args.data), Path(args.teacher)
     if not teacher_path.is_file():
-        raise FileNotFoundError(
-            f"{teacher_path}: teacher checkpoint not found (dvc repro train_teacher)"
-        )
+        raise UserError(f"{teacher_path}: teacher checkpoint not found (dvc repro train_teacher)")
     if not (data / "train.json").is_file():
-        raise FileNotFoundError(f"{data / 'train.json'}: not found (dvc repro prepare)")
+        raise UserError(f"{data / 'train.json'}: not found (dvc repro prepare)")
     train = CocoDetection(data / "train.json", train_transforms(params.student.train.hflip))
     val = CocoDetection(data / "val.json", eval_transforms())
     teacher, state = load_detector(teacher_path)
     if state["category_ids"] != train.category_ids:
-        raise ValueError(f"{teacher_path}: trained on other categories than {data}")
+        raise UserError(f"{teacher_path}: trained on other categories than {data}")
     trial_params(params, {})  # the budget override must itself be valid params
     url = args.storage or params.tune.storage or DEFAULT_STORAGE
     n_trials = args.n_trials or params.tune.n_trials
@@ -511,8 +510,8 @@ def parent_run(
 def promote(args: argparse.Namespace) -> int:
     path = Path(args.out) / "best_params.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (run python -m stages.tune first)")
-    best = read_yaml(path.read_text()) or {}
+        raise UserError(f"{path}: not found (run python -m stages.tune first)")
+    best = read_yaml_file(path) or {}
     if not isinstance(best, dict) or not set(best) <= {"distill", "student"}:
         raise ConfigError(f"{path}: expected a partial params file with distill / student")
     flat = flatten(best)

@@ -12,6 +12,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from conftest import toy_model
 from drkd import checkpoint
+from drkd.config import UserError
 from drkd.models import build_detector, count_parameters, fpn_levels
 
 NUM_CLASSES = 4  # background + 3
@@ -245,7 +246,7 @@ def test_load_truncated_checkpoint(tmp_path: Path) -> None:
 
 
 def test_load_missing_and_foreign_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         checkpoint.load(tmp_path / "none.pt")
     path = tmp_path / "list.pt"
     torch.save([1, 2], path)

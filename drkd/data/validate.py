@@ -1,6 +1,6 @@
 """Check and clean a COCO-format dataset on disk before ``prepare`` writes anything.
 
-Every problem is one ``ValueError`` line naming the annotation file and the
+Every problem is one ``UserError`` line naming the annotation file and the
 offending id. Boxes are clipped to the image; boxes left under 1 px, or lying
 entirely outside the image, are dropped and counted. Crowd boxes are kept as-is.
 """
@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
+
+from drkd.config import UserError
 
 BOX_KEYS = ("clipped", "degenerate", "outside")
 
@@ -37,13 +39,13 @@ EXPECT: dict[str, Callable[[Any], bool]] = {
 
 
 class _Checker:
-    """Raises one-line ``ValueError``s prefixed with the annotation file."""
+    """Raises one-line ``UserError``s prefixed with the annotation file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def fail(self, message: str) -> NoReturn:
-        raise ValueError(f"{self.path}: {message}")
+        raise UserError(f"{self.path}: {message}")
 
     def load(self) -> dict[str, Any]:
         try:

@@ -1,0 +1,102 @@
+"""drkd.cli: bad input ends in one line and exit 2, a diverged loss in one line, a hint and
+exit 1, and anything else (a bug) keeps its traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from drkd import cli
+from drkd.config import UserError
+from drkd.engine import NonFiniteLoss
+from stages import prepare, preset
+
+ROOT = Path(__file__).resolve().parents[1]
+Main = Callable[[list[str] | None], int]
+
+
+def raising(err: Exception) -> Main:
+    def main(argv: list[str] | None) -> int:
+        raise err
+
+    return main
+
+
+def test_bad_params_value_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  synthetic:\n    num_train: many\n")
+    out = tmp_path / "prepared"
+    assert cli.run(prepare.main, ["--params", str(params), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: params.yaml: data.synthetic.num_train: expected a positive int, got 'many'"
+    ]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["seed: [1\n", None])
+def test_unreadable_preset_is_one_line_and_exit_2(
+    text: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Invalid YAML (a traceback before UserError) or a missing file: one line naming it."""
+    path = tmp_path / "preset.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert cli.run(preset.main, [str(path), "--params", str(ROOT / "params.yaml")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ")
+
+
+def test_user_error_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run(raising(UserError("models/t.pt: checkpoint not found"))) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: models/t.pt: checkpoint not found\n" and captured.out == ""
+
+
+@pytest.mark.parametrize("err", [ValueError("bug"), KeyError("bug"), FileNotFoundError("bug")])
+def test_any_other_error_is_not_taken_for_bad_input(err: Exception) -> None:
+    with pytest.raises(type(err)):
+        cli.run(raising(err))
+
+
+def test_an_internal_value_error_keeps_its_traceback() -> None:
+    code = (
+        "from drkd import cli\n"
+        "def main(argv):\n"
+        "    return int('not a number')  # a bug, not bad input\n"
+        "cli.run(main)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Traceback (most recent call last):")
+    assert "in main" in proc.stderr
+    assert proc.stderr.rstrip().endswith("ValueError: invalid literal for int() with base 10: "
+                                         "'not a number'")
+
+
+def test_non_finite_loss_is_its_message_a_hint_and_exit_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    message = (
+        "[student_drkd] step 312: loss term 'loss_pr' is inf; "
+        "last good checkpoint kept at work/student_drkd/last.pt"
+    )
+    assert cli.run(raising(NonFiniteLoss(message))) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0] == f"error: {message}"
+    hint = lines[1]
+    assert hint.startswith("hint: ")
+    for cause in ("learning rate", "train.lr", "distill.w_", "train.amp: off"):
+        assert cause in hint, cause
+
+
+def test_other_runtime_errors_keep_their_traceback() -> None:
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        cli.run(raising(RuntimeError("CUDA out of memory")))
