@@ -121,14 +121,16 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
             "ratio": t["distill"] / (t["student"] + t["teacher"])}
 
 
-def relation_speed(params_file: str, steps: int, rounds: int = RELATION_ROUNDS) -> dict[str, float]:
+def relation_speed(
+    params_file: str, steps: int, rounds: int = RELATION_ROUNDS, device: torch.device | None = None
+) -> dict[str, float]:
     """Batched vs per-image instance relations (RoIAlign features of a 256 px, 256-ch P2), with
     the embedding, filter, tau and topk of ``params_file``.
 
     Gradients are reset before each call, as in training. The two versions are timed side by
     side in ``rounds`` rounds; the speed-up is the median round's (the spread is printed, since
     one round on a shared machine can be off by 0.3x either way)."""
-    device = pick_device()
+    device = device or pick_device()
     inst = load_params(params_file).distill.instance
     images, per_image, dim = 4, 10, 256 * 9
     torch.manual_seed(0)

@@ -95,6 +95,50 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype ``train.amp`` asks for on ``device``, None for fp32.
+
+    CUDA only: on CPU, bf16 autocast made a step 4x slower on this project's machine (no
+    native bf16 convolutions; benchmarks/speed.py measures it), so CPU runs stay in fp32."""
+    if device.type != "cuda" or cfg.amp == "off":
+        return None
+    return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+
+
+def train_step(
+    module: nn.Module,
+    images: list[torch.Tensor],
+    targets: list[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: TrainConfig,
+    amp_dtype: torch.dtype | None,
+) -> tuple[list[str], torch.Tensor]:
+    """One optimisation step on one batch; returns the loss names (the module's terms, then
+    ``loss``, their sum) and their values as one detached fp32 tensor, still on the device.
+
+    Nothing here waits for the device: the caller reads the values (one transfer) when it
+    needs them, so a GPU runs the whole step without a host round trip."""
+    with torch.autocast(module_device(module).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        losses = module(images, targets)
+    total = sum(losses.values())
+    terms = torch.stack([v.detach().float() for v in (*losses.values(), total)])
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if cfg.clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(
+            [p for group in optimizer.param_groups for p in group["params"]], cfg.clip_grad_norm
+        )
+    scaler.step(optimizer)
+    scaler.update()
+    return [*losses, "loss"], terms
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def _to_device(
     images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
@@ -168,9 +212,8 @@ def fit(
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     steps_per_epoch, total_steps = schedule(cfg, len(cast(Sized, dataset)), size)
-    amp = device.type == "cuda" and cfg.amp != "off"
-    amp_dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and cfg.amp == "fp16")
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     train_model: nn.Module = module
     if size > 1:
         train_model = DistributedDataParallel(
@@ -217,26 +260,20 @@ def fit(
                 break
             images, targets = _to_device(images, targets, device)
             set_lr()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                losses = train_model(images, targets)
-            for name, value in losses.items():
-                if not torch.isfinite(value):
+            names, terms = train_step(
+                train_model, images, targets, optimizer, scaler, cfg, amp_dtype
+            )
+            values = dict(zip(names, terms.tolist(), strict=True))
+            for name, value in values.items():
+                if not math.isfinite(value):
+                    # This step's update is discarded with the process; the checkpoint on
+                    # disk is from the end of the last finished epoch.
                     raise NonFiniteLoss(
-                        f"[{desc}] step {step}: loss term '{name}' is {value.item()}; "
+                        f"[{desc}] step {step}: loss term '{name}' is {value}; "
                         f"last good checkpoint kept at {last if last.exists() else '(none yet)'}"
                     )
-            total = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if cfg.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+                window[name] = window.get(name, 0.0) + value
             step += 1
-            for name, value in losses.items():
-                window[name] = window.get(name, 0.0) + float(value.detach())
-            window["loss"] = window.get("loss", 0.0) + float(total.detach())
             window_steps += 1
             bar.update(1)
             if window_steps == cfg.log_every or step == total_steps:

@@ -1,0 +1,236 @@
+"""GPU check: run on a machine with NVIDIA GPUs; prints one table in under 5 minutes.
+
+    python benchmarks/gpu_check.py [--params params.yaml] [--steps 10]
+
+For two settings, the embedded default (the models, image size and batch of ``params``) and
+a COCO-like one (RetinaNet R50-FPN256 student, R101-FPN256 teacher, random weights, 800x1333
+inputs, batch 2 per GPU, the release's GloRe sizes), and for fp32, bf16 and fp16 autocast:
+student train steps/s, teacher backbone forwards/s, distill steps/s, whether every loss term
+stayed finite, and the peak memory of a distill step (``torch.cuda.max_memory_allocated``).
+Then the batched-vs-per-image instance-relation speed-up on CUDA, and a 2-step distillation
+under ``torchrun --nproc_per_node=<all GPUs>`` (NCCL) whose checkpoint rank 0 must write.
+
+Without CUDA it stops at once with an error: its numbers mean nothing on a CPU.
+``--cpu-smoke`` runs every code path on the CPU at toy sizes; it exists for the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill_cost import relation_speed, timed  # noqa: E402
+
+from drkd.checkpoint import load_detector  # noqa: E402
+from drkd.config import ModelConfig, Params, PixelRelationConfig, load_params  # noqa: E402
+from drkd.distiller import Distiller  # noqa: E402
+from drkd.engine import make_optimizer, train_step  # noqa: E402
+from drkd.models import build_detector  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COCO_CLASSES = 81
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    student: ModelConfig
+    teacher: ModelConfig
+    size: tuple[int, int]  # (H, W) of the input images
+    batch_size: int
+    num_classes: int
+
+
+def settings(params: Params, smoke: bool) -> list[Setting]:
+    s, t = params.student.model, params.teacher.model
+    default = Setting(
+        "default", s, t, (s.max_size, s.max_size), params.student.train.batch_size, 9
+    )
+    coco_s = dataclasses.replace(
+        s, arch="retinanet", backbone="resnet50", fpn_channels=256, min_size=800,
+        max_size=1333, anchor_size=32, head_convs=4, norm="batch",
+    )
+    coco = Setting(
+        "coco-like R101->R50",
+        coco_s,
+        dataclasses.replace(coco_s, backbone="resnet101"),
+        (800, 1333),
+        2,
+        COCO_CLASSES,
+    )
+    if smoke:  # every code path, toy sizes
+        tiny = dataclasses.replace(s, fpn_channels=16, min_size=64, max_size=64)
+        return [Setting("smoke", tiny, tiny, (64, 64), 2, 9)]
+    return [default, coco]
+
+
+def detector_batch(
+    setting: Setting, device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Random images of the setting's size with 6 random boxes each, fixed by a seed."""
+    g = torch.Generator().manual_seed(0)
+    h, w = setting.size
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    images, targets = [], []
+    for _ in range(setting.batch_size):
+        images.append(torch.rand(3, h, w, generator=g).to(device))
+        corners = torch.rand(6, 2, 2, generator=g).sort(dim=1).values  # x1 <= x2, y1 <= y2
+        boxes = corners.reshape(6, 4) * 0.9 * scale  # rows (x1, y1, x2, y2)
+        boxes[:, 2:] += 0.05 * scale[:2]  # at least 5% of the image wide and high
+        targets.append({"boxes": boxes.to(device),
+                        "labels": torch.randint(1, setting.num_classes, (6,), generator=g)
+                        .to(device)})
+    return images, targets
+
+
+def measure(
+    params: Params, setting: Setting, amp: str, steps: int, device: torch.device
+) -> dict[str, Any]:
+    """Steps/s of student step, teacher forward and distill step; finite; peak MiB."""
+    torch.manual_seed(0)
+    student = build_detector(setting.student, setting.num_classes).to(device).train()
+    teacher = build_detector(setting.teacher, setting.num_classes).to(device).eval()
+    distill_cfg = params.distill
+    if setting.name.startswith("coco"):  # the release's GloRe sizes, made for 800 px inputs
+        distill_cfg = dataclasses.replace(distill_cfg, pixel=PixelRelationConfig())
+    distiller = Distiller(
+        build_detector(setting.student, setting.num_classes), teacher, distill_cfg
+    ).to(device)
+    images, targets = detector_batch(setting, device)
+    dtype = AMP[amp]
+    finite = [True]
+
+    def stepper(module: torch.nn.Module) -> Any:
+        optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad],
+                                   params.student.train)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+        def step() -> None:
+            _, terms = train_step(module, images, targets, optimizer, scaler,
+                                  params.student.train, dtype)
+            finite[0] &= bool(torch.isfinite(terms).all())
+
+        return step
+
+    tensors = torch.stack(images)
+
+    def teacher_forward() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            teacher.backbone(tensors)
+
+    distill_step = stepper(distiller)
+    peak = 0.0
+    if device.type == "cuda":
+        distill_step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        distill_step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    t = timed(
+        {"student": stepper(student), "teacher": teacher_forward, "distill": distill_step},
+        steps,
+        device,
+    )
+    return {
+        "student": 1 / t["student"],
+        "teacher": 1 / t["teacher"],
+        "distill": 1 / t["distill"],
+        "ratio": t["distill"] / (t["student"] + t["teacher"]),
+        "finite": finite[0],
+        "peak_mib": peak,
+    }
+
+
+def torchrun_distill(params_file: str, gpus: int, smoke: bool) -> str:
+    """2-step distillation under torchrun on every GPU; returns what rank 0 wrote."""
+    raw = yaml.safe_load(Path(params_file).read_text())
+    raw["data"] = {
+        "source": "synthetic",
+        "synthetic": {**raw["data"]["synthetic"], "num_train": 32 * gpus, "num_val": 8},
+    }
+    if smoke:
+        raw["data"]["synthetic"].update(image_size=64, min_object_size=8, max_object_size=40)
+    for side in ("teacher", "student"):
+        raw[side]["train"].update(max_steps=2, batch_size=2, num_workers=0, warmup_steps=1)
+        if smoke:
+            raw[side]["model"].update(fpn_channels=16, min_size=64, max_size=64)
+    raw["tracking"]["enabled"] = False
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "params.yaml").write_text(yaml.safe_dump(raw))
+        common = ["--params", str(work / "params.yaml"), "--data", str(work / "data")]
+
+        def run(*cmd: str) -> None:
+            subprocess.run(cmd, cwd=REPO, check=True)
+
+        run(sys.executable, "-m", "stages.prepare", "--params", str(work / "params.yaml"),
+            "--out", str(work / "data"))
+        run(sys.executable, "-m", "stages.train", "teacher", *common, "--out",
+            str(work / "teacher.pt"), "--history", str(work / "t.csv"), "--work-dir",
+            str(work / "wt"))
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"]
+        if smoke:  # one process on the CPU (gloo): the same code path, no GPU
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1"]
+        run(*launcher, "-m", "stages.train", "student", "--teacher", str(work / "teacher.pt"),
+            *common, "--out", str(work / "student.pt"), "--history", str(work / "s.csv"),
+            "--work-dir", str(work / "ws"))
+        model, _ = load_detector(work / "student.pt")  # rank 0 wrote a loadable detector
+        return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on CPU (tests)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("error: gpu_check needs CUDA: torch.cuda.is_available() is False on this machine",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    params = load_params(args.params)
+    gpus = torch.cuda.device_count()
+    name = "cpu (smoke)" if args.cpu_smoke else torch.cuda.get_device_name(0)
+    print(f"device: {name} x {max(gpus, 1)}   torch {torch.__version__}")
+    print("| setting | amp | student steps/s | teacher fwd/s | distill steps/s "
+          "| distill / (student + teacher) | all losses finite | peak MiB (distill) |")
+    print("|---|---|---:|---:|---:|---:|---|---:|")
+    failed = False
+    for setting in settings(params, args.cpu_smoke):
+        for amp in AMP:
+            r = measure(params, setting, amp, args.steps, device)
+            failed |= not r["finite"]
+            print(f"| {setting.name} | {amp} | {r['student']:.2f} | {r['teacher']:.2f} | "
+                  f"{r['distill']:.2f} | {r['ratio']:.2f} | {'yes' if r['finite'] else 'NO'} | "
+                  f"{r['peak_mib']:.0f} |", flush=True)
+    speed = relation_speed(args.params, args.steps, rounds=1 if args.cpu_smoke else 5,
+                           device=device)
+    print(f"instance relations, batched vs per-image loop: {speed['speedup']:.2f}x "
+          f"(range {speed['speedup_min']:.2f}-{speed['speedup_max']:.2f})")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    wrote = torchrun_distill(args.params, max(gpus, 1), args.cpu_smoke)
+    print(f"torchrun x {max(gpus, 1)} ({'gloo' if args.cpu_smoke else 'nccl'}), 2 distill "
+          f"steps: rank 0 wrote the student ({wrote})")
+    if failed:
+        print("error: a loss term was not finite (see the table)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
