@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from drkd.config import DistillConfig, to_dict
+from drkd.config import DistillConfig, UserError, to_dict
 from drkd.losses import (
     instance_feature_loss,
     instance_relation_loss,
@@ -45,7 +45,7 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> tuple[int, int, 
             if isinstance(getattr(s, name), list | tuple)
             else getattr(s, name) != getattr(t, name)
         ):
-            raise ValueError(
+            raise UserError(
                 f"teacher and student transforms differ in {name}: "
                 f"{getattr(t, name)} vs {getattr(s, name)}; they must see the same batch"
             )
@@ -58,7 +58,7 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> tuple[int, int, 
     s_shapes = [tuple(f.shape[-2:]) for f in fs.values()]
     t_shapes = [tuple(f.shape[-2:]) for f in ft.values()]
     if s_shapes != t_shapes:
-        raise ValueError(
+        raise UserError(
             f"teacher and student pyramids differ: teacher levels {t_shapes} vs "
             f"student {s_shapes} (on a 128 px probe)"
         )
@@ -91,7 +91,7 @@ class Distiller(nn.Module):
         if cfg.method == "drkd" and cfg.w_pr > 0:
             sizes = cfg.pixel
             if len(sizes.nodes) < levels or len(sizes.states) < levels:
-                raise ValueError(
+                raise UserError(
                     f"distill.pixel.nodes/states: the detector has {levels} FPN "
                     f"levels, got {len(sizes.nodes)} / {len(sizes.states)} sizes"
                 )

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm import tqdm
 
 from drkd.checkpoint import load, save_atomic
-from drkd.config import TrainConfig
+from drkd.config import TrainConfig, UserError
 from drkd.data.coco import collate
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -177,7 +177,7 @@ def schedule(cfg: TrainConfig, num_images: int, processes: int = 1) -> tuple[int
     """(steps per epoch, total steps) of a run of ``cfg`` on ``num_images`` images."""
     steps_per_epoch = num_images // (cfg.batch_size * processes)
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise UserError(
             f"train.batch_size: {cfg.batch_size} x {processes} processes exceeds the "
             f"{num_images} training images"
         )

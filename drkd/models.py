@@ -27,7 +27,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from drkd.config import ModelConfig
+from drkd.config import ModelConfig, UserError
 
 RESNETS: dict[str, Callable[..., tvm.ResNet]] = {
     "resnet18": tvm.resnet18,
@@ -49,13 +49,13 @@ def _norm_layer(kind: str) -> Callable[[int], nn.Module]:
 def _load_state(module: nn.Module, path: str, what: str, strict: bool = True) -> None:
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"{what}: weights file not found: {path}")
+        raise UserError(f"{what}: weights file not found: {path}")
     state = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     result = module.load_state_dict(state, strict=strict)
     if not strict and result.missing_keys:
-        raise ValueError(
+        raise UserError(
             f"{what}: {path} lacks {len(result.missing_keys)} keys, e.g. {result.missing_keys[0]}"
         )
 

@@ -168,7 +168,7 @@ def test_weights_from_model_checkpoint(tmp_path: Path) -> None:
 
 def test_missing_weights_file(tmp_path: Path) -> None:
     path = tmp_path / "missing.pt"
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(UserError) as info:
         build_detector(toy_model("retinanet", weights=str(path)), NUM_CLASSES)
     assert str(path) in str(info.value)
     assert "\n" not in str(info.value)
@@ -176,7 +176,7 @@ def test_missing_weights_file(tmp_path: Path) -> None:
 
 def test_missing_backbone_weights_file(tmp_path: Path) -> None:
     path = tmp_path / "resnet.pt"
-    with pytest.raises(FileNotFoundError, match="backbone_weights"):
+    with pytest.raises(UserError, match="backbone_weights"):
         build_detector(toy_model("retinanet", backbone_weights=str(path)), NUM_CLASSES)
 
 

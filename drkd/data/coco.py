@@ -19,6 +19,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from drkd.config import UserError
+
 
 def load_rgb(path: Path, width: int, height: int) -> Image.Image:
     """Open an image as RGB in the orientation its annotations use.
@@ -32,7 +34,7 @@ def load_rgb(path: Path, width: int, height: int) -> Image.Image:
         if raw.size != (width, height):
             turned = ImageOps.exif_transpose(raw)
             if turned is None or turned.size != (width, height):
-                raise ValueError(
+                raise UserError(
                     f"{path}: image is {raw.size[0]}x{raw.size[1]} but its annotation "
                     f"file says {width}x{height}"
                 )
