@@ -27,8 +27,9 @@ from collections.abc import Callable
 import torch
 
 from drkd.config import TrainConfig, load_params
+from drkd.devices import pick_device
 from drkd.distiller import Distiller
-from drkd.engine import make_optimizer, pick_device
+from drkd.engine import make_optimizer
 from drkd.models import build_detector
 from drkd.modules.relation import InstanceRelation, RelationFilter, pad_instances, relation_matrix
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from drkd.config import UserError
+from drkd.config import NonFiniteLoss, UserError
 
 NON_FINITE_HINT = (
     "hint: the usual causes are a learning rate too high (train.lr, train.warmup_steps) or "
@@ -22,11 +22,6 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        # Imported only here: drkd.engine pulls in torch, which e.g. stages.preset never needs.
-        from drkd.engine import NonFiniteLoss
-
-        if not isinstance(err, NonFiniteLoss):
-            raise
+    except NonFiniteLoss as err:
         print(f"error: {err}\n{NON_FINITE_HINT}", file=sys.stderr)
         return 1

@@ -30,6 +30,14 @@ class ConfigError(UserError):
     """A params file that does not describe a valid run (one-line message)."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or inf (a setting that diverges); the last good checkpoint is kept.
+
+    Raised by drkd.engine; it lives here beside UserError so that drkd.cli can tell the two
+    apart without importing the training loop (and torch) into every stage.
+    """
+
+
 def _positive(kind: str = "number") -> dict[str, Any]:
     return {"check": lambda v: v > 0, "expect": f"a positive {kind}"}
 

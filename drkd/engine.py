@@ -25,21 +25,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm import tqdm
 
 from drkd.checkpoint import load, save_atomic
-from drkd.config import TrainConfig, UserError
+from drkd.config import NonFiniteLoss, TrainConfig, UserError
 from drkd.data.coco import collate
+from drkd.devices import pick_device
 
 StepCallback = Callable[[int, dict[str, float]], None]
 EpochCallback = Callable[[int, nn.Module], None]
-
-
-class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN or inf; the last good checkpoint is kept."""
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def world() -> tuple[int, int]:

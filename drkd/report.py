@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from torchvision.utils import draw_bounding_boxes  # noqa: E402
 from drkd.config import UserError  # noqa: E402
 from drkd.data.coco import CocoDetection  # noqa: E402
 from drkd.files import atomic_path, require_files  # noqa: E402
+from drkd.tracking import mlflow_name  # noqa: E402
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")  # fractions 0..1, -1 = no such GT
 SIZE_BUCKETS = {"AP": "all", "APs": "small", "APm": "medium", "APl": "large"}
@@ -52,11 +52,6 @@ def read_metrics(path: Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path}: not an evaluate metrics file (missing {', '.join(missing)})")
     return dict(metrics)
-
-
-def mlflow_name(name: str) -> str:
-    """A category name as an MLflow metric-name fragment (letters, digits, _ - . space /)."""
-    return re.sub(r"[^\w\-. /]", "_", name)
 
 
 # ---------------------------------------------------------------- summary and table

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,12 @@ def git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def mlflow_name(name: str) -> str:
+    """A name (category, model) as an MLflow metric-name fragment: MLflow accepts only
+    letters, digits, ``_ - . space /``; anything else becomes ``_``."""
+    return re.sub(r"[^\w\-. /]", "_", name)
 
 
 def data_hash(files: Sequence[Path]) -> str:

@@ -23,15 +23,14 @@ from torch import nn
 
 from drkd import cli
 from drkd.checkpoint import load_detector
-from drkd.config import UserError, load_params, to_dict
+from drkd.config import UserError, load_params
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
-from drkd.engine import pick_device
+from drkd.devices import pick_device
 from drkd.evaluation import STAT_NAMES, coco_metrics, predict
 from drkd.files import require_files, write_json
 from drkd.models import count_parameters
-from drkd.report import mlflow_name
-from drkd.tracking import stage_run
+from drkd.tracking import mlflow_name, stage_run
 
 
 @torch.no_grad()
@@ -82,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name,
         "checkpoint": args.checkpoint,
         "model": checkpoint["model_config"],
-        "evaluate": to_dict(params.evaluate),
+        # the keys this stage reads, as in its params deps in dvc.yaml
+        "evaluate": {
+            "batch_size": params.evaluate.batch_size,
+            "timing_images": params.evaluate.timing_images,
+        },
     }
     with stage_run(
         params.tracking, f"evaluate_{args.name}", logged, [data / "train.json", data / "val.json"]

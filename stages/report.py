@@ -18,7 +18,7 @@ from pathlib import Path
 
 from drkd import cli, relations_plot
 from drkd import report as rep
-from drkd.config import UserError, load_params, to_dict
+from drkd.config import UserError, load_params
 from drkd.files import require_files, write_json, write_text
 from drkd.tracking import stage_run
 
@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {m: rep.read_metrics(f) for m, f in metrics_files.items()}
     histories = {h.stem.removeprefix("train_"): rep.read_history(h) for h in history_files}
     plots = Path(args.plots_dir)
-    logged = {"models": ",".join(args.models), "evaluate": to_dict(params.evaluate)}
+    logged = {
+        "models": ",".join(args.models),
+        "evaluate": {  # the keys this stage reads, as in its params deps in dvc.yaml
+            "num_vis_images": params.evaluate.num_vis_images,
+            "vis_score_thresh": params.evaluate.vis_score_thresh,
+        },
+    }
     inputs = [data / "train.json", data / "val.json"]
     with stage_run(params.tracking, "report", logged, inputs) as run:
         summary = rep.summarize(metrics)

@@ -59,8 +59,9 @@ from drkd.config import (
 )
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms, train_transforms
+from drkd.devices import pick_device
 from drkd.distiller import Distiller
-from drkd.engine import fit, pick_device, schedule
+from drkd.engine import fit, schedule
 from drkd.evaluation import coco_metrics, predict
 from drkd.files import write_text
 from drkd.models import build_detector

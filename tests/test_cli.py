@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from drkd import cli
-from drkd.config import UserError
-from drkd.engine import NonFiniteLoss
+from drkd.config import NonFiniteLoss, UserError
 from stages import prepare, preset
 
 ROOT = Path(__file__).resolve().parents[1]

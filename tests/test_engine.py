@@ -19,9 +19,10 @@ from torch.utils.data import Subset
 import stages.train
 from conftest import TINY_DATA, toy_model, toy_train
 from drkd import checkpoint, cli, engine
+from drkd.config import NonFiniteLoss
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import train_transforms
-from drkd.engine import NonFiniteLoss, fit, lr_factor
+from drkd.engine import fit, lr_factor
 from drkd.models import build_detector
 
 

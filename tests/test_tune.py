@@ -23,9 +23,8 @@ from torch import nn
 
 from conftest import toy_model
 from drkd.checkpoint import model_checkpoint, save_atomic
-from drkd.config import SearchSpace, TrainConfig, load_params, parse_params
+from drkd.config import NonFiniteLoss, SearchSpace, TrainConfig, load_params, parse_params
 from drkd.data.coco import CocoDetection
-from drkd.engine import NonFiniteLoss
 from drkd.models import build_detector
 from drkd.tracking import PIPELINE_ENV
 from stages import tune

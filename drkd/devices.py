@@ -1,0 +1,18 @@
+"""Where a process runs: the one device-picking rule shared by training and evaluation.
+
+Its own module so that the evaluate stage (and its DVC dependencies) need not import the
+training loop just to choose a device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def pick_device() -> torch.device:
+    """This process's CUDA device (``LOCAL_RANK`` under torchrun, else 0), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")

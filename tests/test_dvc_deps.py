@@ -1,0 +1,156 @@
+"""dvc.yaml's code dependencies are the code each stage runs: no more, no less.
+
+For every stage (``foreach`` expanded), the module its ``cmd`` runs (``-m stages.X``) is
+followed through its imports, statically (``ast``, nothing is imported), and the set of repo
+files reached must equal the ``.py`` entries of the stage's ``deps``. A missing file means
+editing it does not rerun the stage; an extra one means a rerun for nothing.
+
+Rules of the closure:
+- every ``import`` / ``from ... import`` counts, at any depth (inside functions too: a lazy
+  import still runs the module when the stage takes that path), relative ones included;
+- ``from package import name`` follows ``name`` when it is a submodule;
+- only files under the repository root count (torch, mlflow, ... are pinned elsewhere);
+- a package's ``__init__.py`` counts only when it has code: an empty one cannot change a
+  result, and listing it everywhere would be noise.
+Imports by string (``importlib.import_module``) are not seen; the code has none.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_files(module: str, root: Path) -> list[Path]:
+    """The repo files that importing ``module`` (dotted) executes: each package's non-empty
+    ``__init__.py`` on the way and the module itself; [] for a module outside the repo."""
+    files: list[Path] = []
+    path = root
+    for part in module.split("."):
+        path = path / part
+        if (path / "__init__.py").is_file():
+            init = path / "__init__.py"
+            if init.read_text().strip():
+                files.append(init)
+        elif path.with_suffix(".py").is_file():
+            files.append(path.with_suffix(".py"))
+        else:
+            return []  # not in the repo (third-party, stdlib), or a name that is no module
+    return files
+
+
+def module_name(file: Path, root: Path) -> str:
+    """``root/drkd/data/coco.py`` -> ``drkd.data.coco``; a package's ``__init__`` -> the package."""
+    parts = file.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_files(file: Path, root: Path) -> set[Path]:
+    """The repo files ``file`` imports directly (any nesting depth in the source)."""
+    found: set[Path] = set()
+    package = module_name(file, root)
+    if file.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    for node in ast.walk(ast.parse(file.read_text(), filename=str(file))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found.update(module_files(alias.name, root))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # from . import x / from ..y import z: relative to this package
+                parts = package.split(".") if package else []
+                anchor = parts[: len(parts) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.update(module_files(base, root))
+            for alias in node.names:  # `from drkd import cli`: cli is a submodule
+                found.update(module_files(f"{base}.{alias.name}", root))
+    return found
+
+
+def import_closure(module: str, root: Path) -> set[Path]:
+    """Every repo file that running ``python -m module`` can execute."""
+    todo = module_files(module, root)
+    assert todo, f"{module}: not a module of {root}"
+    seen: set[Path] = set()
+    while todo:
+        file = todo.pop()
+        if file not in seen:
+            seen.add(file)
+            todo.extend(imported_files(file, root) - seen)
+    return seen
+
+
+def dvc_stages(dvc_yaml: Path) -> dict[str, dict[str, Any]]:
+    """dvc.yaml's stages by the name DVC gives them (``evaluate@teacher`` for ``foreach``),
+    with ``${item}`` filled in; YAML anchors (``*train_deps``) are resolved by the loader."""
+    stages: dict[str, dict[str, Any]] = {}
+    for name, stage in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
+        if "foreach" not in stage:
+            stages[name] = stage
+            continue
+        assert isinstance(stage["foreach"], list), f"{name}: only a list foreach is handled"
+        for item in stage["foreach"]:
+            text = yaml.safe_dump(stage["do"]).replace("${item}", str(item))
+            stages[f"{name}@{item}"] = yaml.safe_load(text)
+    return stages
+
+
+def stage_module(cmd: str) -> str:
+    """The module a stage command runs: ``python -m stages.X`` or ``${launcher} -m stages.X``
+    (the launcher is python, or torchrun running python)."""
+    match = re.match(r"\s*(?:python|\$\{launcher\})\s+-m\s+([\w.]+)", cmd)
+    assert match, f"cmd does not run a python module: {cmd!r}"
+    return match.group(1)
+
+
+STAGES = dvc_stages(ROOT / "dvc.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_code_deps_are_its_import_closure(name: str) -> None:
+    stage = STAGES[name]
+    module = stage_module(stage["cmd"])
+    needed = {f.relative_to(ROOT).as_posix() for f in import_closure(module, ROOT)}
+    declared = {d for d in stage.get("deps", []) if d.endswith(".py")}
+    missing, extra = sorted(needed - declared), sorted(declared - needed)
+    assert not (missing or extra), (
+        f"dvc.yaml stage {name} ({module}): "
+        + (f"missing deps {missing} (imported); " if missing else "")
+        + (f"extra deps {extra} (not imported)" if extra else "")
+    )
+
+
+def test_closure_rules(tmp_path: Path) -> None:
+    """The closure follows lazy, relative and submodule imports, skips empty __init__.py and
+    anything outside the root."""
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/sub/__init__.py": "X = 1\n",
+        "pkg/sub/leaf.py": "from .. import helper\n",
+        "pkg/helper.py": "import os\n",
+        "pkg/lazy.py": "",
+        "pkg/unused.py": "",
+        "app/__init__.py": "",
+        "app/main.py": (
+            "import torch\nfrom pkg.sub import leaf\n"
+            "def f() -> None:\n    import pkg.lazy\n"
+        ),
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    closure = {f.relative_to(tmp_path).as_posix() for f in import_closure("app.main", tmp_path)}
+    assert closure == {
+        "app/main.py",
+        "pkg/sub/__init__.py",
+        "pkg/sub/leaf.py",
+        "pkg/helper.py",
+        "pkg/lazy.py",
+    }
