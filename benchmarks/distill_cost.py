@@ -4,9 +4,9 @@
 
 Prints, on the embedded default's models and image size:
 1. step-time ratio  distill step / (baseline student step + teacher backbone forward)
-   (target <= 1.20: only the DRKD modules' forward, backward and optimizer work may be added);
+   (target <= 1.10: only the DRKD modules' forward, backward and optimizer work may be added);
 2. batched instance relations vs a per-image loop like the release's, forward + backward,
-   4 images x 10 instances at 256 px (target >= 3x);
+   4 images x 10 instances at 256 px (no target on CPU; measured on CUDA by gpu_check.py);
 3. peak memory of a distill step vs a student step, each in a fresh process: on CPU the peak
    resident memory (VmHWM) minus the resident memory after the imports, i.e. models, optimizer
    state and activations without the ~1.3 GiB of torch libraries; on CUDA max_memory_allocated.
@@ -30,6 +30,7 @@ from drkd.config import TrainConfig, load_params
 from drkd.devices import pick_device
 from drkd.distiller import Distiller
 from drkd.engine import make_optimizer
+from drkd.engine import train_step as engine_step
 from drkd.models import build_detector
 from drkd.modules.relation import InstanceRelation, RelationFilter, pad_instances, relation_matrix
 
@@ -77,19 +78,31 @@ def models(params_file: str, device: torch.device) -> tuple[torch.nn.Module, tor
     return student, teacher
 
 
-def train_step(
-    module: torch.nn.Module, images: list, targets: list, cfg: TrainConfig
-) -> Callable[[], None]:
-    opt = make_optimizer([p for p in module.parameters() if p.requires_grad], cfg)
+def batch_stepper(
+    module: torch.nn.Module, cfg: TrainConfig, amp: torch.dtype | None = None
+) -> Callable[[list, list], list[float]]:
+    """The training loop's own step (drkd.engine.train_step: clipping, one transfer) with one
+    optimizer kept across calls, on the batch it is given."""
     module.train()
+    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], cfg)
+    device = next(module.parameters()).device.type
+    scaler = torch.amp.GradScaler(device, enabled=amp == torch.float16)
 
-    def step() -> None:
-        loss = sum(module(images, targets).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def step(images: list, targets: list) -> list[float]:
+        """Returns the loss terms and their total (one transfer, as in training)."""
+        _, terms = engine_step(module, images, targets, optimizer, scaler, cfg, amp)
+        return terms.tolist()
 
     return step
+
+
+def train_step(
+    module: torch.nn.Module, images: list, targets: list, cfg: TrainConfig,
+    amp: torch.dtype | None = None,
+) -> Callable[[], list[float]]:
+    """The same on one fixed batch."""
+    step = batch_stepper(module, cfg, amp)
+    return lambda: step(images, targets)
 
 
 def step_ratio(params_file: str, steps: int) -> dict[str, float]:
@@ -218,11 +231,11 @@ def main() -> None:
     print(f"student step {ratio['student_step_s']:.3f} s + teacher forward "
           f"{ratio['teacher_forward_s']:.3f} s; distill step {ratio['distill_step_s']:.3f} s")
     print(f"step-time ratio distill / (student + teacher forward): {ratio['ratio']:.2f} "
-          f"(target <= 1.20)")
+          f"(target <= 1.10)")
     print(f"instance relations, 4 images x 10 instances, fwd+bwd: batched "
           f"{1000 * speed['batched_s']:.2f} ms, per-image loop {1000 * speed['looped_s']:.2f} ms, "
           f"speed-up {speed['speedup']:.2f}x (median of {RELATION_ROUNDS} rounds, range "
-          f"{speed['speedup_min']:.2f}-{speed['speedup_max']:.2f}; target >= 3x)")
+          f"{speed['speedup_min']:.2f}-{speed['speedup_max']:.2f})")
     print(f"peak memory: student step {mem['student']:.0f} MiB, distill step "
           f"{mem['distill']:.0f} MiB, ratio {mem['distill'] / mem['student']:.2f}")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -29,12 +30,11 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_cost import relation_speed, timed  # noqa: E402
+from distill_cost import relation_speed, timed, train_step  # noqa: E402
 
 from drkd.checkpoint import load_detector  # noqa: E402
 from drkd.config import ModelConfig, Params, PixelRelationConfig, load_params  # noqa: E402
 from drkd.distiller import Distiller  # noqa: E402
-from drkd.engine import make_optimizer, train_step  # noqa: E402
 from drkd.models import build_detector  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,16 +112,12 @@ def measure(
     finite = [True]
 
     def stepper(module: torch.nn.Module) -> Any:
-        optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad],
-                                   params.student.train)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        step = train_step(module, images, targets, params.student.train, dtype)
 
-        def step() -> None:
-            _, terms = train_step(module, images, targets, optimizer, scaler,
-                                  params.student.train, dtype)
-            finite[0] &= bool(torch.isfinite(terms).all())
+        def checked() -> None:
+            finite[0] &= all(math.isfinite(v) for v in step())
 
-        return step
+        return checked
 
     tensors = torch.stack(images)
 

@@ -31,13 +31,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_cost import batch, timed  # noqa: E402
+from distill_cost import batch, batch_stepper, timed, train_step  # noqa: E402
 
 from drkd.config import DetectorConfig, Params, load_params  # noqa: E402
 from drkd.data.coco import CocoDetection, collate  # noqa: E402
 from drkd.data.transforms import train_transforms  # noqa: E402
 from drkd.distiller import Distiller  # noqa: E402
-from drkd.engine import _loader, make_optimizer, schedule, train_step  # noqa: E402
+from drkd.engine import _loader, make_optimizer, schedule  # noqa: E402
 from drkd.models import build_detector  # noqa: E402
 
 NUM_CLASSES = 9
@@ -45,28 +45,11 @@ CPU = torch.device("cpu")
 Step = Callable[[], None]
 
 
-def batch_stepper(
-    module: torch.nn.Module, section: DetectorConfig, amp: torch.dtype | None = None
-) -> Callable[[list, list], None]:
-    """The training loop's own step (one optimizer, kept across calls) on a given batch."""
-    module.train()
-    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], section.train)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-
-    def step(images: list, targets: list) -> None:
-        _, terms = train_step(module, images, targets, optimizer, scaler, section.train, amp)
-        terms.tolist()
-
-    return step
-
-
 def stepper(
     module: torch.nn.Module, section: DetectorConfig, images: list, targets: list,
     amp: torch.dtype | None = None,
 ) -> Step:
-    """The same on one fixed batch."""
-    step = batch_stepper(module, section, amp)
-    return lambda: step(images, targets)
+    return train_step(module, images, targets, section.train, amp)
 
 
 def detector(section: DetectorConfig, size: int | None = None) -> torch.nn.Module:
@@ -172,7 +155,7 @@ def data_path(params: Params, data: Path, steps: int) -> None:
     memory = [collate([dataset[i] for i in range(j, j + section.train.batch_size)])
               for j in range(0, steps * section.train.batch_size, section.train.batch_size)]
 
-    train = batch_stepper(model, section)
+    train = batch_stepper(model, section.train)
 
     def fed_by(workers: int) -> Step:
         cfg = dataclasses.replace(section.train, num_workers=workers)
