@@ -29,7 +29,7 @@ import torch
 from drkd.config import TrainConfig, load_params
 from drkd.devices import pick_device
 from drkd.distiller import Distiller
-from drkd.engine import make_optimizer
+from drkd.engine import make_optimizer, module_device
 from drkd.engine import train_step as engine_step
 from drkd.models import build_detector
 from drkd.modules.relation import InstanceRelation, RelationFilter, pad_instances, relation_matrix
@@ -85,8 +85,7 @@ def batch_stepper(
     optimizer kept across calls, on the batch it is given."""
     module.train()
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], cfg)
-    device = next(module.parameters()).device.type
-    scaler = torch.amp.GradScaler(device, enabled=amp == torch.float16)
+    scaler = torch.amp.GradScaler(module_device(module).type, enabled=amp == torch.float16)
 
     def step(images: list, targets: list) -> list[float]:
         """Returns the loss terms and their total (one transfer, as in training)."""

@@ -176,10 +176,9 @@ def torchrun_distill(params_file: str, gpus: int, smoke: bool) -> str:
         run(sys.executable, "-m", "stages.train", "teacher", *common, "--out",
             str(work / "teacher.pt"), "--history", str(work / "t.csv"), "--work-dir",
             str(work / "wt"))
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"]
-        if smoke:  # one process on the CPU (gloo): the same code path, no GPU
-            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1"]
-        run(*launcher, "-m", "stages.train", "student", "--teacher", str(work / "teacher.pt"),
+        # --cpu-smoke: gpus is 1, one process on the CPU (gloo), the same code path.
+        run(sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
+            "-m", "stages.train", "student", "--teacher", str(work / "teacher.pt"),
             *common, "--out", str(work / "student.pt"), "--history", str(work / "s.csv"),
             "--work-dir", str(work / "ws"))
         model, _ = load_detector(work / "student.pt")  # rank 0 wrote a loadable detector

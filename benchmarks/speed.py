@@ -45,13 +45,6 @@ CPU = torch.device("cpu")
 Step = Callable[[], None]
 
 
-def stepper(
-    module: torch.nn.Module, section: DetectorConfig, images: list, targets: list,
-    amp: torch.dtype | None = None,
-) -> Step:
-    return train_step(module, images, targets, section.train, amp)
-
-
 def detector(section: DetectorConfig, size: int | None = None) -> torch.nn.Module:
     model_cfg = section.model
     if size is not None:
@@ -71,7 +64,8 @@ def flops(params: Params) -> None:
     step_flop = counter.get_total_flops()
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    t = timed({"step": stepper(model, section, images, targets), "gemm": lambda: a @ b}, 5, CPU)
+    step = train_step(model, images, targets, section.train)
+    t = timed({"step": step, "gemm": lambda: a @ b}, 5, CPU)
     gemm = 2 * n**3 / t["gemm"]
     achieved = step_flop / t["step"]
     cap = torch.backends.cpu.get_cpu_capability()
@@ -108,10 +102,11 @@ def levers(params: Params, steps: int, compile_backbone: bool) -> None:
     model = detector(section)
     last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     fns = {
-        "fp32 (default)": stepper(model, section, images, targets),
-        "bf16 autocast": stepper(copy.deepcopy(model), section, images, targets, torch.bfloat16),
+        "fp32 (default)": train_step(model, images, targets, section.train),
+        "bf16 autocast": train_step(copy.deepcopy(model), images, targets, section.train,
+                                    torch.bfloat16),
         # Weights in channels_last make every convolution (and its output) channels_last.
-        "channels_last": stepper(last, section, images, targets),
+        "channels_last": train_step(last, images, targets, section.train),
         "sync per loss term (old loop)": per_term_sync_step(copy.deepcopy(model), section,
                                                             images, targets),
     }
@@ -119,7 +114,7 @@ def levers(params: Params, steps: int, compile_backbone: bool) -> None:
         compiled = copy.deepcopy(model)
         compiled.backbone.compile()
         start = time.perf_counter()
-        fns["torch.compile(backbone)"] = stepper(compiled, section, images, targets)
+        fns["torch.compile(backbone)"] = train_step(compiled, images, targets, section.train)
         fns["torch.compile(backbone)"]()
         print(f"\ntorch.compile: first step (compilation) {time.perf_counter() - start:.1f} s")
     report("Levers on the student step (same batch, same init)", timed(fns, steps, CPU),
@@ -184,7 +179,7 @@ def data_path(params: Params, data: Path, steps: int) -> None:
            "loader, 1 worker (default)")
 
     threads = torch.get_num_threads()
-    step = stepper(model, section, *memory[0])
+    step = train_step(model, *memory[0], section.train)
     times = {}
     for n in sorted({1, threads}, reverse=True):
         torch.set_num_threads(n)
@@ -199,10 +194,12 @@ def scaling(params: Params, steps: int) -> None:
     fns = {}
     for s in (size * 3 // 4, size, size * 5 // 4):
         images, targets = batch(s, count, CPU)
-        fns[f"{s} px, batch {count}"] = stepper(detector(section, s), section, images, targets)
+        fns[f"{s} px, batch {count}"] = train_step(detector(section, s), images, targets,
+                                                      section.train)
     for b in (count // 2, count * 2):
         images, targets = batch(size, b, CPU)
-        fns[f"{size} px, batch {b}"] = stepper(detector(section), section, images, targets)
+        fns[f"{size} px, batch {b}"] = train_step(detector(section), images, targets,
+                                                       section.train)
     report("Student step by image and batch size", timed(fns, steps, CPU),
            f"{size} px, batch {count}")
 
@@ -222,9 +219,9 @@ def study_steps(params: Params) -> dict[str, Step]:
     teacher, student = detector(params.teacher), detector(params.student)
     distiller = Distiller(copy.deepcopy(student), copy.deepcopy(teacher), params.distill)
     return {
-        "teacher": stepper(teacher, params.teacher, *side_batch(params.teacher)),
-        "student": stepper(student, params.student, *side_batch(params.student)),
-        "distill": stepper(distiller, params.student, *side_batch(params.student)),
+        "teacher": train_step(teacher, *side_batch(params.teacher), params.teacher.train),
+        "student": train_step(student, *side_batch(params.student), params.student.train),
+        "distill": train_step(distiller, *side_batch(params.student), params.student.train),
     }
 
 

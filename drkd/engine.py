@@ -89,8 +89,9 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The dtype ``train.amp`` asks for on ``device``, None for fp32.
 
-    CUDA only: on CPU, bf16 autocast made a step 4x slower on this project's machine (no
-    native bf16 convolutions; benchmarks/speed.py measures it), so CPU runs stay in fp32."""
+    CUDA only: on a CPU without native bf16 convolutions, bf16 autocast makes a step many
+    times slower (benchmarks/speed.py measures it; docs/results.md has the numbers), so CPU
+    runs stay in fp32."""
     if device.type != "cuda" or cfg.amp == "off":
         return None
     return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
@@ -127,6 +128,7 @@ def train_step(
 
 
 def module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters live (what autocast and a GradScaler must be told)."""
     return next(module.parameters()).device
 
 
