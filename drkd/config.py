@@ -154,15 +154,55 @@ class InstanceRelationConfig:
 
 
 @dataclass(frozen=True)
+class PkdConfig:
+    """PKD (Cao et al. 2022): MSE of per-channel standardised FPN maps, halved (mmrazor's
+    configs: weight 10 for RetinaNet, 6 for Faster R-CNN)."""
+
+    weight: float = field(default=10.0, metadata=_non_negative("float"))
+
+
+@dataclass(frozen=True)
+class CwdConfig:
+    """CWD (Shu et al. 2021): per-channel spatial softmax, KL(teacher || student) * tau^2."""
+
+    weight: float = field(default=10.0, metadata=_non_negative("float"))
+    tau: float = field(default=1.0, metadata=_positive("float"))
+
+
+@dataclass(frozen=True)
+class MgdConfig:
+    """MGD (Yang et al. 2022): mask student pixels, generate the teacher map from the rest."""
+
+    weight: float = field(default=2e-5, metadata=_non_negative("float"))  # alpha_mgd
+    mask_ratio: float = field(default=0.65, metadata=_fraction())  # lambda_mgd
+
+
+@dataclass(frozen=True)
+class FgdConfig:
+    """FGD (Yang et al. 2022): focal (fg/bg) imitation under the teacher's attention, attention
+    imitation and a global (GcBlock) relation loss. Defaults: the RetinaNet configs."""
+
+    temperature: float = field(default=0.5, metadata=_positive("float"))
+    alpha: float = field(default=1e-3, metadata=_non_negative("float"))  # foreground
+    beta: float = field(default=5e-4, metadata=_non_negative("float"))  # background
+    gamma: float = field(default=5e-4, metadata=_non_negative("float"))  # attention
+    lam: float = field(default=5e-6, metadata=_non_negative("float"))  # global relation
+
+
+Method = Literal["drkd", "mimic", "pkd", "cwd", "mgd", "fgd", "none"]
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Distillation of the student (trained with the `student` section's recipe).
 
-    method: drkd (pixel + instance relations, method.md) | mimic (adapter + MSE
-    on every FPN level, the plain baseline) | none. A weight of 0 switches a
+    method: drkd (pixel + instance relations, method.md; weights w_pr/w_ir/w_ins and the
+    pixel/instance sections) | mimic (adapter + MSE on every FPN level, w_mimic) | pkd | cwd |
+    mgd | fgd (the peer methods, each with its own section) | none. A weight of 0 switches a
     term off (its modules are not built).
     """
 
-    method: Literal["drkd", "mimic", "none"] = "drkd"
+    method: Method = "drkd"
     reduction: Literal["norm", "mse"] = "mse"
     w_pr: float = field(default=1.0, metadata=_non_negative("float"))
     w_ir: float = field(default=1.0, metadata=_non_negative("float"))
@@ -170,6 +210,10 @@ class DistillConfig:
     w_mimic: float = field(default=1.0, metadata=_non_negative("float"))
     pixel: PixelRelationConfig = PixelRelationConfig()
     instance: InstanceRelationConfig = InstanceRelationConfig()
+    pkd: PkdConfig = PkdConfig()
+    cwd: CwdConfig = CwdConfig()
+    mgd: MgdConfig = MgdConfig()
+    fgd: FgdConfig = FgdConfig()
 
 
 @dataclass(frozen=True)

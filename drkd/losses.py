@@ -1,8 +1,8 @@
 """Pure loss functions of DRKD (method.md, "Total loss" and "Reductions and weights").
 
-``reduction="norm"`` is the release's: the un-squared L2 norm of each image's
-difference tensor (``torch.dist``), summed over images (and, by the callers,
-over levels). ``reduction="mse"`` is the mean squared error over the valid
+``reduction="norm"`` is the release's: one un-squared L2 norm (``torch.dist``) of the
+whole batch's difference tensor, summed (by the callers) over levels.
+``reduction="mse"`` is the mean squared error over the valid
 elements: scale-free across image and batch sizes. Weights tuned for one
 reduction are meaningless for the other.
 """
@@ -23,7 +23,7 @@ def distance(
         valid = valid.expand_as(diff)
         diff = torch.where(valid, diff, 0.0)
     if reduction == "norm":
-        return diff.flatten(1).norm(dim=1).sum()
+        return diff.norm()
     count = diff.numel() if valid is None else int(valid.sum())
     return (diff**2).sum() / max(count, 1)
 

@@ -34,9 +34,10 @@ from drkd.config import ConfigError, DistillConfig, UserError, from_dict  # noqa
 from drkd.data.coco import CocoDetection  # noqa: E402
 from drkd.data.transforms import eval_transforms  # noqa: E402
 from drkd.distiller import Distiller  # noqa: E402
+from drkd.methods.drkd import DRKD, is_instance  # noqa: E402
 from drkd.modules.glore import GloRe  # noqa: E402
 from drkd.report import _placeholder, save_figure  # noqa: E402
-from drkd.taps import capture, part  # noqa: E402
+from drkd.taps import part  # noqa: E402
 
 PIXEL_PNG, INSTANCE_PNG = "pixel_relations.png", "instance_relations.png"
 
@@ -115,27 +116,28 @@ def _run(
     device = next(distiller.student.parameters()).device
     items = [dataset[i] for i in range(count)]
     images = [im.as_subclass(torch.Tensor).to(device) for im, _ in items]
-    with torch.no_grad(), capture(distiller.student) as tap:
-        distiller.student(images)
-        assert tap.images is not None
-        teacher_maps = list(part(distiller.teacher, "backbone")(tap.images.tensors).values())
-    batch = tap.images.tensors
+    targets = [
+        {"boxes": t["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4).to(device)}
+        for _, t in items
+    ]
+    # The detector's own transform: the batch and boxes exactly as training sees them.
+    with torch.no_grad():
+        image_list, scaled = part(distiller.student, "transform")(images, targets)
+        batch = image_list.tensors
+        student_maps = list(part(distiller.student, "backbone")(batch).values())
+        teacher_maps = list(part(distiller.teacher, "backbone")(batch).values())
     transform = part(distiller.student, "transform")
     mean = torch.tensor(cast(list[float], transform.image_mean), device=device)[:, None, None]
     std = torch.tensor(cast(list[float], transform.image_std), device=device)[:, None, None]
-    pictures, boxes = [], []
-    for i, (image, target) in enumerate(zip(images, (t for _, t in items), strict=True)):
-        h, w = tap.images.image_sizes[i]
+    pictures = []
+    for i in range(len(images)):
+        h, w = image_list.image_sizes[i]
         pictures.append((batch[i, :, :h, :w] * std + mean).clamp(0, 1).permute(1, 2, 0).cpu())
-        # The detector's resize_boxes: x by new/old width, y by new/old height.
-        rx, ry = w / image.shape[-1], h / image.shape[-2]
-        scale = torch.tensor([rx, ry, rx, ry])
-        boxes.append(target["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4) * scale)
     return (
-        tap.features,
+        student_maps,
         teacher_maps,
         pictures,
-        boxes,
+        [t["boxes"].cpu() for t in scaled],
         [t for _, t in items],
         (batch.shape[-2], batch.shape[-1]),
     )
@@ -158,8 +160,8 @@ def plot_pixel_relations(
 ) -> None:
     """Rows = images; columns = image + query, teacher relations, student relations."""
     sides = [
-        ("teacher: GloRe_t[0]", distiller.glore_t[0], teacher_maps[0]),
-        ("student: GloRe_s[0]", distiller.glore_s[0], student_maps[0]),
+        ("teacher: GloRe_t[0]", cast(DRKD, distiller.method).glore_t[0], teacher_maps[0]),
+        ("student: GloRe_s[0]", cast(DRKD, distiller.method).glore_s[0], student_maps[0]),
     ]
     fig, axes = plt.subplots(
         len(pictures), 3, figsize=(9.5, 3.2 * len(pictures)), squeeze=False, layout="constrained"
@@ -222,12 +224,13 @@ def plot_instance_relations(
     """Rows = images with >= 2 instances; columns = numbered boxes, R_t, R_s. Returns the
     number of rows drawn (a placeholder PNG when 0)."""
     device = student_maps[0].device
-    r_s, r_t, mask = distiller.relation_matrices(
-        student_maps, teacher_maps, [{"boxes": b.to(device)} for b in boxes], padded[1], level=0
+    method = cast(DRKD, distiller.method)
+    r_s, r_t, mask = method.relation_matrices(
+        student_maps, teacher_maps, [b.to(device) for b in boxes], padded, level=0
     )
     rows = []
     for i, box in enumerate(boxes):
-        keep = ((box[:, 2] - box[:, 0]) >= 1) & ((box[:, 3] - box[:, 1]) >= 1)  # as the Distiller
+        keep = is_instance(box)
         n = int(mask[i].sum())
         if n != int(keep.sum()):
             raise RuntimeError(f"image {i}: {n} instances in the mask, {int(keep.sum())} boxes")
@@ -311,8 +314,9 @@ def plot_relations(
         return written
     student_maps, teacher_maps, pictures, boxes, targets, padded = _run(distiller, dataset, count)
     args = (distiller, student_maps, teacher_maps, pictures, boxes, targets, padded, names)
+    method = distiller.method if isinstance(distiller.method, DRKD) else None
     with torch.no_grad():
-        if len(distiller.glore_s):
+        if method is not None and len(method.glore_s):
             plot_pixel_relations(*args, out / PIXEL_PNG)
             written.append(out / PIXEL_PNG)
         else:
@@ -320,7 +324,7 @@ def plot_relations(
                 f"[report] {PIXEL_PNG} skipped: {modules} has no GloRe modules "
                 f"(distill method {distiller.cfg.method!r}, w_pr = {distiller.cfg.w_pr:g})"
             )
-        if len(distiller.relation_s):
+        if method is not None and len(method.relation_s):
             shown = plot_instance_relations(*args, out / INSTANCE_PNG)
             written.append(out / INSTANCE_PNG)
             if not shown:

@@ -95,10 +95,10 @@ def test_modules_not_matching_config_name_the_file(models: dict[str, Path], tmp_
                                                    change: str) -> None:
     state = load(models["modules"])
     if change == "missing":
-        key = next(k for k in state["modules"] if k.startswith("filters."))
+        key = next(k for k in state["modules"] if k.startswith("method.filters."))
         del state["modules"][key]
     else:
-        state["modules"]["relation_s.9.theta.weight"] = torch.zeros(1)
+        state["modules"]["method.relation_s.9.theta.weight"] = torch.zeros(1)
     broken = tmp_path / "broken_modules.pt"
     save_atomic(state, broken)
     with pytest.raises(ValueError, match=f"{re.escape(str(broken))}: .*{change} [a-z]"):

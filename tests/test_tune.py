@@ -175,7 +175,7 @@ def test_a_trial_and_the_distill_stage_start_from_the_same_state(
     assert tune.main(args(params, tiny_data, teacher, tmp_path, "--n-trials", "1")) == 0
     (stage, stage_rng), (trial, trial_rng) = started
     assert stage.keys() == trial.keys()
-    assert any(k.startswith("glore_s.") for k in stage)
+    assert any(k.startswith("method.glore_s.") for k in stage)
     different = [k for k in stage if not torch.equal(stage[k], trial[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
     assert torch.equal(stage_rng, trial_rng)

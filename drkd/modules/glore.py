@@ -37,14 +37,28 @@ class GloRe(nn.Module):
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> the unit's output as pixels (B, HW, C), the layout L_PR compares
-        in (no transpose back, and the student adapter is a plain linear layer on it)."""
-        b, c, h, w = x.shape
-        states, proj = self.projections(x)
-        # Divide by HW: detection inputs vary in size, node features should not.
-        v = states.transpose(1, 2) @ proj / (h * w)  # V = X_s B^T: (B, S, N)
-        z = self.state_mix(torch.relu(v + self.node_mix(v)).transpose(1, 2))  # Z^T: (B, N, S)
-        y = self.back(proj @ z)  # conv1x1(Z B) as (B, HW, C)
-        return x.flatten(2).transpose(1, 2) + self.norm(y.flatten(0, 1)).view(b, h * w, c)
+        in (no transpose back, and the student adapter is a plain linear layer on it).
+
+        Runs in fp32 whatever the autocast: V sums HW products, and under fp16 it reaches
+        4e4 on a 100x168 map of RMS-2 features (fp16 overflows at 65504); the unit is small
+        next to the detector."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            b, c, h, w = x.shape
+            states, proj = self.projections(x)
+            # Divide by HW: detection inputs vary in size, node features should not.
+            v = states.transpose(1, 2) @ (proj / (h * w))  # V = X_s B^T: (B, S, N)
+            z = self.state_mix(torch.relu(v + self.node_mix(v)).transpose(1, 2))  # Z^T (B, N, S)
+            y = self.back(proj @ z).flatten(0, 1)  # conv1x1(Z B) as (B*HW, C)
+            return x.flatten(2).transpose(1, 2) + self._normalise(y).view(b, h * w, c)
+
+    def _normalise(self, y: torch.Tensor) -> torch.Tensor:
+        """BatchNorm over the B*HW pixels (B*HW, C). A single pixel in training (batch 1 on a
+        1x1 map) has y - mean = 0, so BatchNorm's value is its bias, with zero gradient to y;
+        torch raises instead. y stays in the graph: DDP expects a gradient for every weight."""
+        if self.training and y.shape[0] == 1:
+            return y * 0.0 * self.norm.weight + self.norm.bias
+        return self.norm(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""

@@ -1,0 +1,218 @@
+"""DRKD (Ni et al., IJCAI 2023): pixel-wise and instance-wise relation distillation
+(method.md).
+
+- L_PR: a GloRe unit per FPN level on each side; the student's output, adapted to the
+  teacher's width, imitates the teacher's.
+- L_INS: the RoIAlign 3x3 features of every ground-truth box (the finest ``instance.levels``
+  levels), adapted, imitate the teacher's.
+- L_IR: a relation block per level on each side turns those instance features into a relation
+  matrix (optionally filtered); the student imitates the teacher's matrix and/or refined
+  features (``instance.target``). The teacher's theta/phi stay as initialised (method.md,
+  "Beware trivial solutions").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import cast
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+from drkd.config import DistillConfig, UserError
+from drkd.losses import (
+    instance_feature_loss,
+    instance_relation_loss,
+    pixel_relation_loss,
+)
+from drkd.modules.glore import GloRe
+from drkd.modules.relation import InstanceRelation, RelationFilter, pad_instances, relation_matrix
+
+ROI_SIZE = 3  # method.md: RoIAlign 3x3 of every GT box
+
+
+class DRKD(nn.Module):
+    def __init__(self, cfg: DistillConfig, levels: int, c_s: int, c_t: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        inst = cfg.instance
+        # Built empty and filled by what params switch on: a term with weight 0 has no modules.
+        self.glore_s = nn.ModuleList()
+        self.glore_t = nn.ModuleList()
+        self.pixel_adapters = nn.ModuleList()
+        self.instance_adapters = nn.ModuleList()
+        self.relation_s = nn.ModuleList()
+        self.relation_t = nn.ModuleList()
+        self.filters = nn.ModuleList()
+        if cfg.w_pr > 0:
+            sizes = cfg.pixel
+            if len(sizes.nodes) < levels or len(sizes.states) < levels:
+                raise UserError(
+                    f"distill.pixel.nodes/states: the detector has {levels} FPN "
+                    f"levels, got {len(sizes.nodes)} / {len(sizes.states)} sizes"
+                )
+            pairs = list(zip(sizes.nodes, sizes.states, strict=False))[:levels]
+            self.glore_s.extend(GloRe(c_s, n, s) for n, s in pairs)
+            self.glore_t.extend(GloRe(c_t, n, s) for n, s in pairs)
+            self.pixel_adapters.extend(nn.Linear(c_s, c_t) for _ in range(levels))  # on pixels
+        self.instance_levels = min(inst.levels, levels)
+        if cfg.w_ir > 0 or cfg.w_ins > 0:
+            self.instance_adapters.extend(
+                nn.Conv2d(c_s, c_t, 1) for _ in range(self.instance_levels)
+            )
+        if cfg.w_ir > 0:
+            dim = c_t * ROI_SIZE * ROI_SIZE
+            refine = inst.target != "matrix"
+            for side in (self.relation_s, self.relation_t):
+                side.extend(
+                    InstanceRelation(dim, inst.embed_dim, refine)
+                    for _ in range(self.instance_levels)
+                )
+            # Anchor the teacher's relation matrix (method.md, "Beware trivial solutions"):
+            # its embeddings stay as initialised, so the KD loss cannot collapse it.
+            for block in self.relation_t:
+                block.theta.requires_grad_(False)
+                block.phi.requires_grad_(False)
+            if inst.filter:
+                self.filters.extend(
+                    RelationFilter(dim, inst.filter_hidden) for _ in range(self.instance_levels)
+                )
+
+    def forward(
+        self,
+        student_maps: list[torch.Tensor],
+        teacher_maps: list[torch.Tensor],
+        boxes: list[torch.Tensor],
+        batch_shape: tuple[int, int],
+    ) -> dict[str, torch.Tensor]:
+        cfg, out = self.cfg, {}
+        if len(self.glore_s):
+            glore_s = cast(list[GloRe], self.glore_s)
+            glore_t = cast(list[GloRe], self.glore_t)
+            s_rel = [
+                a(g.pixels(s))
+                for a, g, s in zip(self.pixel_adapters, glore_s, student_maps, strict=False)
+            ]
+            t_rel = [g.pixels(t) for g, t in zip(glore_t, teacher_maps, strict=False)]
+            out["loss_pr"] = cfg.w_pr * pixel_relation_loss(s_rel, t_rel, cfg.reduction)
+        if len(self.instance_adapters):
+            out.update(self.instance_losses(student_maps, teacher_maps, boxes, batch_shape))
+        return out
+
+    def instance_losses(
+        self,
+        student_maps: list[torch.Tensor],
+        teacher_maps: list[torch.Tensor],
+        boxes: list[torch.Tensor],
+        batch_shape: tuple[int, int],
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        rois, image_index = instance_rois(boxes)
+        ir, ins = [], []
+        for level in range(self.instance_levels):
+            e_s, e_t, mask = self.instance_features(
+                level, student_maps, teacher_maps, rois, image_index, batch_shape
+            )
+            if cfg.w_ins > 0:
+                ins.append(instance_feature_loss(e_s, e_t, mask, cfg.reduction))
+            if cfg.w_ir > 0:
+                ir.append(self.relation_loss(level, e_s, e_t, mask))
+        out = {}
+        if ins:
+            out["loss_ins"] = cfg.w_ins * torch.stack(ins).sum()
+        if ir:
+            out["loss_ir"] = cfg.w_ir * torch.stack(ir).sum()
+        return out
+
+    def relation_matrices(
+        self,
+        student_maps: list[torch.Tensor],
+        teacher_maps: list[torch.Tensor],
+        boxes: list[torch.Tensor],
+        batch_shape: tuple[int, int],
+        level: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One instance level's relation matrices R_s, R_t (B, n, n) and mask (B, n), exactly as
+        L_IR computes them (for relation plots). Instances: the non-degenerate boxes, in order."""
+        if not len(self.relation_s):
+            raise ValueError("no instance relation modules: the distill config has w_ir = 0")
+        rois, image_index = instance_rois(boxes)
+        e_s, e_t, mask = self.instance_features(
+            level, student_maps, teacher_maps, rois, image_index, batch_shape
+        )
+        r_s, r_t = self.matrices(level, e_s, e_t, mask)
+        return r_s, r_t, mask
+
+    def instance_features(
+        self,
+        level: int,
+        student_maps: list[torch.Tensor],
+        teacher_maps: list[torch.Tensor],
+        rois: torch.Tensor,
+        image_index: torch.Tensor,
+        batch_shape: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoIAlign of one level -> padded e_s (adapted), e_t (B, n, C*9) and mask (B, n)."""
+        s_map, t_map = student_maps[level], teacher_maps[level]
+        # Spatial scale as MultiScaleRoIAlign infers it: a power of two.
+        scale = 2.0 ** round(math.log2(s_map.shape[-1] / batch_shape[1]))
+        # Pooled in fp32 with fp32 boxes: under bf16 autocast, boxes cast to the map's dtype
+        # move by several pixels at COCO sizes (1210.6 -> 1208).
+        # The 1x1 adapter commutes with RoIAlign's bilinear sampling (GT boxes lie inside the
+        # map), so adapt the K pooled 3x3 patches rather than the whole map: same features,
+        # and RoIAlign's backward runs on the student's C_s channels instead of C_t.
+        pooled_s = self.instance_adapters[level](
+            roi_align(s_map.float(), rois, ROI_SIZE, scale, sampling_ratio=2, aligned=True)
+        )
+        pooled_t = roi_align(t_map.float(), rois, ROI_SIZE, scale, sampling_ratio=2, aligned=True)
+        batch = s_map.shape[0]
+        e_s, mask = pad_instances(pooled_s.flatten(1), image_index, batch)
+        e_t, _ = pad_instances(pooled_t.flatten(1), image_index, batch)
+        return e_s, e_t, mask
+
+    def matrices(
+        self, level: int, e_s: torch.Tensor, e_t: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inst = self.cfg.instance
+        block_s = cast(InstanceRelation, self.relation_s[level])
+        block_t = cast(InstanceRelation, self.relation_t[level])
+        # The filter judges relations on the teacher's features and weights both sides alike.
+        weights = self.filters[level](e_t, mask) if len(self.filters) else None
+        r_s = relation_matrix(block_s.affinity(e_s), mask, inst.tau, inst.topk, weights)
+        r_t = relation_matrix(block_t.affinity(e_t), mask, inst.tau, inst.topk, weights)
+        return r_s, r_t
+
+    def relation_loss(
+        self, level: int, e_s: torch.Tensor, e_t: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One level's L_IR; e_s (adapted), e_t: (B, n, D), mask (B, n)."""
+        inst, reduction = self.cfg.instance, self.cfg.reduction
+        r_s, r_t = self.matrices(level, e_s, e_t, mask)
+        loss = e_s.new_zeros((), dtype=torch.float32)
+        if inst.target in ("matrix", "both"):
+            loss = loss + instance_relation_loss(r_s, r_t, mask, reduction, matrix=True)
+        if inst.target in ("features", "both"):
+            block_s = cast(InstanceRelation, self.relation_s[level])
+            block_t = cast(InstanceRelation, self.relation_t[level])
+            z_s, z_t = block_s.refine(e_s, r_s), block_t.refine(e_t, r_t)
+            loss = loss + instance_relation_loss(z_s, z_t, mask, reduction, matrix=False)
+        return loss
+
+
+def instance_rois(boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every non-degenerate GT box of the batch as fp32 RoIAlign rois (K, 5), and its image
+    (K,)."""
+    image_index = torch.cat(
+        [torch.full((len(b),), i, dtype=torch.long, device=b.device) for i, b in enumerate(boxes)]
+    )
+    boxes_all = torch.cat(boxes).float()
+    keep = is_instance(boxes_all)
+    boxes_all, image_index = boxes_all[keep], image_index[keep]
+    return torch.cat([image_index[:, None].float(), boxes_all], dim=1), image_index
+
+
+def is_instance(boxes: torch.Tensor) -> torch.Tensor:
+    """(K, 4) -> (K,) bool: degenerate boxes (w or h < 1 px) are not instances (method.md,
+    "Pitfalls")."""
+    return ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)

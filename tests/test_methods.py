@@ -1,0 +1,267 @@
+"""The peer methods (drkd/methods: PKD, CWD, MGD, FGD, mimic) against independent
+computations of their papers' formulas, written out here per image and channel; zero loss
+where a method defines one; gradients to the student and the method's modules, never the
+teacher; plain exported students; and every method under 2-process gloo DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import toy_model
+from drkd.config import CwdConfig, DistillConfig, FgdConfig, MgdConfig, PkdConfig
+from drkd.distiller import Distiller
+from drkd.methods.fgd import box_masks
+from drkd.models import build_detector, count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 4
+PEERS = ("pkd", "cwd", "mgd", "fgd")
+TERMS = {"mimic": {"loss_mimic"}, "pkd": {"loss_pkd"}, "cwd": {"loss_cwd"}, "mgd": {"loss_mgd"},
+         "fgd": {"loss_fgd_fg", "loss_fgd_bg", "loss_fgd_att", "loss_fgd_global"}}
+
+
+def maps(channels: int, sizes: tuple[tuple[int, int], ...], batch: int = 2,
+         seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, channels, h, w, generator=g) * 2 + 0.5 for h, w in sizes]
+
+
+SIZES = ((8, 12), (4, 6), (2, 3), (1, 2), (1, 1))  # P3-P7 of a 64 x 96 padded batch
+
+
+def distiller(method: str, c_s: int = 16, c_t: int = 24, **cfg: object) -> Distiller:
+    student = build_detector(toy_model(fpn_channels=c_s), NUM_CLASSES)
+    teacher = build_detector(toy_model(fpn_channels=c_t), NUM_CLASSES)
+    return Distiller(student, teacher, DistillConfig(method=method, **cfg))  # type: ignore[arg-type]
+
+
+def batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+    boxes = [torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]),
+             torch.zeros(0, 4), torch.tensor([[0.0, 0.0, 64.0, 64.0]])]
+    return ([torch.rand(3, 64, 64, generator=g) for _ in boxes],
+            [{"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64)} for b in boxes])
+
+
+# -- each loss against its formula ------------------------------------------------------------
+
+
+def test_pkd_is_one_minus_pearson_per_channel() -> None:
+    """PKD: MSE of standardised maps / 2 = (M-1)/M * mean_c (1 - r_c), r_c the Pearson
+    correlation of channel c over batch and positions (M of them)."""
+    method = distiller("pkd", 8, 8, pkd=PkdConfig(weight=3.0)).method
+    s, t = maps(8, SIZES, seed=1), maps(8, SIZES, seed=2)
+    t = [0.5 * a + b for a, b in zip(s, t, strict=True)]  # correlated, so r is not ~0
+    expected = 0.0
+    for a, b in zip(s, t, strict=True):
+        m = a.shape[0] * a.shape[2] * a.shape[3]
+        r = [torch.corrcoef(torch.stack([a[:, c].flatten(), b[:, c].flatten()]))[0, 1]
+             for c in range(a.shape[1])]
+        expected += (m - 1) / m * float(torch.stack(r).sub(1).neg().mean())
+    got = method(s, t, [], (64, 96))["loss_pkd"].item()
+    assert got == pytest.approx(3.0 * expected, rel=1e-4)
+
+
+def test_cwd_is_channel_kl_times_tau_squared() -> None:
+    method = distiller("cwd", 8, 8, cwd=CwdConfig(weight=2.0, tau=3.0)).method
+    s, t = maps(8, SIZES, seed=1), maps(8, SIZES, seed=2)
+    expected = 0.0
+    for a, b in zip(s, t, strict=True):
+        for i in range(a.shape[0]):
+            for c in range(a.shape[1]):
+                p = torch.softmax(b[i, c].flatten() / 3.0, 0)
+                q = torch.softmax(a[i, c].flatten() / 3.0, 0)
+                expected += float((p * (p / q).log()).sum()) * 9.0 / (a.shape[0] * a.shape[1])
+    got = method(s, t, [], (64, 96))["loss_cwd"].item()
+    assert got == pytest.approx(2.0 * expected, rel=1e-4)
+
+
+def test_mgd_generates_the_teacher_from_the_unmasked_student() -> None:
+    method = distiller("mgd", 8, 12, mgd=MgdConfig(weight=0.5, mask_ratio=0.0)).method
+    assert method is not None
+    s, t = maps(8, SIZES, seed=1), maps(12, SIZES, seed=2)
+    expected = 0.0
+    for level, (a, b) in enumerate(zip(s, t, strict=True)):
+        align, gen = method.adapters[level], method.generators[level]
+        x = F.conv2d(a, align.weight, align.bias)
+        x = F.conv2d(F.relu(F.conv2d(x, gen[0].weight, gen[0].bias, padding=1)),
+                     gen[2].weight, gen[2].bias, padding=1)
+        expected += float(((x - b) ** 2).sum()) / a.shape[0]
+    got = method(s, t, [], (64, 96))["loss_mgd"].item()
+    assert got == pytest.approx(0.5 * expected, rel=1e-4)
+
+
+def test_mgd_masks_the_configured_fraction() -> None:
+    method = distiller("mgd", 8, 8, mgd=MgdConfig(mask_ratio=0.65)).method
+    seen: list[torch.Tensor] = []
+    gen = method.generators[0]
+    gen[0].register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    s = [torch.ones(4, 8, 32 >> i, 32 >> i) for i in range(5)]
+    method(s, [torch.zeros_like(m) for m in s], [], (256, 256))
+    dropped = float((seen[0][:, 0] == 0).float().mean())
+    assert dropped == pytest.approx(0.65, abs=0.03)
+    assert torch.equal(seen[0][:, :1].expand_as(seen[0]) == 0, seen[0] == 0)  # whole pixels
+
+
+def reference_fgd_masks(boxes: torch.Tensor, h: int, w: int, batch_hw: tuple[int, int],
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FGD's masks for one image, box by box with Python integers."""
+    fg = torch.zeros(h, w)
+    for x1, y1, x2, y2 in boxes.tolist():
+        c0, c1 = math.floor(x1 * w / batch_hw[1]), math.ceil(x2 * w / batch_hw[1])
+        r0, r1 = math.floor(y1 * h / batch_hw[0]), math.ceil(y2 * h / batch_hw[0])
+        area = (r1 - r0 + 1) * (c1 - c0 + 1)
+        fg[r0: r1 + 1, c0: c1 + 1] = torch.clamp(fg[r0: r1 + 1, c0: c1 + 1], min=1 / area)
+    bg = (fg == 0).float()
+    return fg, bg / bg.sum() if bg.sum() > 0 else bg
+
+
+def test_fgd_masks() -> None:
+    boxes = [torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]), torch.zeros(0, 4),
+             torch.tensor([[0.0, 0.0, 96.0, 64.0]])]
+    fg, bg = box_masks(boxes, (8, 12), (64, 96))
+    for i, b in enumerate(boxes):
+        ref_fg, ref_bg = reference_fgd_masks(b, 8, 12, (64, 96))
+        torch.testing.assert_close(fg[i], ref_fg)
+        torch.testing.assert_close(bg[i], ref_bg)
+    assert fg[1].sum() == 0 and bg[1].sum() == pytest.approx(1.0)  # no boxes: all background
+    assert bg[2].sum() == 0 and (fg[2] > 0).all()  # a box covering the image: no background
+    # Rows are y: a wide, short box covers few rows and many columns.
+    wide, _ = box_masks([torch.tensor([[0.0, 0.0, 96.0, 8.0]])], (8, 12), (64, 96))
+    assert (wide[0].sum(1) > 0).sum() == 2 and (wide[0].sum(0) > 0).all()
+
+
+def test_fgd_terms_equal_the_papers_formulas() -> None:
+    cfg = FgdConfig(temperature=0.7, alpha=2.0, beta=3.0, gamma=5.0, lam=7.0)
+    method = distiller("fgd", 8, 8, fgd=cfg).method
+    assert method is not None
+    with torch.no_grad():  # a non-zero global branch on both sides
+        for p in [*method.context_s.parameters(), *method.context_t.parameters()]:
+            p.copy_(torch.randn(p.shape) * 0.3)
+    s, t = maps(8, SIZES, seed=1), maps(8, SIZES, seed=2)
+    boxes = [torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]), torch.zeros(0, 4)]
+    expected = dict.fromkeys(("fg", "bg", "att", "global"), 0.0)
+    for level, (a, b) in enumerate(zip(s, t, strict=True)):
+        n, c, h, w = a.shape
+        for i in range(n):
+            fg, bg = reference_fgd_masks(boxes[i], h, w, (64, 96))
+            att = {}
+            for side, x in (("s", a[i]), ("t", b[i])):
+                spatial = h * w * torch.softmax((x.abs().mean(0) / 0.7).flatten(), 0).view(h, w)
+                channel = c * torch.softmax(x.abs().mean((1, 2)) / 0.7, 0)
+                att[side] = (spatial, channel)
+            weight = att["t"][0][None] * att["t"][1][:, None, None]
+            err = (a[i] - b[i]) ** 2 * weight
+            expected["fg"] += float((err * fg).sum()) / n
+            expected["bg"] += float((err * bg).sum()) / n
+            expected["att"] += float((att["s"][0] - att["t"][0]).abs().sum()
+                                     + (att["s"][1] - att["t"][1]).abs().sum()) / n
+            outs = []
+            for block, x in ((method.context_s[level], a[i]), (method.context_t[level], b[i])):
+                logits = F.conv2d(x[None], block.mask.weight, block.mask.bias).flatten()
+                context = x.flatten(1) @ torch.softmax(logits, 0)  # (C,)
+                conv1, norm, _, conv2 = block.transform
+                hidden = F.conv2d(context[None, :, None, None], conv1.weight, conv1.bias)
+                hidden = F.relu(F.layer_norm(hidden, hidden.shape[1:], norm.weight, norm.bias))
+                outs.append(x + F.conv2d(hidden, conv2.weight, conv2.bias)[0])
+            expected["global"] += float(((outs[0] - outs[1]) ** 2).sum()) / n
+    with torch.no_grad():
+        got = {k.removeprefix("loss_fgd_"): v.item()
+               for k, v in method(s, t, boxes, (64, 96)).items()}
+    weights = {"fg": 2.0, "bg": 3.0, "att": 5.0, "global": 7.0}
+    assert got == pytest.approx({k: weights[k] * v for k, v in expected.items()}, rel=1e-4)
+    assert all(v > 0 for v in expected.values())
+
+
+# -- what every method shares -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["pkd", "cwd", "fgd", "mimic"])
+def test_identical_maps_give_zero_loss(method: str) -> None:
+    d = distiller(method, 16, 16)
+    assert d.method is not None
+    if method == "mimic":  # always adapts: make it the identity
+        with torch.no_grad():
+            for a in d.method.adapters:
+                a.weight.copy_(torch.eye(16).view(16, 16, 1, 1))
+                a.bias.zero_()
+    s = maps(16, SIZES)
+    boxes = [torch.tensor([[4.0, 6.0, 30.0, 40.0]]), torch.zeros(0, 4)]
+    losses = d.method(s, [m.clone() for m in s], boxes, (64, 96))
+    assert set(losses) == TERMS[method]
+    assert all(abs(v.item()) < 1e-5 for v in losses.values()), losses
+
+
+@pytest.mark.parametrize("method", [*PEERS, "mimic"])
+def test_gradients_reach_student_and_method_never_teacher(method: str) -> None:
+    d = distiller(method)
+    d.train()
+    losses = d(*batch())
+    assert TERMS[method] <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
+    assert all(p.grad is not None for p in d.student.backbone.parameters())
+    # Every trainable parameter of the method gets a gradient (no find_unused_parameters).
+    assert d.method is not None
+    missing = [n for n, p in d.method.named_parameters() if p.grad is None]
+    assert missing == [] and any(True for _ in d.method.parameters())
+    assert not d.teacher.training
+    # The export is a plain detector: the baseline's parameter count.
+    assert count_parameters(d.student) == count_parameters(
+        build_detector(toy_model(fpn_channels=16), NUM_CLASSES))
+    assert "method." in " ".join(d.modules_checkpoint()["modules"])
+
+
+def test_method_weight_scales_its_terms() -> None:
+    torch.manual_seed(0)
+    d = distiller("pkd")
+    s, t = maps(16, SIZES), maps(24, SIZES, seed=1)
+    one = d.method(s, t, [], (64, 96))["loss_pkd"]
+    d.method.weight = 2.5
+    assert d.method(s, t, [], (64, 96))["loss_pkd"].item() == pytest.approx(0.25 * one.item())
+
+
+def test_params_select_and_validate_methods() -> None:
+    from drkd.config import ConfigError, parse_params
+
+    params = parse_params({"distill": {"method": "fgd", "fgd": {"alpha": 0.002}}})
+    assert params.distill.fgd == replace(FgdConfig(), alpha=0.002)
+    with pytest.raises(ConfigError, match=r"distill\.method"):
+        parse_params({"distill": {"method": "kd"}})
+    with pytest.raises(ConfigError, match=r"distill\.mgd\.mask_ratio"):
+        parse_params({"distill": {"mgd": {"mask_ratio": 1.5}}})
+    with pytest.raises(ConfigError, match=r"distill\.cwd\.temp"):
+        parse_params({"distill": {"cwd": {"temp": 1.0}}})
+
+
+def test_every_method_under_ddp(tmp_path: Path) -> None:
+    """2 gloo processes, DDP without find_unused_parameters, 2 steps per method (DRKD also
+    with a term off): an unused parameter or a rank mismatch fails the second step."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT / "tests"))
+    from test_ddp import free_port
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+         str(ROOT / "tests" / "ddp_methods.py"), str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = sorted(p.name for p in tmp_path.iterdir())
+    assert done == sorted(f"{m}.ok" for m in ("drkd", "drkd-no-ir", *PEERS, "mimic")), done
+
+
+def test_module_is_an_nn_module() -> None:
+    assert isinstance(distiller("cwd").method, nn.Module) and distiller("none").method is None
