@@ -129,11 +129,11 @@ def read_annotation(path: Path) -> VocAnnotation:
         difficult = obj.findtext("difficult", "0").strip() or "0"
         if difficult not in ("0", "1"):
             raise UserError(f"{path}: {where}: <difficult> must be 0 or 1, got {difficult!r}")
-        box = tuple(
+        xmin, ymin, xmax, ymax = (
             _number(path, f"{where}: <bndbox>/<{key}>", obj.findtext(f"bndbox/{key}"))
             for key in ("xmin", "ymin", "xmax", "ymax")
         )
-        objects.append(VocObject(name, difficult == "1", box))  # type: ignore[arg-type]
+        objects.append(VocObject(name, difficult == "1", (xmin, ymin, xmax, ymax)))
     filename = (root.findtext("filename") or "").strip()
     return VocAnnotation(path, filename, size, tuple(objects))
 
@@ -226,7 +226,7 @@ def convert_split(
                 dropped[event] += 1
             if bbox is None:
                 continue
-            counts["difficult"] += obj.difficult
+            counts["difficult"] += int(obj.difficult)
             out_annotations.append(
                 {
                     "id": len(out_annotations) + 1,
