@@ -76,10 +76,26 @@ class CocoConfig:
 
 
 @dataclass(frozen=True)
+class VocConfig:
+    """A Pascal VOC-style dataset on local disk (see drkd/data/voc.py): ``root`` holds
+    Annotations/*.xml, JPEGImages/ and ImageSets/Main/<split>.txt; it may be relative to the
+    repo root."""
+
+    root: str = ""
+    train_split: str = "train"  # ImageSets/Main/<train_split>.txt lists the training images
+    val_split: str = "val"
+    # Category ids 1..K in this order; empty: every class name in the two splits' XMLs, sorted.
+    classes: tuple[str, ...] = ()
+    ignore_unknown_classes: bool = False  # true: skip (and count) objects of other classes
+    max_images: int = field(default=0, metadata=_non_negative("int"))  # per split, 0 = all
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: Literal["synthetic", "coco"] = "synthetic"
+    source: Literal["synthetic", "coco", "voc"] = "synthetic"
     synthetic: SyntheticConfig = SyntheticConfig()
     coco: CocoConfig = CocoConfig()
+    voc: VocConfig = VocConfig()
 
 
 @dataclass(frozen=True)
@@ -372,6 +388,19 @@ def _check_whole(params: Params) -> None:
         for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
             if not getattr(params.data.coco, key):
                 raise ConfigError(f"data.coco.{key}: required when data.source is 'coco'")
+    voc = params.data.voc
+    if params.data.source == "voc":
+        for key in ("root", "train_split", "val_split"):
+            if not getattr(voc, key):
+                raise ConfigError(f"data.voc.{key}: required when data.source is 'voc'")
+    for i, name in enumerate(voc.classes):
+        if not name.strip() or name != name.strip():
+            raise ConfigError(
+                f"data.voc.classes[{i}]: expected a non-empty name without surrounding spaces, "
+                f"got {name!r}"
+            )
+        if name in voc.classes[:i]:
+            raise ConfigError(f"data.voc.classes[{i}]: duplicate class {name!r}")
 
 
 def parse_params(data: Any) -> Params:

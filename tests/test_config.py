@@ -123,7 +123,7 @@ def test_wrong_type_message_exact(tmp_path: Path) -> None:
         ("teacher.model.arch", "yolo", "expected one of 'retinanet', 'faster_rcnn', 'fcos', "
                                        "got 'yolo'"),
         ("teacher.model.norm", "layer", "expected one of 'batch', 'group', 'frozen', got 'layer'"),
-        ("data.source", "voc", "expected one of 'synthetic', 'coco', got 'voc'"),
+        ("data.source", "pascal", "expected one of 'synthetic', 'coco', 'voc', got 'pascal'"),
         ("teacher.train.milestones", 3, "expected a list of ints, got 3"),
         ("teacher.train", [1], "expected a mapping, got [1]"),
         ("tracking.enabled", "yes", "expected a boolean, got 'yes'"),

@@ -1,4 +1,5 @@
-"""Write ``<out>/{train,val}.json`` (COCO format) and ``<out>/stats.json`` for either source."""
+"""Write ``<out>/{train,val}.json`` (COCO format) and ``<out>/stats.json`` for any source
+(synthetic, coco, voc)."""
 
 from __future__ import annotations
 
@@ -41,19 +42,28 @@ def prepare(cfg: DataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
             "train": synthetic.write_split(out_dir, "train", s.num_train, s, seed),
             "val": synthetic.write_split(out_dir, "val", s.num_val, s, seed),
         }
-        dropped: dict[str, dict[str, int]] = {"train": {}, "val": {}}
+        extra: dict[str, dict[str, Any]] = {split: {"dropped_boxes": {}} for split in splits}
+    elif cfg.source == "voc":
+        from drkd.data.voc import voc_to_coco
+
+        converted = voc_to_coco(cfg.voc)
+        splits = {split: coco for split, (coco, _) in converted.items()}
+        extra = {split: counts for split, (_, counts) in converted.items()}
     else:
         from drkd.data.validate import clean_coco
 
         c = cfg.coco
-        splits, dropped = {}, {}
+        splits, extra = {}, {}
         for split, ann, images in (
             ("train", c.train_annotations, c.train_images),
             ("val", c.val_annotations, c.val_images),
         ):
-            splits[split], dropped[split] = clean_coco(Path(ann), Path(images), c.max_images)
+            splits[split], dropped = clean_coco(Path(ann), Path(images), c.max_images)
+            extra[split] = {"dropped_boxes": dropped}
+    # coco and voc: both splits are checked and built before anything is written, so bad
+    # input leaves no half-prepared folder behind.
     for split, coco in splits.items():
         write_json(coco, out_dir / f"{split}.json", indent=1)
-        stats[split] = {**split_stats(coco), "dropped_boxes": dropped[split]}
+        stats[split] = {**split_stats(coco), **extra[split]}
     write_json(stats, out_dir / "stats.json", indent=1)
     return stats

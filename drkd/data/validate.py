@@ -77,8 +77,13 @@ class _Checker:
         return item["id"]
 
 
-def _clean_box(bbox: list[float], width: int, height: int) -> tuple[list[float] | None, str | None]:
-    """Clip an [x, y, w, h] box to the image; return (box or None, what happened or None)."""
+def clip_box(bbox: list[float], width: int, height: int) -> tuple[list[float] | None, str | None]:
+    """Clip an [x, y, w, h] box to the image; return (box or None, what happened or None).
+
+    What happened: ``"outside"`` (no overlap with the image, dropped), ``"degenerate"``
+    (under 1 px wide or high once clipped, dropped), ``"clipped"`` (kept, smaller), or None.
+    The COCO and VOC readers share this rule.
+    """
     x, y, w, h = bbox
     if x >= width or y >= height or x + w <= 0 or y + h <= 0:
         return None, "outside"
@@ -176,7 +181,7 @@ def clean_coco(
         event = None
         if not crowd:
             im = images[ann["image_id"]]
-            bbox, event = _clean_box(ann["bbox"], im["width"], im["height"])
+            bbox, event = clip_box(ann["bbox"], im["width"], im["height"])
             if event is not None:
                 counts[event] += 1
         if bbox is None:
