@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test lint install tune
+.PHONY: repro test lint install tune compare
 
 install: $(STAMP)
 
@@ -33,3 +33,10 @@ test: lint
 #   make tune TUNE_ARGS="--n-trials 40 --storage postgresql://..."
 tune: $(STAMP)
 	python -m stages.tune $(TUNE_ARGS)
+
+# Every method in params `compare.methods` x every seed in `compare.seeds`, each cell a cached
+# DVC stage (compare/dvc.yaml): a new method or seed runs only its cells. Writes
+# compare/leaderboard.{md,png,json}. Not part of `make repro`.
+compare: $(STAMP)
+	DRKD_PIPELINE_ID=$${DRKD_PIPELINE_ID:-compare-$$(date -u +%Y%m%dT%H%M%S)} dvc repro compare/dvc.yaml
+	@cat compare/leaderboard.md

@@ -249,6 +249,49 @@ class SearchSpace:
 
 
 @dataclass(frozen=True)
+class MimicSpace:
+    w_mimic: tuple[float, ...] = (1e-4, 1e-1)
+
+
+@dataclass(frozen=True)
+class PkdSpace:
+    weight: tuple[float, ...] = (1.0, 30.0)
+
+
+@dataclass(frozen=True)
+class CwdSpace:
+    weight: tuple[float, ...] = (1.0, 30.0)
+    tau: tuple[float, ...] = (0.5, 4.0)
+
+
+@dataclass(frozen=True)
+class MgdSpace:
+    weight: tuple[float, ...] = (2e-6, 2e-4)
+    mask_ratio: tuple[float, ...] = (0.45, 0.65, 0.85)
+
+
+@dataclass(frozen=True)
+class FgdSpace:
+    temperature: tuple[float, ...] = (0.5, 1.0)
+    alpha: tuple[float, ...] = (1e-4, 1e-2)
+    beta: tuple[float, ...] = (5e-5, 5e-3)
+    gamma: tuple[float, ...] = (5e-5, 5e-3)
+    lam: tuple[float, ...] = (5e-7, 5e-5)
+
+
+@dataclass(frozen=True)
+class MethodSpaces:
+    """Search spaces of the other methods over their own `distill` keys (`distill.<method>`;
+    mimic: `distill.w_mimic`), read like `space`; DRKD's is `tune.space`."""
+
+    mimic: MimicSpace = MimicSpace()
+    pkd: PkdSpace = PkdSpace()
+    cwd: CwdSpace = CwdSpace()
+    mgd: MgdSpace = MgdSpace()
+    fgd: FgdSpace = FgdSpace()
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     """`tune` (not run by plain `dvc repro`): a study whose objective is the validation AP of
     the distilled student after a short budget."""
@@ -260,7 +303,19 @@ class TuneConfig:
     pruner: Literal["median", "hyperband", "none"] = "median"
     epochs: int = field(default=2, metadata=_positive("int"))  # per trial
     max_steps: int = field(default=0, metadata=_non_negative("int"))  # per trial; 0 = no cap
+    # The method tuned: empty for distill.method (`make tune TUNE_ARGS="--method pkd"` too).
+    method: Literal["", "drkd", "mimic", "pkd", "cwd", "mgd", "fgd"] = ""
     space: SearchSpace = SearchSpace()
+    spaces: MethodSpaces = MethodSpaces()
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """`make compare` (compare/dvc.yaml): every method x every seed, each a cached DVC stage."""
+
+    methods: tuple[Method, ...] = ("none", "mimic", "drkd", "pkd", "cwd", "mgd", "fgd")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = field(default=0, metadata=_non_negative("int"))  # 0: the student recipe's
 
 
 @dataclass(frozen=True)
@@ -289,6 +344,7 @@ class Params:
     student: DetectorConfig = DetectorConfig()
     distill: DistillConfig = DistillConfig()
     tune: TuneConfig = TuneConfig()
+    compare: CompareConfig = CompareConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -384,6 +440,14 @@ def _check_whole(params: Params) -> None:
                 f"tune.space.{name}: expected [], [value] or [low, high] with "
                 f"0 < low <= high, got {list(values)}"
             )
+    for method in dataclasses.fields(params.tune.spaces):
+        for dim in dataclasses.fields(getattr(params.tune.spaces, method.name)):
+            values = getattr(getattr(params.tune.spaces, method.name), dim.name)
+            if any(v <= 0 for v in values) or (len(values) == 2 and values[0] > values[1]):
+                raise ConfigError(
+                    f"tune.spaces.{method.name}.{dim.name}: expected positive values, "
+                    f"[low, high] with low <= high, got {list(values)}"
+                )
     if params.data.source == "coco":
         for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
             if not getattr(params.data.coco, key):

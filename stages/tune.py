@@ -1,4 +1,6 @@
-"""Optuna study over the DRKD params (`make tune`; deliberately not a stage of `dvc repro`).
+"""Optuna study over a distillation method's params (`make tune`; deliberately not a stage of
+`dvc repro`). DRKD by default; `--method pkd` (or `tune.method`) tunes another method over its
+`tune.spaces.<method>`, in its own study `<study_name>-<method>`, writing OUT/<method>/.
 
     python -m stages.tune [--params params.yaml] [--data data/prepared]
                           [--teacher models/teacher.pt] [--storage URL] [--n-trials N]
@@ -31,6 +33,7 @@ import socket
 import sys
 import tempfile
 import time
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,7 +51,6 @@ from drkd.checkpoint import load_detector
 from drkd.config import (
     ConfigError,
     Params,
-    SearchSpace,
     TrainConfig,
     UserError,
     flatten,
@@ -72,7 +74,6 @@ from stages.preset import apply, check, flags, merge
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 HEARTBEAT_S = 10  # a live worker refreshes its running trial this often
 GRACE_S = 60  # a RUNNING trial whose heartbeat is older belongs to a dead worker: FAIL
-FLOATS = ("w_pr", "w_ir", "w_ins", "tau", "lr")  # [low, high] is a log range; else choices
 TOP_LEVEL = ("w_pr", "w_ir", "w_ins")  # distill.<name>; lr -> student.train.lr; rest -> instance
 PLOTS: dict[str, Callable[..., Any]] = {
     "optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
@@ -82,20 +83,37 @@ PLOTS: dict[str, Callable[..., Any]] = {
 }
 
 
-def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+def space_of(params: Params, method: str) -> Any:
+    """The search space of ``method``: DRKD's is `tune.space`, the others' `tune.spaces.<m>`."""
+    return params.tune.space if method == "drkd" else getattr(params.tune.spaces, method)
+
+
+def float_dims(space: Any) -> set[str]:
+    """The float dimensions of a space: there, [low, high] is a log range (else choices)."""
+    hints = typing.get_type_hints(type(space))
+    return {name for name, tp in hints.items() if tp == tuple[float, ...]}
+
+
+def suggest(trial: optuna.Trial, space: Any) -> dict[str, Any]:
     """One value per dimension of ``space`` ([] dims are left out: their params value holds)."""
     values: dict[str, Any] = {}
+    floats = float_dims(space)
     for field in dataclasses.fields(space):
         choices = getattr(space, field.name)
-        if field.name in FLOATS and len(choices) == 2:
+        if field.name in floats and len(choices) == 2:
             values[field.name] = trial.suggest_float(field.name, *choices, log=True)
         elif choices:
             values[field.name] = trial.suggest_categorical(field.name, list(choices))
     return values
 
 
-def partial_params(values: dict[str, Any]) -> dict[str, Any]:
-    """Suggested values as a partial params file: {distill: {..., instance: {...}}, student}."""
+def partial_params(values: dict[str, Any], method: str = "drkd") -> dict[str, Any]:
+    """Suggested values as a partial params file: DRKD's {distill: {..., instance: {...}},
+    student}; mimic's distill.w_mimic; another method's distill.<method>."""
+    if method == "mimic":
+        return {"distill": dict(values)}
+    if method != "drkd":
+        return {"distill": {method: dict(values)}}
     distill = {k: v for k, v in values.items() if k in TOP_LEVEL}
     instance = {k: v for k, v in values.items() if k not in TOP_LEVEL and k != "lr"}
     out: dict[str, Any] = {"distill": {**distill, **({"instance": instance} if instance else {})}}
@@ -104,19 +122,25 @@ def partial_params(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def current_values(params: Params) -> dict[str, Any]:
+def current_values(params: Params, method: str = "drkd") -> dict[str, Any]:
     """The params file's own value of every searched dimension that lies inside the space:
     enqueued as trial 0, so the study measures the defaults at the same budget."""
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(params.tune.space):
-        choices = getattr(params.tune.space, field.name)
-        if field.name == "lr":
+    space = space_of(params, method)
+    floats = float_dims(space)
+    for field in dataclasses.fields(space):
+        choices = getattr(space, field.name)
+        if method == "mimic":
+            value = params.distill.w_mimic
+        elif method != "drkd":
+            value = getattr(getattr(params.distill, method), field.name)
+        elif field.name == "lr":
             value = params.student.train.lr
         elif field.name in TOP_LEVEL:
             value = getattr(params.distill, field.name)
         else:
             value = getattr(params.distill.instance, field.name)
-        if field.name in FLOATS and len(choices) == 2:
+        if field.name in floats and len(choices) == 2:
             inside = choices[0] <= value <= choices[1]
         else:
             inside = value in choices
@@ -125,11 +149,13 @@ def current_values(params: Params) -> dict[str, Any]:
     return values
 
 
-def trial_params(params: Params, values: dict[str, Any]) -> Params:
-    """``params`` with the suggested values applied and the student's recipe compressed to
-    `tune`'s budget: fewer epochs, and the warm-up shortened by the same factor (a warm-up
-    as long as the whole trial would leave the student untrained and the study blind)."""
-    applied = parse_params(merge(to_dict(params), partial_params(values)))
+def trial_params(params: Params, values: dict[str, Any], method: str = "drkd") -> Params:
+    """``params`` with ``method`` and its suggested values applied and the student's recipe
+    compressed to `tune`'s budget: fewer epochs, and the warm-up shortened by the same factor
+    (a warm-up as long as the whole trial would leave the student untrained and the study
+    blind)."""
+    partial = merge(partial_params(values, method), {"distill": {"method": method}})
+    applied = parse_params(merge(to_dict(params), partial))
     share = min(1.0, params.tune.epochs / applied.student.train.epochs)
     train = dataclasses.replace(
         applied.student.train,
@@ -220,7 +246,12 @@ class Tracker:
 
 
 def make_objective(
-    params: Params, teacher: nn.Module, train: CocoDetection, val: CocoDetection, track: Tracker
+    params: Params,
+    teacher: nn.Module,
+    train: CocoDetection,
+    val: CocoDetection,
+    track: Tracker,
+    method: str = "drkd",
 ) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -236,11 +267,11 @@ def make_objective(
                 raise optuna.TrialPruned(f"epoch {epoch}: AP {ap:.4f}")
 
         try:
-            values = suggest(trial, params.tune.space)  # fails if the space changed kind
+            values = suggest(trial, space_of(params, method))  # fails if the space changed
             track.log_params(values)
             with tempfile.TemporaryDirectory(prefix=f"drkd-tune-{trial.number}-") as work:
                 ap = distill_and_evaluate(
-                    trial_params(params, values),
+                    trial_params(params, values, method),
                     teacher,
                     train,
                     val,
@@ -302,7 +333,7 @@ def progress(study: optuna.Study, t: FrozenTrial) -> None:
     print(line, flush=True)
 
 
-def write_outputs(study: optuna.Study, out: Path, track: Tracker) -> None:
+def write_outputs(study: optuna.Study, out: Path, track: Tracker, method: str = "drkd") -> None:
     """best_params.yaml, trials.csv and the plots, from every trial in the storage."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     names = sorted({k for t in trials for k in t.params})
@@ -337,7 +368,7 @@ def write_outputs(study: optuna.Study, out: Path, track: Tracker) -> None:
             f"AP {best.value:.4f} ({len(complete)} complete of {len(trials)} trials).\n"
             "# Promote: python -m stages.tune --promote [--apply]\n"
         )
-        body = yaml.safe_dump(partial_params(best.params), sort_keys=False)
+        body = yaml.safe_dump(partial_params(best.params, method), sort_keys=False)
         write_text(header + body, out / "best_params.yaml")
         written.append(out / "best_params.yaml")
         track.log({"best_AP": float(best.value or 0.0)})
@@ -371,7 +402,13 @@ def write_outputs(study: optuna.Study, out: Path, track: Tracker) -> None:
         track.log_artifact(path)
 
 
-def open_study(params: Params, url: str) -> optuna.Study:
+def study_name(params: Params, method: str) -> str:
+    """`tune.study_name` for DRKD; `<study_name>-<method>` for another method (its own
+    search space: never mixed into DRKD's study)."""
+    return params.tune.study_name if method == "drkd" else f"{params.tune.study_name}-{method}"
+
+
+def open_study(params: Params, url: str, method: str = "drkd") -> optuna.Study:
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
         with warnings.catch_warnings():
@@ -389,7 +426,7 @@ def open_study(params: Params, url: str) -> optuna.Study:
     }
     return optuna.create_study(
         storage=storage,
-        study_name=tune.study_name,
+        study_name=study_name(params, method),
         direction="maximize",
         pruner=pruners[tune.pruner](),
         load_if_exists=True,
@@ -450,6 +487,10 @@ def run_study(
 
 def tune(args: argparse.Namespace) -> int:
     params = load_params(args.params)
+    method = args.method or params.tune.method or params.distill.method
+    if method == "none":
+        raise UserError("tune: distill.method is none; pick a method (--method or tune.method)")
+    out = Path(args.out) if method == "drkd" else Path(args.out) / method
     data, teacher_path = Path(args.data), Path(args.teacher)
     if not teacher_path.is_file():
         raise UserError(f"{teacher_path}: teacher checkpoint not found (dvc repro train_teacher)")
@@ -460,16 +501,16 @@ def tune(args: argparse.Namespace) -> int:
     teacher, state = load_detector(teacher_path)
     if state["category_ids"] != train.category_ids:
         raise UserError(f"{teacher_path}: trained on other categories than {data}")
-    trial_params(params, {})  # the budget override must itself be valid params
+    trial_params(params, {}, method)  # the budget override must itself be valid params
     url = args.storage or params.tune.storage or DEFAULT_STORAGE
     n_trials = args.n_trials or params.tune.n_trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     gate = Gate(url)
     gate.acquire()  # two workers creating a fresh sqlite file would race on its tables
     try:
-        study = open_study(params, url)
+        study = open_study(params, url, method)
         if not study.trials:
-            study.enqueue_trial(current_values(params), user_attrs={"from": "params.yaml"})
+            study.enqueue_trial(current_values(params, method), user_attrs={"from": "params.yaml"})
     finally:
         gate.release()
     print(
@@ -477,9 +518,9 @@ def tune(args: argparse.Namespace) -> int:
         f"budget {n_trials}"
     )
     with parent_run(params, study.study_name, url, n_trials, data) as track:
-        objective = make_objective(params, teacher, train, val, track)
+        objective = make_objective(params, teacher, train, val, track, method)
         run_study(study, objective, n_trials, params.tune.sampler_seed, gate)
-        write_outputs(study, Path(args.out), track)
+        write_outputs(study, out, track, method)
     return 0
 
 
@@ -509,7 +550,9 @@ def parent_run(
 
 
 def promote(args: argparse.Namespace) -> int:
-    path = Path(args.out) / "best_params.yaml"
+    params = load_params(args.params)
+    method = args.method or params.tune.method or params.distill.method
+    path = Path(args.out) / ("" if method in ("drkd", "none") else method) / "best_params.yaml"
     if not path.is_file():
         raise UserError(f"{path}: not found (run python -m stages.tune first)")
     best = read_yaml_file(path) or {}
@@ -550,7 +593,17 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="finished trials in total over all workers (default: tune.n_trials)",
     )
-    parser.add_argument("--out", default="tuning", help="best_params.yaml, trials.csv, plots")
+    parser.add_argument(
+        "--method",
+        default="",
+        choices=["", "drkd", "mimic", "pkd", "cwd", "mgd", "fgd"],
+        help="the method to tune (default: tune.method, else distill.method)",
+    )
+    parser.add_argument(
+        "--out",
+        default="tuning",
+        help="best_params.yaml, trials.csv, plots (OUT/<method>/ for a method other than drkd)",
+    )
     parser.add_argument(
         "--promote",
         action="store_true",

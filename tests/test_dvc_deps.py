@@ -89,7 +89,8 @@ def import_closure(module: str, root: Path) -> set[Path]:
 
 def dvc_stages(dvc_yaml: Path) -> dict[str, dict[str, Any]]:
     """dvc.yaml's stages by the name DVC gives them (``evaluate@teacher`` for ``foreach``),
-    with ``${item}`` filled in; YAML anchors (``*train_deps``) are resolved by the loader."""
+    with ``${item}`` filled in; YAML anchors (``*train_deps``) are resolved by the loader.
+    A ``matrix`` stage counts once: its code deps do not depend on the item."""
     stages: dict[str, dict[str, Any]] = {}
     for name, stage in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
         if "foreach" not in stage:
@@ -110,7 +111,8 @@ def stage_module(cmd: str) -> str:
     return match.group(1)
 
 
-STAGES = dvc_stages(ROOT / "dvc.yaml")
+STAGES = {**dvc_stages(ROOT / "dvc.yaml"),
+          **{f"compare/{k}": v for k, v in dvc_stages(ROOT / "compare" / "dvc.yaml").items()}}
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))

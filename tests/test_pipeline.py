@@ -17,6 +17,7 @@ COPY = [
     "stages",
     "presets",
     "dvc.yaml",
+    "compare",
     "params.yaml",
     ".dvcignore",
     ".gitignore",
@@ -125,3 +126,48 @@ def test_dvc_metrics_and_plots_read_the_outputs(repo: tuple[Path, dict[str, str]
     assert "metrics/teacher.json" in json.dumps(shown)
     plots = _run(["dvc", "plots", "show", "--json"], root, env)
     assert "ap_by_size" in plots
+
+
+def set_compare(root: Path, methods: list[str], seeds: list[int]) -> None:
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    params = yaml.load(root / "params.yaml")
+    params["compare"]["methods"], params["compare"]["seeds"] = methods, seeds
+    yaml.dump(params, root / "params.yaml")
+
+
+def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
+    """`make compare` on the smoke preset: 2 methods x 2 seeds, a no-op rerun, and a new seed
+    that runs only its cells; each cell an MLflow run tagged method, seed and compare_id."""
+    root, env = repo
+    set_compare(root, ["none", "pkd"], [0, 1])
+    out = _run(["dvc", "repro", "compare/dvc.yaml"], root, env)
+    assert out.count("Running stage 'compare/dvc.yaml:cell@") == 4
+    board = json.loads((root / "compare" / "leaderboard.json").read_text())
+    assert set(board["methods"]) == {"none", "pkd"}
+    for row in board["methods"].values():
+        assert row["seeds"] == [0, 1] and len(row["per_seed"]) == 2
+        assert row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0
+    assert board["methods"]["none"]["step_time_vs_baseline"] == 1.0
+    assert "pkd" in (root / "compare" / "leaderboard.md").read_text()
+    assert (root / "compare" / "leaderboard.png").stat().st_size > 1000
+    used = json.loads((root / "compare" / "cells" / "pkd-s1" / "params.yaml").read_text())
+    assert used["seed"] == 1 and used["distill"]["method"] == "pkd"
+
+    assert "Running stage" not in _run(["dvc", "repro", "compare/dvc.yaml"], root, env)
+
+    set_compare(root, ["none", "pkd"], [0, 1, 2])
+    out = _run(["dvc", "repro", "compare/dvc.yaml"], root, env)
+    ran = sorted(line.split("'")[1] for line in out.splitlines() if "Running stage" in line)
+    assert ran == ["compare/dvc.yaml:cell@none-2", "compare/dvc.yaml:cell@pkd-2",
+                   "compare/dvc.yaml:leaderboard"]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["drkd"], output_format="list",
+                              filter_string="tags.method = 'pkd'")
+    assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1", "2"]
+    assert len({r.data.tags["compare_id"] for r in runs}) == 1
+    assert all("AP" in r.data.metrics for r in runs)

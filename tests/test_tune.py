@@ -372,3 +372,39 @@ def test_errors_are_one_line(
     assert "tune.n_trials: expected a positive int" in capsys.readouterr().err
     assert tune.cli.run(tune.main, ["--promote", "--out", str(tmp_path / "nothing")]) == 2
     assert "best_params.yaml: not found" in capsys.readouterr().err
+
+
+def test_any_method_can_be_tuned_in_its_own_study(
+    tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--method pkd` searches tune.spaces.pkd in study `<name>-pkd`, trains the student with
+    PKD, and writes OUT/pkd/best_params.yaml that promotes into distill.pkd only."""
+    trained: list[str] = []
+    real = tune.distill_and_evaluate
+
+    def spy(params: Any, *rest: Any, **kw: Any) -> float:
+        trained.append(params.distill.method)
+        assert 1.0 <= params.distill.pkd.weight <= 30.0
+        return real(params, *rest, **kw)
+
+    monkeypatch.setattr(tune, "distill_and_evaluate", spy)
+    fake_ap(monkeypatch, [0.1, 0.2, 0.3, 0.4])
+    params = write_params(tmp_path, epochs=1, n_trials=2,
+                          spaces={"pkd": {"weight": [1.0, 30.0]}})
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert tune.main(args(params, tiny_data, teacher, tmp_path, "--method", "pkd")) == 0
+    assert trained == ["pkd", "pkd"]
+    study = optuna.load_study(study_name="toy-pkd", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    done = study.get_trials()
+    assert done[0].params == {"weight": 10.0}  # trial 0: the params file's own value
+    assert done[1].distributions["weight"].log
+    best = yaml.safe_load((tmp_path / "tuning" / "pkd" / "best_params.yaml").read_text())
+    assert best == {"distill": {"pkd": {"weight": study.best_trial.params["weight"]}}}
+    assert not (tmp_path / "tuning" / "best_params.yaml").exists()  # DRKD's is untouched
+    names = optuna.get_all_study_names(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert names == ["toy-pkd"]  # DRKD's study "toy" is not touched
+    # Another method's space maps onto its own section (mimic: distill.w_mimic).
+    assert tune.partial_params({"w_mimic": 0.01}, "mimic") == {"distill": {"w_mimic": 0.01}}
+    fgd = tune.trial_params(load_params(params), {"alpha": 0.002}, "fgd")
+    assert fgd.distill.method == "fgd" and fgd.distill.fgd.alpha == 0.002

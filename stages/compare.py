@@ -1,0 +1,235 @@
+"""`make compare`: the student of params.yaml distilled from the same teacher by every method in
+``compare.methods``, for every seed in ``compare.seeds`` (``compare/dvc.yaml``, one DVC
+``matrix`` stage: each cell is cached, so adding a method or a seed runs only its cells and a
+rerun with nothing changed is a no-op), then a leaderboard.
+
+    python -m stages.compare cell METHOD SEED --out compare/cells/METHOD-sSEED
+    python -m stages.compare leaderboard --cells compare/cells --out compare
+
+A cell trains with the student recipe (``compare.epochs`` > 0 shortens it for every cell
+alike), the method's own params section and the given seed; `none` is the baseline student.
+It writes ``params.yaml`` (the exact values it used), ``history.csv``, ``metrics.json`` (COCO
+metrics of val) and ``cost.json`` (seconds per training step, peak memory), and is one MLflow
+run tagged ``method``, ``seed`` and ``compare_id`` (a hash of what every cell of one
+comparison shares: data, teacher, student recipe, budget).
+
+The leaderboard (``leaderboard.md``, ``leaderboard.png``, ``leaderboard.json``): AP mean and
+per seed per method, APs/APm/APl, the share of the teacher-baseline gap closed, and step time
+and peak memory relative to the baseline student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from drkd import cli
+from drkd.config import Method, UserError, load_params, parse_params, to_dict
+from drkd.files import require_files, write_json, write_text
+from drkd.tracking import stage_run
+
+STATS = ("AP", "AP50", "APs", "APm", "APl")
+
+
+def cell_params(params_file: str, method: Method, seed: int) -> dict[str, Any]:
+    """params.yaml as one cell trains it: its seed and method; its own tracking off (the cell
+    is the MLflow run)."""
+    params = to_dict(load_params(params_file))
+    params["seed"] = seed
+    params["distill"]["method"] = method
+    epochs = params["compare"]["epochs"]
+    if epochs:
+        train = params["student"]["train"]
+        # The warm-up shrinks with the budget, as a share of the recipe's steps.
+        train["warmup_steps"] = train["warmup_steps"] * epochs // max(train["epochs"], 1)
+        train["epochs"] = epochs
+    params["tracking"]["enabled"] = False
+    parse_params(params)
+    return params
+
+
+def compare_id(params: dict[str, Any], data: Path, teacher: Path) -> str:
+    """What every cell of one comparison shares (not the method, its params or the seed)."""
+    digest = hashlib.md5((data / "train.json").read_bytes())
+    digest.update(teacher.read_bytes())
+    digest.update(json.dumps([params["student"], params["compare"]["epochs"]],
+                             sort_keys=True).encode())
+    return digest.hexdigest()[:12]
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB); CUDA: peak allocated."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_cell(args: argparse.Namespace) -> int:
+    import stages.evaluate
+    import stages.train
+
+    out, data, teacher = Path(args.out), Path(args.data), Path(args.teacher)
+    require_files([data / "train.json", data / "val.json", teacher])
+    params = cell_params(args.params, args.method, args.seed)
+    cell_id = compare_id(params, data, teacher)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(json.dumps(params, indent=1) + "\n", out / "params.yaml")  # JSON is YAML
+    common = ["--params", str(out / "params.yaml"), "--data", str(data)]
+    work = Path("work/compare") / out.name
+    train = ["student", *common, "--out", str(out / "model.pt"),
+             "--history", str(out / "history.csv"), "--work-dir", str(work)]
+    if args.method != "none":
+        train += ["--teacher", str(teacher)]
+    tracking = load_params(args.params).tracking
+    tags = {"method": args.method, "seed": str(args.seed), "compare_id": cell_id}
+    with stage_run(tracking, f"compare_{out.name}", params, [data / "train.json"]) as run:
+        run.set_tags(tags)
+        start = time.perf_counter()
+        stages.train.main(train)
+        seconds = time.perf_counter() - start
+        with (out / "history.csv").open() as fh:
+            steps = max(int(line.split(",", 1)[0]) for line in list(fh)[1:])
+        cost = {"train_seconds": round(seconds, 2), "steps": steps,
+                "seconds_per_step": seconds / max(steps, 1), "peak_memory_mb": peak_memory_mb()}
+        stages.evaluate.main(["compare", *common, "--checkpoint", str(out / "model.pt"),
+                              "--metrics", str(out / "metrics.json"),
+                              "--detections", str(out / "detections.json")])
+        metrics = json.loads((out / "metrics.json").read_text())
+        write_json({**cost, **tags}, out / "cost.json")
+        run.log_metrics({**{k: metrics[k] for k in STATS},
+                         **{k: float(v) for k, v in cost.items()}})
+        run.log_artifact(out / "history.csv")
+    return 0
+
+
+def read_cells(cells: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """method -> seed -> {metrics..., cost...} of every finished cell."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for cost_file in sorted(cells.glob("*/cost.json")):
+        cost = json.loads(cost_file.read_text())
+        metrics = json.loads((cost_file.parent / "metrics.json").read_text())
+        out.setdefault(cost["method"], {})[int(cost["seed"])] = {**metrics, **cost}
+    return out
+
+
+def summarise(cells: dict[str, dict[int, dict[str, Any]]],
+              teacher: dict[str, Any] | None) -> dict[str, Any]:
+    """Per method: per-seed and mean stats (AP points), spread, gap closed, cost ratios."""
+    rows: dict[str, Any] = {}
+    for method, seeds in cells.items():
+        per_seed = {s: {k: 100 * r[k] for k in STATS} for s, r in sorted(seeds.items())}
+        aps = [r["AP"] for r in per_seed.values()]
+        rows[method] = {
+            "seeds": list(per_seed),
+            "per_seed": per_seed,
+            "mean": {k: statistics.mean(r[k] for r in per_seed.values()) for k in STATS},
+            "spread": max(aps) - min(aps),
+            "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in seeds.values()),
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in seeds.values()),
+        }
+    base = rows.get("none")
+    for row in rows.values():
+        if base is None:
+            continue
+        row["step_time_vs_baseline"] = row["seconds_per_step"] / base["seconds_per_step"]
+        row["memory_vs_baseline"] = row["peak_memory_mb"] / base["peak_memory_mb"]
+        row["gain"] = row["mean"]["AP"] - base["mean"]["AP"]
+        gap = 100 * teacher["AP"] - base["mean"]["AP"] if teacher else 0.0
+        # A tie between teacher and baseline leaves no gap to close: no number (not 0%).
+        row["gap_closed"] = row["gain"] / gap if teacher and abs(gap) > 1e-9 else None
+    return {"teacher_AP": 100 * teacher["AP"] if teacher else None, "methods": rows}
+
+
+def ratio(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.2f}x" if key in row else "-"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = ["| method | seeds | AP (mean) | AP per seed | spread | AP50 | APs | APm | APl | "
+             "gain | gap closed | step time | memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ranked = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]["AP"])
+    for method, row in ranked:
+        m = row["mean"]
+        seeds = ", ".join(f"{r['AP']:.1f}" for r in row["per_seed"].values())
+        gap = "-" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
+        gain = f"{row['gain']:+.1f}" if "gain" in row else "-"
+        lines.append(
+            f"| {method} | {len(row['seeds'])} | **{m['AP']:.1f}** | {seeds} | "
+            f"{row['spread']:.1f} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | "
+            f"{m['APl']:.1f} | {gain} | {gap} | {ratio(row, 'step_time_vs_baseline')} | "
+            f"{ratio(row, 'memory_vs_baseline')} |")
+    teacher = summary["teacher_AP"]
+    head = f"Teacher AP {teacher:.1f}. " if teacher is not None else ""
+    note = (f"{head}AP in points on val; spread = max - min over seeds; gain and gap closed "
+            "against `none` (the baseline student); step time and peak memory relative to it.")
+    return note + "\n\n" + "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """AP mean (bar) and each seed (dots) per method, best first; the teacher as a line."""
+    import matplotlib.pyplot as plt
+
+    from drkd.report import save_figure  # selects the Agg backend
+
+    ranked = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]["AP"])
+    fig, ax = plt.subplots(figsize=(1.2 * max(len(ranked), 3) + 2, 4))
+    for i, (method, row) in enumerate(ranked):
+        ax.bar(i, row["mean"]["AP"], color="tab:gray" if method == "none" else "tab:blue")
+        ax.scatter([i] * len(row["per_seed"]), [r["AP"] for r in row["per_seed"].values()],
+                   color="black", s=12, zorder=3)
+    if summary["teacher_AP"] is not None:
+        ax.axhline(summary["teacher_AP"], color="tab:red", ls="--", label="teacher")
+        ax.legend()
+    ax.set_xticks(range(len(ranked)), [m for m, _ in ranked])
+    ax.set_ylabel("val AP (points)")
+    ax.set_title("Distillation methods: mean over seeds (bars), each seed (dots)")
+    save_figure(fig, path)
+
+
+def run_leaderboard(args: argparse.Namespace) -> int:
+    cells = read_cells(Path(args.cells))
+    if not cells:
+        raise UserError(f"{args.cells}: no finished cell (cost.json + metrics.json)")
+    teacher_file = Path(args.teacher_metrics)
+    teacher = json.loads(teacher_file.read_text()) if teacher_file.is_file() else None
+    summary = summarise(cells, teacher)
+    out = Path(args.out)
+    write_json(summary, out / "leaderboard.json")
+    text = markdown(summary)
+    write_text(text, out / "leaderboard.md")
+    plot(summary, out / "leaderboard.png")
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    cell = sub.add_parser("cell", help="train + evaluate one method at one seed")
+    cell.add_argument("method")
+    cell.add_argument("seed", type=int)
+    cell.add_argument("--out", required=True)
+    cell.add_argument("--params", default="params.yaml")
+    cell.add_argument("--data", default="data/prepared")
+    cell.add_argument("--teacher", default="models/teacher.pt")
+    board = sub.add_parser("leaderboard", help="summarise every finished cell")
+    board.add_argument("--cells", default="compare/cells")
+    board.add_argument("--teacher-metrics", default="metrics/teacher.json")
+    board.add_argument("--out", default="compare")
+    args = parser.parse_args(argv)
+    return run_cell(args) if args.command == "cell" else run_leaderboard(args)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
