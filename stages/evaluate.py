@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from drkd import cli
-from drkd.checkpoint import load_detector
+from drkd.checkpoint import load_detector, model_card
 from drkd.config import UserError, load_params
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     with stage_run(
         params.tracking, f"evaluate_{args.name}", logged, [data / "train.json", data / "val.json"]
     ) as run:
+        val = run.log_dataset(data / "val.json", "evaluation")
+        # The model its training run logged; else (trained untracked, or in another store)
+        # this run logs it, so the metrics below still lead to the weights.
+        model_id = run.find_model(Path(args.checkpoint)) or run.log_model(
+            args.name, Path(args.checkpoint), model_card(checkpoint)
+        )
         detections, batched_ms = predict(model, dataset, params.evaluate.batch_size, device)
         metrics = coco_metrics(data / "val.json", detections)
         ms = batched_ms
@@ -106,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                     for key in (*STAT_NAMES, "parameters", "inference_ms_per_image")
                 },
                 **{f"AP_class.{mlflow_name(c)}": ap for c, ap in metrics["per_class_AP"].items()},
-            }
+            },
+            model_id=model_id,
+            dataset=val,
         )
         run.log_artifact(args.metrics)
     print(

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     inputs = [data / "train.json", data / "val.json"]
     with stage_run(params.tracking, "report", logged, inputs) as run:
+        run.log_dataset(data / "val.json", "evaluation")  # its images in detections.png
         summary = rep.summarize(metrics)
         write_json(summary, args.summary)
         write_text(rep.markdown_table(metrics), args.table)

@@ -163,6 +163,12 @@ def test_evaluate_logs_mlflow_run(tiny_data: Path, checkpoint: tuple[Path, int],
     assert len(run) == 1 and run["status"].iloc[0] == "FINISHED"
     ap = json.loads((tmp_path / "metrics" / "student.json").read_text())["AP"]
     assert run["metrics.AP"].iloc[0] == pytest.approx(ap)
+    # No training run logged this checkpoint: the evaluate run logs it, so AP still leads to
+    # the weights.
+    (model,) = mlflow.search_logged_models(experiment_ids=[run["experiment_id"].iloc[0]],
+                                           output_format="list")
+    assert model.source_run_id == run["run_id"].iloc[0] and model.name == "student"
+    assert {m.key: m.value for m in model.metrics}["AP"] == pytest.approx(ap)
 
 
 # -- three models: the gain of the distilled student ------------------------------------------
