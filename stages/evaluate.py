@@ -1,8 +1,10 @@
 """DVC stage `evaluate_<NAME>`: one detector checkpoint -> COCO metrics and raw detections on val.
 
-``metrics/NAME.json`` holds AP, AP50, AP75, APs, APm, APl, AR100 (fractions 0..1, -1 where
-val has no ground truth of that size), ``per_class_AP`` {category name: AP}, ``parameters``
-and ``inference_ms_per_image``.
+``--metrics`` (``eval/NAME/metrics.json``) holds AP, AP50, AP75, APs, APm, APl, AR100
+(fractions 0..1, -1 where val has no ground truth of that size), ``per_class_AP`` {category
+name: AP}, ``parameters`` and ``inference_ms_per_image``. ``--headline``
+(``metrics/NAME.json``, the DVC metrics file) holds the first seven only: what
+``dvc metrics show`` compares.
 
 ``inference_ms_per_image`` is latency, not throughput: the mean wall time of one forward
 pass at batch size 1 (the detector's own resize/normalise and postprocessing included, data
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help="model name (teacher, student, ...)")
     parser.add_argument("--checkpoint", required=True, help="model checkpoint to evaluate")
     parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--metrics", required=True, help="metrics json to write")
+    parser.add_argument("--metrics", required=True, help="metrics json to write (all of them)")
+    parser.add_argument("--headline", help="json of the COCO summary numbers alone to write")
     parser.add_argument("--detections", required=True, help="raw COCO detections json to write")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics["inference_ms_per_image"] = round(ms, 3)
         write_json(detections, args.detections)
         write_json(metrics, args.metrics)
+        if args.headline:
+            write_json({key: metrics[key] for key in STAT_NAMES}, args.headline)
         run.log_metrics(
             {
                 **{
