@@ -54,6 +54,12 @@ def model_checkpoint(
     }
 
 
+def model_card(state: dict[str, Any]) -> dict[str, Any]:
+    """A model checkpoint without its weights (builder config, classes): what MLflow shows
+    beside the logged model."""
+    return {k: v for k, v in state.items() if k != "model"}
+
+
 def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a plain torchvision detector from a model checkpoint; returns (model, checkpoint).
 

@@ -331,6 +331,9 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "drkd"
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo root
+    # CPU, memory, disk (and GPU with nvidia-ml-py installed) of the training stages, sampled by
+    # MLflow every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) as system/* metrics.
+    system_metrics: bool = True
 
 
 @dataclass(frozen=True)

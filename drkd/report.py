@@ -67,11 +67,14 @@ def _deltas(row: dict[str, Any], ref: dict[str, Any], keys: tuple[str, ...]) -> 
 def gap_closed(model_ap: float, baseline_ap: float, reference_ap: float) -> float | None:
     """(AP_model - AP_baseline) / (AP_reference - AP_baseline): the fraction of the
     teacher-student gap a distilled student closes (1 = reaches the teacher, < 0 = worse than
-    the plain student). None when the reference does not beat the baseline."""
-    gap = reference_ap - baseline_ap
-    if gap <= 0 or -1 in (model_ap, baseline_ap, reference_ap):
+    the plain student). None when the reference does not beat the baseline by at least the
+    0.1 AP point the report prints: a gap that reads as a tie (two barely trained smoke-run
+    models, 1e-5 AP apart) would give "0%" or "-5000%", a number that means nothing."""
+    if -1 in (model_ap, baseline_ap, reference_ap):
         return None
-    return round((model_ap - baseline_ap) / gap, 6)
+    if round(100 * reference_ap, 1) <= round(100 * baseline_ap, 1):
+        return None
+    return round((model_ap - baseline_ap) / (reference_ap - baseline_ap), 6)
 
 
 def summarize(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -94,6 +97,21 @@ def summarize(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             row[f"gain_over_{names[1]}"] = _deltas(row, baseline, keys)
             row["gap_closed"] = gap_closed(row["AP"], baseline["AP"], first["AP"])
     return summary
+
+
+def headline_gain(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """The DVC metrics part of :func:`summarize`: for every model after the second, its AP gain
+    over the second (``AP_gain``, a fraction like AP) and ``gap_closed`` (null when undefined);
+    {} for fewer than 3 models. The rest (each model's metrics again, every delta) is in the
+    full summary."""
+    names = list(summary)
+    return {
+        name: {
+            "AP_gain": summary[name][f"gain_over_{names[1]}"]["AP"],
+            "gap_closed": summary[name]["gap_closed"],
+        }
+        for name in names[2:]
+    }
 
 
 def summary_numbers(summary: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -4,14 +4,29 @@ Every stage run is one MLflow run in one experiment, tagged with the git commit,
 the DVC stage, the data hash and a pipeline id shared by all stages of one
 ``dvc repro``. A stage that raises ends its run FAILED. With tracking disabled
 (or on a non-zero DDP rank) every method is a no-op and results are unchanged.
+
+What MLflow 3 shows of a run, filled the way its UI expects:
+- the prepared json files a stage reads are run inputs (``mlflow.log_input`` of a
+  metadata-only dataset named after the file, digest = the file's md5): the runs
+  table's Dataset column;
+- a trained detector is a LoggedModel (``mlflow.initialize_logged_model``) output by
+  its training run, holding the checkpoint (state dict + builder config, loaded
+  with ``weights_only=True``; no pickled code) and its config as json: the Models
+  column. It is tagged with the checkpoint's md5, so the evaluate run of the same
+  file finds it and logs its metrics with ``model_id``: the model page lists them,
+  and a metric leads back to the weights;
+- the experiment carries ``mlflow.experimentKind = custom_model_development``
+  (model training, not GenAI).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +36,12 @@ from typing import Any
 from drkd.config import TrackingConfig, flatten
 
 PIPELINE_ENV = "DRKD_PIPELINE_ID"
+# MLflow 3's experiment kind: the tag its UI's experiment-kind selector writes;
+# "genai_development" is the other kind. Set only where the experiment has none, so a kind
+# chosen in the UI stays.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+CHECKPOINT_TAG = "checkpoint_md5"  # on a LoggedModel: the md5 of the checkpoint file it holds
 
 
 def tracking_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
@@ -63,6 +84,15 @@ def data_hash(files: Sequence[Path]) -> str:
     return digest.hexdigest()[:12]
 
 
+def file_md5(path: Path) -> str:
+    """md5 of one file (hex): the digest of a dataset or checkpoint, as ``md5sum`` prints it."""
+    digest = hashlib.md5()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):  # checkpoints run to hundreds of MB
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def pipeline_id() -> str:
     """One id for all stages of one ``dvc repro``.
 
@@ -98,10 +128,18 @@ class StageRun:
     def active(self) -> bool:
         return self._mlflow is not None
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self,
+        metrics: dict[str, float],
+        step: int | None = None,
+        model_id: str | None = None,
+        dataset: Any = None,
+    ) -> None:
+        """Log metrics at ``step``; with ``model_id`` (and the ``dataset`` from
+        :meth:`log_dataset` they were measured on) they are also the metrics of that model."""
         if self._mlflow is not None:
             clean = {k.replace("@", "_"): float(v) for k, v in metrics.items()}
-            self._mlflow.log_metrics(clean, step=step)
+            self._mlflow.log_metrics(clean, step=step, model_id=model_id, dataset=dataset)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self._mlflow is not None and Path(path).exists():
@@ -111,6 +149,86 @@ class StageRun:
         if self._mlflow is not None:
             self._mlflow.set_tags(tags)
 
+    def log_dataset(self, path: Path, context: str) -> Any:
+        """Record a prepared json file as an input of this run (``context``: training,
+        evaluation); returns the MLflow dataset (None when tracking is off). Only its name,
+        location and md5 are stored: the file itself is DVC's."""
+        if self._mlflow is None:
+            return None
+        mlflow = self._mlflow
+        source = mlflow.data.sources.LocalArtifactDatasetSource(str(path.resolve()))
+        dataset = mlflow.data.meta_dataset.MetaDataset(
+            source, name=path.stem, digest=file_md5(path)
+        )
+        mlflow.log_input(dataset, context=context)
+        return dataset
+
+    def log_model(self, name: str, checkpoint: Path, config: dict[str, Any]) -> str | None:
+        """Record ``checkpoint`` as a LoggedModel output by this run; returns its id.
+
+        Its artifacts are the checkpoint file as it is and ``config`` as ``model_config.json``
+        (rebuild with ``drkd.checkpoint.load_detector``); its params are ``config`` flattened.
+        """
+        if self._mlflow is None:
+            return None
+        mlflow = self._mlflow
+        params = {k: str(v)[:500] for k, v in flatten(config).items()}
+        model = mlflow.initialize_logged_model(
+            name=re.sub(r"[^\w\-]", "_", name),  # MLflow refuses / : . % and quotes here
+            model_type="detector",
+            params=params,
+            tags={CHECKPOINT_TAG: file_md5(checkpoint)},
+        )
+        try:
+            # A run output: what MLflow's runs table shows in its Models column.
+            mlflow.log_outputs([mlflow.entities.LoggedModelOutput(model.model_id, step=0)])
+            client = mlflow.MlflowClient()
+            client.log_model_artifact(model.model_id, str(checkpoint))
+            with tempfile.TemporaryDirectory() as tmp:
+                config_file = Path(tmp) / "model_config.json"
+                config_file.write_text(json.dumps(config, indent=1, sort_keys=True))
+                client.log_model_artifact(model.model_id, str(config_file))
+        except BaseException:
+            mlflow.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        mlflow.finalize_logged_model(model.model_id, "READY")
+        return str(model.model_id)
+
+    def find_model(self, checkpoint: Path) -> str | None:
+        """The id of the newest READY LoggedModel of this experiment holding exactly the bytes
+        of ``checkpoint`` (DVC restores a file's bytes, so a cached checkpoint still leads to
+        the run that trained it); None when there is none or tracking is off."""
+        if self._mlflow is None:
+            return None
+        mlflow = self._mlflow
+        found = mlflow.search_logged_models(
+            experiment_ids=[mlflow.active_run().info.experiment_id],
+            filter_string=f"tags.{CHECKPOINT_TAG} = '{file_md5(checkpoint)}'",
+            order_by=[{"field_name": "creation_time", "ascending": False}],
+            output_format="list",
+        )
+        # Status checked here: `status = 'READY'` in the filter matches nothing on a sqlite
+        # store (MLflow 3.17 compares the name with the stored enum number).
+        ready = [model for model in found if model.status == "READY"]
+        return str(ready[0].model_id) if ready else None
+
+    def log_model_input(self, model_id: str | None) -> None:
+        """Record a logged model this run reads (the teacher of a distillation run)."""
+        if self._mlflow is not None and model_id is not None:
+            self._mlflow.log_input(model=self._mlflow.entities.LoggedModelInput(model_id))
+
+
+def open_experiment(cfg: TrackingConfig) -> Any:
+    """Point MLflow at ``cfg``'s store and experiment, marked as a model-training experiment
+    (unless it already has a kind); returns the mlflow module."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    experiment = mlflow.set_experiment(cfg.experiment)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return mlflow
+
 
 @contextmanager
 def stage_run(
@@ -119,22 +237,25 @@ def stage_run(
     params: dict[str, Any],
     data_files: Sequence[Path] = (),
     enabled: bool = True,
+    system_metrics: bool = False,
 ) -> Iterator[StageRun]:
-    """Open the MLflow run of one stage; ``enabled=False`` (e.g. DDP rank > 0) opens nothing."""
+    """Open the MLflow run of one stage; ``enabled=False`` (e.g. DDP rank > 0) opens nothing.
+
+    ``system_metrics`` (the training stages): MLflow samples CPU, memory, disk and GPU into
+    ``system/*`` metrics while the run is open, if ``tracking.system_metrics`` is on."""
     if not (cfg.enabled and enabled):
         yield StageRun()
         return
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(cfg.experiment)
+    mlflow = open_experiment(cfg)
     tags = {
         "git_commit": git_commit(),
         "dvc_stage": stage,
         "data_hash": data_hash(data_files),
         "pipeline_id": pipeline_id(),
     }
-    with mlflow.start_run(run_name=stage, tags=tags):
+    with mlflow.start_run(
+        run_name=stage, tags=tags, log_system_metrics=system_metrics and cfg.system_metrics
+    ):
         flat = {k: ("" if v is None else str(v))[:500] for k, v in flatten(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):  # log_params caps a batch at 100

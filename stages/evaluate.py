@@ -1,8 +1,10 @@
 """DVC stage `evaluate_<NAME>`: one detector checkpoint -> COCO metrics and raw detections on val.
 
-``metrics/NAME.json`` holds AP, AP50, AP75, APs, APm, APl, AR100 (fractions 0..1, -1 where
-val has no ground truth of that size), ``per_class_AP`` {category name: AP}, ``parameters``
-and ``inference_ms_per_image``.
+``--metrics`` (``eval/NAME/metrics.json``) holds AP, AP50, AP75, APs, APm, APl, AR100
+(fractions 0..1, -1 where val has no ground truth of that size), ``per_class_AP`` {category
+name: AP}, ``parameters`` and ``inference_ms_per_image``. ``--headline``
+(``metrics/NAME.json``, the DVC metrics file) holds the first seven only: what
+``dvc metrics show`` compares.
 
 ``inference_ms_per_image`` is latency, not throughput: the mean wall time of one forward
 pass at batch size 1 (the detector's own resize/normalise and postprocessing included, data
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from drkd import cli
-from drkd.checkpoint import load_detector
+from drkd.checkpoint import load_detector, model_card
 from drkd.config import UserError, load_params
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help="model name (teacher, student, ...)")
     parser.add_argument("--checkpoint", required=True, help="model checkpoint to evaluate")
     parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--metrics", required=True, help="metrics json to write")
+    parser.add_argument("--metrics", required=True, help="metrics json to write (all of them)")
+    parser.add_argument("--headline", help="json of the COCO summary numbers alone to write")
     parser.add_argument("--detections", required=True, help="raw COCO detections json to write")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
@@ -90,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     with stage_run(
         params.tracking, f"evaluate_{args.name}", logged, [data / "train.json", data / "val.json"]
     ) as run:
+        val = run.log_dataset(data / "val.json", "evaluation")
+        # The model its training run logged; else (trained untracked, or in another store)
+        # this run logs it, so the metrics below still lead to the weights.
+        model_id = run.find_model(Path(args.checkpoint)) or run.log_model(
+            args.name, Path(args.checkpoint), model_card(checkpoint)
+        )
         detections, batched_ms = predict(model, dataset, params.evaluate.batch_size, device)
         metrics = coco_metrics(data / "val.json", detections)
         ms = batched_ms
@@ -99,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics["inference_ms_per_image"] = round(ms, 3)
         write_json(detections, args.detections)
         write_json(metrics, args.metrics)
+        if args.headline:
+            write_json({key: metrics[key] for key in STAT_NAMES}, args.headline)
         run.log_metrics(
             {
                 **{
@@ -106,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                     for key in (*STAT_NAMES, "parameters", "inference_ms_per_image")
                 },
                 **{f"AP_class.{mlflow_name(c)}": ap for c, ap in metrics["per_class_AP"].items()},
-            }
+            },
+            model_id=model_id,
+            dataset=val,
         )
         run.log_artifact(args.metrics)
     print(

@@ -1,10 +1,12 @@
 """DVC stage `report`: every model's metrics + detections -> summary json, markdown table, plots.
 
-Reads ``<metrics-dir>/<NAME>.json`` and ``<eval-dir>/<NAME>/detections.json`` for each
-``--models`` name (any number >= 1; the first is the reference for ``gap_to_first``, and
-with 3 or more, e.g. ``teacher student student_drkd``, every model after the second gets
-``gain_over_<second>`` and ``gap_closed``) and the loss-history CSVs. Writes the summary
-json, the markdown table, and in ``--plots-dir`` loss_curves.png, ap_by_size.png
+Reads ``<eval-dir>/<NAME>/metrics.json`` and ``<eval-dir>/<NAME>/detections.json`` (what
+the evaluate stage writes) for each ``--models`` name (any number >= 1; the first is the
+reference for ``gap_to_first``, and with 3 or more, e.g. ``teacher student student_drkd``,
+every model after the second gets ``gain_over_<second>`` and ``gap_closed``) and the
+loss-history CSVs. Writes the summary json (every metric and delta), the ``--headline`` json
+(the DVC metrics file: each later model's AP gain and gap closed alone), the markdown table,
+and in ``--plots-dir`` loss_curves.png, ap_by_size.png
 (+ ap_by_size.csv for `dvc plots`) and detections.png. With ``--teacher``, ``--distilled``
 and ``--modules`` (all three) it also draws the DRKD relation plots pixel_relations.png and
 instance_relations.png (drkd/relations_plot.py).
@@ -28,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", required=True, help="model names, reference first")
-    parser.add_argument("--metrics-dir", default="metrics")
-    parser.add_argument("--eval-dir", default="eval")
+    parser.add_argument("--eval-dir", default="eval", help="<eval-dir>/<NAME>/ of each model")
     parser.add_argument(
         "--histories",
         nargs="*",
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data", default="data/prepared")
     parser.add_argument("--summary", required=True, help="summary json to write")
+    parser.add_argument("--headline", help="json of AP gain and gap closed alone to write")
     parser.add_argument("--table", required=True, help="markdown table to write")
     parser.add_argument("--plots-dir", required=True)
     parser.add_argument("--params", default="params.yaml")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.models)) != len(args.models):
         raise UserError(f"--models: duplicate names in {args.models}")
     data = Path(args.data)
-    metrics_files = {m: Path(args.metrics_dir) / f"{m}.json" for m in args.models}
+    metrics_files = {m: Path(args.eval_dir) / m / "metrics.json" for m in args.models}
     detection_files = {m: Path(args.eval_dir) / m / "detections.json" for m in args.models}
     history_files = [Path(h) for h in args.histories]
     relation_paths = [Path(f) for f in relation_files] if all(relation_files) else []
@@ -84,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     inputs = [data / "train.json", data / "val.json"]
     with stage_run(params.tracking, "report", logged, inputs) as run:
+        run.log_dataset(data / "val.json", "evaluation")  # its images in detections.png
         summary = rep.summarize(metrics)
         write_json(summary, args.summary)
+        if args.headline:
+            write_json(rep.headline_gain(summary), args.headline)
         write_text(rep.markdown_table(metrics), args.table)
         rep.plot_loss_curves(histories, plots / "loss_curves.png")
         rep.plot_ap_by_size(metrics, plots / "ap_by_size.png")
@@ -108,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 plots,
             )
         run.log_metrics(rep.summary_numbers(summary))
-        for path in (args.summary, args.table):
-            run.log_artifact(path)
+        for path in (args.summary, args.headline, args.table):
+            if path:
+                run.log_artifact(path)
         for name in ("loss_curves.png", "ap_by_size.png", "ap_by_size.csv", "detections.png"):
             run.log_artifact(plots / name, "plots")
         for path in written:

@@ -20,7 +20,13 @@ from pathlib import Path
 import torch
 
 from drkd import cli
-from drkd.checkpoint import code_digest, load_detector, model_checkpoint, save_atomic
+from drkd.checkpoint import (
+    code_digest,
+    load_detector,
+    model_card,
+    model_checkpoint,
+    save_atomic,
+)
 from drkd.config import UserError, load_params, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import train_transforms
@@ -85,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             logged,
             [data / "train.json", data / "val.json"],
             enabled=is_main(),
+            system_metrics=True,
         ) as run,
     ):
+        run.log_dataset(data / "train.json", "training")
+        if args.teacher:
+            run.log_model_input(run.find_model(Path(args.teacher)))
         trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
         run.log_metrics({"parameters": count_parameters(model), "trainable_parameters": trainable})
         rows: list[dict[str, float]] = []  # logged rows of the running epoch
@@ -115,16 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             on_epoch=on_epoch,
         )
         if is_main():
-            save_atomic(
-                model_checkpoint(
-                    model, section.model, dataset.category_ids, dataset.category_names
-                ),
-                args.out,
+            saved = model_checkpoint(
+                model, section.model, dataset.category_ids, dataset.category_names
             )
+            save_atomic(saved, args.out)
             if isinstance(trained, Distiller) and args.modules_out:
                 save_atomic(trained.modules_checkpoint(), args.modules_out)
             write_history(history, Path(args.history))
             run.log_artifact(args.history)
+            run.log_model(Path(args.out).stem, Path(args.out), model_card(saved))
             # Finished: nothing is left to resume, so the next run of this stage (DVC reruns
             # it only when something changed) trains from the start.
             (Path(args.work_dir) / "last.pt").unlink(missing_ok=True)

@@ -68,7 +68,7 @@ from drkd.evaluation import coco_metrics, predict
 from drkd.files import write_text
 from drkd.models import build_detector
 from drkd.report import save_figure
-from drkd.tracking import data_hash, git_commit, pipeline_id, tracking_uri
+from drkd.tracking import data_hash, git_commit, open_experiment, pipeline_id
 from stages.preset import apply, check, flags, merge
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -532,10 +532,7 @@ def parent_run(
     if not params.tracking.enabled:
         yield Tracker()
         return
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri(params.tracking))
-    mlflow.set_experiment(params.tracking.experiment)
+    mlflow = open_experiment(params.tracking)
     tags = {
         "git_commit": git_commit(),
         "dvc_stage": "tune",

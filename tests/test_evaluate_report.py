@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from test_dvc_deps import ROOT, dvc_stages
 
 from conftest import toy_model
 from drkd import cli
@@ -71,8 +72,10 @@ def checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 
 def run_evaluate(name: str, ckpt: Path, data: Path, out: Path, params: Path) -> int:
+    """As dvc.yaml runs it: all metrics beside the detections, the headline in metrics/."""
     return evaluate.main([name, "--checkpoint", str(ckpt), "--data", str(data),
-                          "--metrics", str(out / "metrics" / f"{name}.json"),
+                          "--metrics", str(out / "eval" / name / "metrics.json"),
+                          "--headline", str(out / "metrics" / f"{name}.json"),
                           "--detections", str(out / "eval" / name / "detections.json"),
                           "--params", str(params)])
 
@@ -95,8 +98,10 @@ def evaluated(tiny_data: Path, checkpoint: tuple[Path, int],
 
 def test_evaluate_writes_metrics_and_detections(evaluated: Path,
                                                 checkpoint: tuple[Path, int]) -> None:
-    metrics = json.loads((evaluated / "metrics" / "teacher.json").read_text())
+    metrics = json.loads((evaluated / "eval" / "teacher" / "metrics.json").read_text())
     assert set(metrics) == {*KEYS, "per_class_AP", "parameters", "inference_ms_per_image"}
+    headline = json.loads((evaluated / "metrics" / "teacher.json").read_text())
+    assert headline == {k: metrics[k] for k in KEYS}
     for value in [*(metrics[k] for k in KEYS), *metrics["per_class_AP"].values()]:
         assert value == -1 or 0 <= value <= 1
     assert metrics["parameters"] == checkpoint[1]
@@ -108,8 +113,8 @@ def test_evaluate_writes_metrics_and_detections(evaluated: Path,
 def test_report_writes_summary_table_and_plots(evaluated: Path, tiny_data: Path) -> None:
     plots = evaluated / "reports" / "plots"
     assert report.main([
-        "--models", "teacher", "student", "--metrics-dir", str(evaluated / "metrics"),
-        "--eval-dir", str(evaluated / "eval"), "--data", str(tiny_data),
+        "--models", "teacher", "student", "--eval-dir", str(evaluated / "eval"),
+        "--data", str(tiny_data),
         "--histories", str(evaluated / "train_teacher.csv"), str(evaluated / "train_student.csv"),
         "--summary", str(evaluated / "summary.json"), "--table", str(evaluated / "summary.md"),
         "--plots-dir", str(plots), "--params", str(evaluated / "params.yaml")]) == 0
@@ -129,8 +134,7 @@ def test_report_writes_summary_table_and_plots(evaluated: Path, tiny_data: Path)
 
 def test_report_single_model_without_histories(evaluated: Path, tiny_data: Path) -> None:
     assert report.main([
-        "--models", "student", "--metrics-dir", str(evaluated / "metrics"),
-        "--eval-dir", str(evaluated / "eval"), "--data", str(tiny_data),
+        "--models", "student", "--eval-dir", str(evaluated / "eval"), "--data", str(tiny_data),
         "--summary", str(evaluated / "one.json"), "--table", str(evaluated / "one.md"),
         "--plots-dir", str(evaluated / "one"), "--params", str(evaluated / "params.yaml")]) == 0
     assert list(json.loads((evaluated / "one.json").read_text())) == ["student"]
@@ -139,13 +143,13 @@ def test_report_single_model_without_histories(evaluated: Path, tiny_data: Path)
 
 def test_report_missing_metrics_is_one_line_error(evaluated: Path, tiny_data: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--models", "teacher", "student_drkd", "--metrics-dir", str(evaluated / "metrics"),
-            "--eval-dir", str(evaluated / "eval"), "--data", str(tiny_data),
+    argv = ["--models", "teacher", "student_drkd", "--eval-dir", str(evaluated / "eval"),
+            "--data", str(tiny_data),
             "--summary", str(evaluated / "x.json"), "--table", str(evaluated / "x.md"),
             "--plots-dir", str(evaluated / "x"), "--params", str(evaluated / "params.yaml")]
     assert cli.run(report.main, argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "student_drkd.json" in err
+    assert len(err.splitlines()) == 1 and "student_drkd/metrics.json" in err
     assert not (evaluated / "x.json").exists()
 
 
@@ -163,6 +167,12 @@ def test_evaluate_logs_mlflow_run(tiny_data: Path, checkpoint: tuple[Path, int],
     assert len(run) == 1 and run["status"].iloc[0] == "FINISHED"
     ap = json.loads((tmp_path / "metrics" / "student.json").read_text())["AP"]
     assert run["metrics.AP"].iloc[0] == pytest.approx(ap)
+    # No training run logged this checkpoint: the evaluate run logs it, so AP still leads to
+    # the weights.
+    (model,) = mlflow.search_logged_models(experiment_ids=[run["experiment_id"].iloc[0]],
+                                           output_format="list")
+    assert model.source_run_id == run["run_id"].iloc[0] and model.name == "student"
+    assert {m.key: m.value for m in model.metrics}["AP"] == pytest.approx(ap)
 
 
 # -- three models: the gain of the distilled student ------------------------------------------
@@ -205,12 +215,45 @@ def test_gap_closed_undefined_without_a_gap() -> None:
     assert summary["c"]["gain_over_b"]["AP"] == pytest.approx(-0.05)
 
 
+def test_gap_closed_reads_dash_when_teacher_and_student_tie() -> None:
+    """A teacher-student gap below the 0.1 AP point the table prints is a tie: gap closed is
+    null in json and "-" in the table, never "0%" (nor "-5000%" for a 1e-5 AP gap)."""
+    metrics = {"teacher": fake_metrics(0.00001), "student": fake_metrics(0.0),
+               "student_drkd": fake_metrics(0.0)}
+    summary = rep.summarize(metrics)
+    assert summary["student_drkd"]["gap_closed"] is None
+    assert rep.headline_gain(summary) == {"student_drkd": {"AP_gain": 0.0, "gap_closed": None}}
+    assert json.loads(json.dumps(summary))["student_drkd"]["gap_closed"] is None
+    assert "student_drkd.gap_closed" not in rep.summary_numbers(summary)
+    row = next(line for line in rep.gain_table(metrics) if line.startswith("| student_drkd |"))
+    assert row.endswith("| - |") and "%" not in row
+    assert rep.gap_closed(0.25, 0.2, 0.2004) is None  # 20.0 vs 20.0 points: a tie as printed
+    assert rep.gap_closed(0.2, 0.2, 0.201) == 0.0  # 20.1 vs 20.0: a gap, nothing closed
+
+
+def test_dvc_metrics_files_hold_only_headline_numbers(evaluated: Path) -> None:
+    """`dvc metrics show` stays a table a person reads: every dvc.yaml metrics file is the
+    --headline output of its stage, which holds AP .. AR100 (evaluate) or AP gain and gap
+    closed (report); per-class AP, size, speed and every delta live in plain outs."""
+    stages = dvc_stages(ROOT / "dvc.yaml")
+    declared = {path for stage in stages.values() for path in stage.get("metrics", [])}
+    assert declared == {"metrics/teacher.json", "metrics/student.json",
+                        "metrics/student_drkd.json", "metrics/gain.json"}
+    for name, stage in stages.items():
+        for path in stage.get("metrics", []):
+            assert f"--headline {path}" in " ".join(stage["cmd"].split()), (name, path)
+    assert set(json.loads((evaluated / "metrics" / "teacher.json").read_text())) == set(KEYS)
+    summary = rep.summarize({"teacher": fake_metrics(0.4), "student": fake_metrics(0.2),
+                             "student_drkd": fake_metrics(0.3)})
+    assert {key for row in rep.headline_gain(summary).values() for key in row} == {
+        "AP_gain", "gap_closed"}
+
+
 def test_report_three_models_table_shows_gain(evaluated: Path, tiny_data: Path,
                                               tmp_path: Path) -> None:
     for name, ap in (("teacher", 0.4), ("student", 0.2), ("student_drkd", 0.3)):
-        (tmp_path / "metrics").mkdir(exist_ok=True)
-        (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(fake_metrics(ap)))
         (tmp_path / "eval" / name).mkdir(parents=True)
+        (tmp_path / "eval" / name / "metrics.json").write_text(json.dumps(fake_metrics(ap)))
         (tmp_path / "eval" / name / "detections.json").write_text(
             (evaluated / "eval" / "teacher" / "detections.json").read_text())
     history = tmp_path / "train_student_drkd.csv"
@@ -221,15 +264,17 @@ def test_report_three_models_table_shows_gain(evaluated: Path, tiny_data: Path,
         for step in range(1, 6):
             writer.writerow([step, 1 / step, 0, 1.5 / step, 1e-3, 0.0, 2e-4 / step, 1e-3])
     assert report.main([
-        "--models", "teacher", "student", "student_drkd",
-        "--metrics-dir", str(tmp_path / "metrics"), "--eval-dir", str(tmp_path / "eval"),
+        "--models", "teacher", "student", "student_drkd", "--eval-dir", str(tmp_path / "eval"),
         "--data", str(tiny_data), "--histories", str(evaluated / "train_student.csv"),
         str(history), "--summary", str(tmp_path / "summary.json"),
+        "--headline", str(tmp_path / "gain.json"),
         "--table", str(tmp_path / "summary.md"), "--plots-dir", str(tmp_path / "plots"),
         "--params", str(evaluated / "params.yaml")]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["student_drkd"]["gap_closed"] == 0.5
     assert summary["student_drkd"]["gain_over_student"]["AP"] == pytest.approx(0.1)
+    headline = json.loads((tmp_path / "gain.json").read_text())
+    assert headline == {"student_drkd": {"AP_gain": pytest.approx(0.1), "gap_closed": 0.5}}
     table = (tmp_path / "summary.md").read_text()
     assert "## Gain over student (val, AP points)" in table
     assert "teacher-student AP gap closed |" in table

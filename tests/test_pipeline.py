@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 COPY = [
     "drkd",
     "stages",
@@ -66,14 +67,17 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
 def test_repro_writes_metrics_reports_and_mlflow_runs(repo: tuple[Path, dict[str, str]]) -> None:
     root, _ = repo
     for name in ("teacher", "student", "student_drkd"):
-        metrics = json.loads((root / "metrics" / f"{name}.json").read_text())
-        for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):
+        metrics = json.loads((root / "eval" / name / "metrics.json").read_text())
+        for key in KEYS:
             assert -1.0 <= metrics[key] <= 1.0, (name, key)
         assert metrics["parameters"] > 0 and metrics["inference_ms_per_image"] > 0
+        headline = json.loads((root / "metrics" / f"{name}.json").read_text())
+        assert headline == {k: metrics[k] for k in KEYS}
         assert json.loads((root / "eval" / name / "detections.json").read_text()) is not None
-    summary = json.loads((root / "metrics" / "summary.json").read_text())
+    summary = json.loads((root / "reports" / "summary.json").read_text())
     assert {"teacher", "student", "student_drkd"} <= set(summary)
-    assert "gap_closed" in summary["student_drkd"]
+    gain = json.loads((root / "metrics" / "gain.json").read_text())
+    assert gain["student_drkd"]["gap_closed"] == summary["student_drkd"]["gap_closed"]
     assert "teacher" in (root / "reports" / "summary.md").read_text()
     for png in ("loss_curves.png", "ap_by_size.png", "detections.png", "pixel_relations.png",
                 "instance_relations.png"):
@@ -94,6 +98,19 @@ def test_repro_writes_metrics_reports_and_mlflow_runs(repo: tuple[Path, dict[str
     assert "loss" in stages["train_teacher"].data.metrics
     assert {"loss_pr", "loss_ir", "loss_ins"} <= set(stages["distill"].data.metrics)
     assert stages["evaluate_teacher"].data.metrics["AP"] >= 0
+    # Each evaluation's metrics belong to the model its training run logged; distill read the
+    # teacher's.
+    client = mlflow.MlflowClient()
+    trained = {}
+    for stage, name in (("train_teacher", "teacher"), ("train_student", "student"),
+                        ("distill", "student_drkd")):
+        (output,) = stages[stage].outputs.model_outputs
+        trained[name] = output.model_id
+        evaluated = client.get_run(stages[f"evaluate_{name}"].info.run_id)
+        assert [m.model_id for m in evaluated.inputs.model_inputs] == [output.model_id]
+        assert "AP" in {m.key for m in client.get_logged_model(output.model_id).metrics}
+    distill = client.get_run(stages["distill"].info.run_id)
+    assert [m.model_id for m in distill.inputs.model_inputs] == [trained["teacher"]]
 
 
 def test_second_repro_is_a_no_op_and_student_change_reruns_only_its_branch(
@@ -123,7 +140,14 @@ def test_second_repro_is_a_no_op_and_student_change_reruns_only_its_branch(
 def test_dvc_metrics_and_plots_read_the_outputs(repo: tuple[Path, dict[str, str]]) -> None:
     root, env = repo
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], root, env))
-    assert "metrics/teacher.json" in json.dumps(shown)
+    (workspace,) = shown.values()
+    files = workspace["data"]
+    assert set(files) == {"metrics/teacher.json", "metrics/student.json",
+                          "metrics/student_drkd.json", "metrics/gain.json"}
+    for name in ("teacher", "student", "student_drkd"):
+        assert set(files[f"metrics/{name}.json"]["data"]) == set(KEYS)  # the headline alone
+    # gap_closed is null on a tie (these untrained models all score ~0), and DVC drops nulls.
+    assert set(files["metrics/gain.json"]["data"]["student_drkd"]) <= {"AP_gain", "gap_closed"}
     plots = _run(["dvc", "plots", "show", "--json"], root, env)
     assert "ap_by_size" in plots
 

@@ -132,15 +132,14 @@ def fake_metrics(ap: float) -> dict[str, Any]:
 def test_report_stage_with_relation_plots(models: dict[str, Path], tiny_data: Path,
                                           tmp_path: Path) -> None:
     for name, ap in (("teacher", 0.4), ("student", 0.2), ("student_drkd", 0.3)):
-        (tmp_path / "metrics").mkdir(exist_ok=True)
-        (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(fake_metrics(ap)))
         (tmp_path / "eval" / name).mkdir(parents=True)
+        (tmp_path / "eval" / name / "metrics.json").write_text(json.dumps(fake_metrics(ap)))
         (tmp_path / "eval" / name / "detections.json").write_text("[]")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"enabled": False},
                                       "evaluate": {"num_vis_images": 3}}))
     argv = ["--models", "teacher", "student", "student_drkd",
-            "--metrics-dir", str(tmp_path / "metrics"), "--eval-dir", str(tmp_path / "eval"),
+            "--eval-dir", str(tmp_path / "eval"),
             "--data", str(tiny_data), "--summary", str(tmp_path / "summary.json"),
             "--table", str(tmp_path / "summary.md"), "--plots-dir", str(tmp_path / "plots"),
             "--params", str(params), "--teacher", str(models["teacher"]),

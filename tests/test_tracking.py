@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
+from conftest import TINY_DATA, toy_model
 from drkd.config import TrackingConfig
-from drkd.tracking import PIPELINE_ENV, pipeline_id, stage_run, tracking_uri
+from drkd.tracking import (
+    EXPERIMENT_KIND_TAG,
+    PIPELINE_ENV,
+    pipeline_id,
+    stage_run,
+    tracking_uri,
+)
+from stages import evaluate, train
 
 
 @pytest.fixture
@@ -61,10 +72,17 @@ def test_a_stage_that_raises_marks_its_run_failed(store: str) -> None:
 def test_disabled_tracking_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = tmp_path / "train.json"
+    data.write_text("{}")
     with stage_run(TrackingConfig(enabled=False), "prepare", {"a": 1}) as run:
         assert not run.active
-        run.log_metrics({"loss": 1.0}, step=0)
+        run.log_metrics({"loss": 1.0}, step=0, model_id="m-1")
         run.log_artifact(tmp_path)
+        assert run.log_dataset(data, "training") is None
+        assert run.log_model("student", data, {"arch": "retinanet"}) is None
+        assert run.find_model(data) is None
+        run.log_model_input("m-1")
+    data.unlink()
     with stage_run(TrackingConfig(), "prepare", {"a": 1}, enabled=False) as run:  # DDP rank > 0
         assert not run.active
     assert list(tmp_path.iterdir()) == []
@@ -84,3 +102,97 @@ def test_pipeline_id_from_env_or_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PIPELINE_ENV)
     first, second = pipeline_id(), pipeline_id()
     assert first.startswith("adhoc-") and first != second  # not under dvc: one id per stage
+
+
+def test_experiment_is_marked_model_training_unless_it_has_a_kind(store: str) -> None:
+    """MLflow 3 reads the experiment kind from this tag; a kind chosen in the UI stays."""
+    with stage_run(TrackingConfig(), "prepare", {}):
+        pass
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("drkd")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
+    with stage_run(TrackingConfig(), "prepare", {}):
+        pass
+    tags = client.get_experiment(experiment.experiment_id).tags
+    assert tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_a_logged_checkpoint_is_found_by_its_bytes(store: str, tmp_path: Path) -> None:
+    """A later run (distill reading the teacher) finds the model by the checkpoint's md5 and
+    records it as an input; other bytes find nothing."""
+    ckpt = tmp_path / "teacher.pt"
+    ckpt.write_bytes(b"weights")
+    with stage_run(TrackingConfig(), "train_teacher", {}) as run:
+        model_id = run.log_model("teacher", ckpt, {"arch": "retinanet", "sizes": [1, 2]})
+    assert model_id
+    with stage_run(TrackingConfig(), "distill", {}) as run:
+        assert run.find_model(ckpt) == model_id
+        run.log_model_input(run.find_model(ckpt))
+        (tmp_path / "other.pt").write_bytes(b"other weights")
+        assert run.find_model(tmp_path / "other.pt") is None
+    (distill,) = [r for r in _runs(store) if r.data.tags["dvc_stage"] == "distill"]
+    distill = mlflow.MlflowClient().get_run(distill.info.run_id)  # search leaves model inputs out
+    assert [m.model_id for m in distill.inputs.model_inputs] == [model_id]
+    model = mlflow.MlflowClient().get_logged_model(model_id)
+    assert model.name == "teacher" and model.params["sizes"] == "[1, 2]"
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_train_and_evaluate_link_datasets_model_and_metrics(
+    tiny_data: Path, tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real train and evaluate stages (toy detector, 4 CPU steps) into a sqlite store, read
+    back as the UI reads them: the train run's dataset input, its logged model (the checkpoint
+    and its config) and system metrics; the evaluate run's dataset, the same model as its
+    input, and the evaluation metrics on that model."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # default 10 s
+    model = {k: v for k, v in vars(toy_model(fpn_channels=24)).items()
+             if k not in ("weights", "backbone_weights")}
+    section = {"model": model, "train": {"epochs": 1, "batch_size": 2, "num_workers": 0,
+                                         "warmup_steps": 2, "log_every": 1, "amp": "off"}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "seed": 0, "data": {"synthetic": vars(TINY_DATA)}, "student": section,
+        "evaluate": {"batch_size": 2, "timing_images": 0},
+        "tracking": {"enabled": True, "system_metrics": True}}))
+    ckpt = tmp_path / "models" / "student.pt"
+    assert train.main(["student", "--params", str(params), "--data", str(tiny_data),
+                       "--out", str(ckpt), "--history", str(tmp_path / "student.csv"),
+                       "--work-dir", str(tmp_path / "work")]) == 0
+    metrics_file = tmp_path / "eval" / "metrics.json"
+    assert evaluate.main(["student", "--checkpoint", str(ckpt), "--data", str(tiny_data),
+                          "--metrics", str(metrics_file),
+                          "--detections", str(tmp_path / "eval" / "detections.json"),
+                          "--params", str(params)]) == 0
+
+    client = mlflow.MlflowClient()
+    runs = {r.data.tags["dvc_stage"]: client.get_run(r.info.run_id) for r in _runs(store)}
+    trained, evaluated = runs["train_student"], runs["evaluate_student"]
+
+    (train_input,) = trained.inputs.dataset_inputs
+    assert train_input.dataset.name == "train"
+    assert train_input.dataset.digest == _md5(tiny_data / "train.json")
+    assert {t.key: t.value for t in train_input.tags}["mlflow.data.context"] == "training"
+    (output,) = trained.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.status == "READY" and logged.source_run_id == trained.info.run_id
+    assert logged.name == "student" and logged.tags["checkpoint_md5"] == _md5(ckpt)
+    assert logged.params["model_config.fpn_channels"] == "24"
+    files = {f.path for f in client.list_logged_model_artifacts(output.model_id)}
+    assert files == {"student.pt", "model_config.json"}
+    assert "system/cpu_utilization_percentage" in trained.data.metrics
+
+    assert [(d.dataset.name, d.dataset.digest) for d in evaluated.inputs.dataset_inputs] == [
+        ("val", _md5(tiny_data / "val.json"))]
+    assert [m.model_id for m in evaluated.inputs.model_inputs] == [output.model_id]
+    assert not evaluated.outputs.model_outputs  # found the trained model, logged no copy
+    linked = {m.key: m for m in client.get_logged_model(output.model_id).metrics}
+    ap = json.loads(metrics_file.read_text())["AP"]
+    assert linked["AP"].value == pytest.approx(ap) and linked["AP"].run_id == evaluated.info.run_id
+    assert linked["AP"].dataset_name == "val"
+    assert {"AP50", "AR100", "parameters"} <= set(linked)
+    assert not any(k.startswith("system/") for k in evaluated.data.metrics)  # training only
