@@ -33,6 +33,7 @@ from typing import Any
 from drkd import cli
 from drkd.config import Method, UserError, load_params, parse_params, to_dict
 from drkd.files import require_files, write_json, write_text
+from drkd.report import gap_closed, save_figure  # save_figure: selects the Agg backend
 from drkd.tracking import stage_run
 
 STATS = ("AP", "AP50", "APs", "APm", "APl")
@@ -143,9 +144,11 @@ def summarise(cells: dict[str, dict[int, dict[str, Any]]],
         row["step_time_vs_baseline"] = row["seconds_per_step"] / base["seconds_per_step"]
         row["memory_vs_baseline"] = row["peak_memory_mb"] / base["peak_memory_mb"]
         row["gain"] = row["mean"]["AP"] - base["mean"]["AP"]
-        gap = 100 * teacher["AP"] - base["mean"]["AP"] if teacher else 0.0
-        # A tie between teacher and baseline leaves no gap to close: no number (not 0%).
-        row["gap_closed"] = row["gain"] / gap if teacher and abs(gap) > 1e-9 else None
+        # None on a teacher-baseline tie: no gap to close (the table prints "-", not 0%).
+        row["gap_closed"] = (
+            gap_closed(row["mean"]["AP"] / 100, base["mean"]["AP"] / 100, teacher["AP"])
+            if teacher else None
+        )
     return {"teacher_AP": 100 * teacher["AP"] if teacher else None, "methods": rows}
 
 
@@ -178,8 +181,6 @@ def markdown(summary: dict[str, Any]) -> str:
 def plot(summary: dict[str, Any], path: Path) -> None:
     """AP mean (bar) and each seed (dots) per method, best first; the teacher as a line."""
     import matplotlib.pyplot as plt
-
-    from drkd.report import save_figure  # selects the Agg backend
 
     ranked = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]["AP"])
     fig, ax = plt.subplots(figsize=(1.2 * max(len(ranked), 3) + 2, 4))

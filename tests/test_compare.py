@@ -1,0 +1,73 @@
+"""The comparison's leaderboard (stages/compare.py) from finished cells written by hand, and a
+cell's params: the method, the seed and the shortened budget it trains with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import compare
+
+
+def write_cell(cells: Path, method: str, seed: int, ap: float, step_s: float, mem: float) -> None:
+    folder = cells / f"{method}-s{seed}"
+    folder.mkdir(parents=True)
+    stats = {"AP": ap, "AP50": ap + 0.1, "APs": ap / 2, "APm": ap, "APl": ap * 1.5}
+    (folder / "metrics.json").write_text(json.dumps(stats))
+    (folder / "cost.json").write_text(json.dumps(
+        {"method": method, "seed": str(seed), "seconds_per_step": step_s, "peak_memory_mb": mem}))
+
+
+def test_leaderboard_numbers(tmp_path: Path) -> None:
+    cells = tmp_path / "cells"
+    for seed, (ap_none, ap_pkd) in enumerate([(0.10, 0.20), (0.12, 0.26)]):
+        write_cell(cells, "none", seed, ap_none, 0.5, 1000.0)
+        write_cell(cells, "pkd", seed, ap_pkd, 0.6 + 0.2 * seed, 1200.0 + seed)
+    teacher = tmp_path / "teacher.json"
+    teacher.write_text(json.dumps({"AP": 0.41}))
+    assert compare.main(["leaderboard", "--cells", str(cells), "--teacher-metrics", str(teacher),
+                         "--out", str(tmp_path)]) == 0
+    board = json.loads((tmp_path / "leaderboard.json").read_text())
+    pkd, none = board["methods"]["pkd"], board["methods"]["none"]
+    assert pkd["per_seed"]["0"]["AP"] == pytest.approx(20.0)
+    assert pkd["mean"]["AP"] == pytest.approx(23.0) and none["mean"]["AP"] == pytest.approx(11.0)
+    assert pkd["spread"] == pytest.approx(6.0)
+    assert pkd["gain"] == pytest.approx(12.0)
+    assert pkd["gap_closed"] == pytest.approx(12.0 / 30.0)  # teacher 41 vs baseline 11
+    assert pkd["step_time_vs_baseline"] == pytest.approx(0.7 / 0.5)
+    assert pkd["memory_vs_baseline"] == pytest.approx(1201.0 / 1000.0)
+    table = (tmp_path / "leaderboard.md").read_text()
+    assert table.index("| pkd |") < table.index("| none |")  # best first
+    assert "| 40% |" in table and "20.0, 26.0" in table
+    assert (tmp_path / "leaderboard.png").stat().st_size > 1000
+
+
+def test_a_tie_reads_dash(tmp_path: Path) -> None:
+    cells = tmp_path / "cells"
+    write_cell(cells, "none", 0, 0.30, 0.5, 1.0)
+    write_cell(cells, "cwd", 0, 0.32, 0.5, 1.0)
+    summary = compare.summarise(compare.read_cells(cells), {"AP": 0.30})
+    assert summary["methods"]["cwd"]["gap_closed"] is None
+    assert "| - |" in compare.markdown(summary)
+
+
+def test_cell_params(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "student": {"train": {"epochs": 8, "warmup_steps": 300}},
+        "compare": {"epochs": 2}, "tracking": {"enabled": True}}))
+    cell = compare.cell_params(str(params), "fgd", 2)
+    assert cell["seed"] == 2 and cell["distill"]["method"] == "fgd"
+    train = cell["student"]["train"]
+    assert (train["epochs"], train["warmup_steps"]) == (2, 75)
+    assert cell["tracking"]["enabled"] is False  # the cell itself is the MLflow run
+
+
+def test_no_cells_is_one_line(tmp_path: Path) -> None:
+    from drkd.config import UserError
+
+    with pytest.raises(UserError, match="no finished cell"):
+        compare.main(["leaderboard", "--cells", str(tmp_path), "--out", str(tmp_path)])
