@@ -220,3 +220,13 @@ def test_train_stage_bad_params_exits_2_with_one_line(
     lines = captured.err.strip().splitlines()
     assert lines == ["error: params.yaml: student.train.lr: expected a positive float, got 'fast'"]
     assert not out.exists() and not history.exists() and not (tmp_path / "work").exists()
+
+
+def test_code_defaults_are_params_yaml() -> None:
+    """One set of defaults, the one a user gets: a key left out of a params file means the
+    value params.yaml ships with."""
+    from drkd.config import Params, flatten, load_params, to_dict
+
+    shipped = flatten(to_dict(load_params(Path(__file__).resolve().parents[1] / "params.yaml")))
+    defaults = flatten(to_dict(Params()))
+    assert {k: v for k, v in defaults.items() if shipped.get(k) != v} == {}

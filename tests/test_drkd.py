@@ -43,10 +43,12 @@ Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
 
 def config(target: str = "features", reduction: str = "mse", **kw: Any) -> DistillConfig:
-    inst: dict[str, Any] = dict(embed_dim=EMBED, filter_hidden=HIDDEN, target=target)
+    inst: dict[str, Any] = dict(embed_dim=EMBED, filter_hidden=HIDDEN, target=target, tau=1.0,
+                                topk=0)
     inst.update(kw.pop("instance", {}))
+    weights = {"w_pr": 1.0, "w_ir": 1.0, "w_ins": 1.0, "w_mimic": 1.0}  # terms unweighted
     return DistillConfig(reduction=reduction, pixel=SMALL_PIXEL,
-                         instance=InstanceRelationConfig(**inst), **kw)
+                         instance=InstanceRelationConfig(**inst), **{**weights, **kw})
 
 
 def distiller(arch: str = "retinanet", c_s: int = 16, c_t: int = 24,
@@ -601,18 +603,21 @@ def test_distance_by_hand() -> None:
     assert distance(two, two, "mse", torch.zeros(2, 2, dtype=torch.bool)).item() == 0.0
 
 
-def reference_glore(g: GloRe, x: torch.Tensor) -> torch.Tensor:
-    """method.md steps 1-4 per image, from the unit's weights: (C, H, W) -> pixels (HW, C)."""
+def reference_glore(g: GloRe, x: torch.Tensor, release: bool = False) -> torch.Tensor:
+    """method.md steps 1-4 per image, from the unit's weights: (C, H, W) -> pixels (HW, C).
+    Ours divides V by HW and uses BatchNorm eps 1e-5; the release neither divides nor uses
+    that eps (1e-4)."""
     c, h, w = x.shape
     pixels = x.flatten(1).T  # (HW, C)
     states = pixels @ g.project.weight[: g.states].T + g.project.bias[: g.states]  # (HW, S)
     proj = pixels @ g.project.weight[g.states:].T + g.project.bias[g.states:]  # (HW, N)
-    v = states.T @ proj / (h * w)  # (S, N)
+    v = states.T @ proj / (1 if release else h * w)  # (S, N)
     v = torch.relu(v + v @ g.node_mix.weight.T + g.node_mix.bias)
     z = g.state_mix.weight @ v  # (S, N)
     y = (proj @ z.T) @ g.back.weight.T  # (HW, C)
     bn = g.norm
-    y = (y - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+    eps = 1e-4 if release else 1e-5
+    y = (y - bn.running_mean) / torch.sqrt(bn.running_var + eps) * bn.weight + bn.bias
     return pixels + y
 
 
@@ -625,11 +630,12 @@ def reference_distance(pairs: list[tuple[torch.Tensor, torch.Tensor]], reduction
 
 
 def formula_relation(e: torch.Tensor, block: InstanceRelation, weights: torch.Tensor | None,
-                       tau: float, topk: int) -> torch.Tensor:
-    """One image (n, D) -> R (n, n) = softmax_j(top-k of a_ij * w_ij) / tau."""
+                     tau: float, topk: int, release: bool = False) -> torch.Tensor:
+    """One image (n, D) -> R (n, n) = softmax_j(top-k of a_ij * w_ij) / tau; a_ij scaled by
+    1/sqrt(d) (ours) or not (the release)."""
     a = (e @ block.theta.weight.T + block.theta.bias) @ (e @ block.phi.weight.T
                                                           + block.phi.bias).T
-    a = a / math.sqrt(block.theta.out_features)
+    a = a if release else a / math.sqrt(block.theta.out_features)
     if weights is not None:
         a = a * weights
     if topk and a.shape[1] > topk:
@@ -651,12 +657,17 @@ def formula_refine(e: torch.Tensor, r: torch.Tensor, block: InstanceRelation) ->
 
 def reference_drkd(d: Distiller, s_maps: list[torch.Tensor], t_maps: list[torch.Tensor],
                    boxes: list[torch.Tensor], size: int) -> dict[str, float]:
-    """L_PR, L_INS and L_IR written out per level and image (method.md), weights as trained."""
+    """L_PR, L_INS and L_IR written out per level and image (method.md), weights as trained.
+    With ``release``, the authors' release: RoIAlign aligned=False with adaptive sampling,
+    the student's relation block on its unadapted features and its own adapter after it."""
     m, cfg = d.method, d.cfg
+    release = cfg.release
+    sampling, aligned = (-1, False) if release else (2, True)
     pr = 0.0
     for g_s, g_t, adapter, s, t in zip(m.glore_s, m.glore_t, m.pixel_adapters, s_maps, t_maps,
                                        strict=True):
-        pairs = [(adapter(reference_glore(g_s, s[i])), reference_glore(g_t, t[i]))
+        pairs = [(adapter(reference_glore(g_s, s[i], release)),
+                  reference_glore(g_t, t[i], release))
                  for i in range(len(s))]
         pr += reference_distance(pairs, cfg.reduction)
     ins, ir = 0.0, 0.0
@@ -668,20 +679,27 @@ def reference_drkd(d: Distiller, s_maps: list[torch.Tensor], t_maps: list[torch.
                 continue
             conv = m.instance_adapters[level]
             adapted = nn.functional.conv2d(s_maps[level][i: i + 1], conv.weight, conv.bias)
-            e_s = roi_align(adapted, [b], 3, scale, 2, True).flatten(1)  # (n, C*9)
-            e_t = roi_align(t_maps[level][i: i + 1], [b], 3, scale, 2, True).flatten(1)
+            e_s = roi_align(adapted, [b], 3, scale, sampling, aligned).flatten(1)  # (n, C_t*9)
+            e_t = roi_align(t_maps[level][i: i + 1], [b], 3, scale, sampling, aligned).flatten(1)
+            raw_s = roi_align(s_maps[level][i: i + 1], [b], 3, scale, sampling,
+                              aligned).flatten(1)  # (n, C_s*9)
             ins_pairs.append((e_s, e_t))
             if len(b) < 2:
                 continue
             weights = formula_filter(e_t, m.filters[level]) if len(m.filters) else None
             inst = cfg.instance
-            r_s = formula_relation(e_s, m.relation_s[level], weights, inst.tau, inst.topk)
-            r_t = formula_relation(e_t, m.relation_t[level], weights, inst.tau, inst.topk)
+            rel_s = raw_s if release else e_s  # what the student's relation block sees
+            r_s = formula_relation(rel_s, m.relation_s[level], weights, inst.tau, inst.topk,
+                                   release)
+            r_t = formula_relation(e_t, m.relation_t[level], weights, inst.tau, inst.topk,
+                                   release)
             if inst.target in ("matrix", "both"):
                 ir_pairs.append(("matrix", r_s, r_t))
             if inst.target in ("features", "both"):
-                ir_pairs.append(("features", formula_refine(e_s, r_s, m.relation_s[level]),
-                                 formula_refine(e_t, r_t, m.relation_t[level])))
+                z_s = formula_refine(rel_s, r_s, m.relation_s[level])
+                if release:
+                    z_s = m.ir_adapters[level](z_s)
+                ir_pairs.append(("features", z_s, formula_refine(e_t, r_t, m.relation_t[level])))
         ins += reference_distance(ins_pairs, cfg.reduction)
         for kind in ("matrix", "features"):
             chosen = [(a, b) for k, a, b in ir_pairs if k == kind]
@@ -689,15 +707,18 @@ def reference_drkd(d: Distiller, s_maps: list[torch.Tensor], t_maps: list[torch.
     return {"loss_pr": cfg.w_pr * pr, "loss_ir": cfg.w_ir * ir, "loss_ins": cfg.w_ins * ins}
 
 
-@pytest.mark.parametrize("reduction, target, topk", [
-    ("norm", "features", 0), ("norm", "matrix", 0), ("mse", "features", 0),
-    ("mse", "matrix", 0), ("mse", "both", 2)])
-def test_losses_equal_an_independent_computation(reduction: str, target: str, topk: int) -> None:
+@pytest.mark.parametrize("reduction, target, topk, release", [
+    ("norm", "features", 0, False), ("norm", "matrix", 0, False), ("mse", "features", 0, False),
+    ("mse", "matrix", 0, False), ("mse", "both", 2, False), ("norm", "features", 0, True),
+    ("norm", "both", 0, True)])
+def test_losses_equal_an_independent_computation(reduction: str, target: str, topk: int,
+                                                  release: bool) -> None:
     """Each DRKD term against the formulas written out per image (reference_drkd): GloRe from
     its weights, torchvision's roi_align on the whole student map (the implementation adapts
     the pooled patches instead), relations, filter, top-k and both reductions."""
     d = distiller(c_s=8, c_t=12, cfg=config(target, reduction, w_pr=0.5, w_ir=2.0, w_ins=3.0,
-                                            instance={"tau": 0.5, "topk": topk}))
+                                            instance={"tau": 0.5, "topk": topk},
+                                            release=release))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # every parameter non-trivial (W, BN weight would start at zero)
         for p in d.method.parameters():
@@ -776,7 +797,7 @@ def test_instance_boxes_stay_fp32_under_bf16_autocast() -> None:
     boxes = [torch.tensor([[1210.6, 700.2, 1230.4, 712.9]])]
     rois, index = torch.tensor([[0.0, *boxes[0][0].tolist()]]), torch.zeros(1, dtype=torch.long)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, e_t, _ = method.instance_features(0, s_maps, s_maps, rois, index, (size, size))
+        _, e_t, _, _ = method.instance_features(0, s_maps, s_maps, rois, index, (size, size))
     exact = roi_align(smap, rois, 3, 1 / 8, 2, True).flatten(1)
     torch.testing.assert_close(e_t[0].float(), exact, rtol=0, atol=1e-3)
     rounded = roi_align(smap, rois.to(torch.bfloat16).float(), 3, 1 / 8, 2, True).flatten(1)
@@ -809,3 +830,17 @@ def test_glore_does_not_overflow_under_fp16() -> None:
         out = glore(x.half())
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), reference, rtol=1e-3, atol=1e-3)
+
+
+def test_release_switch_builds_the_release_modules() -> None:
+    d = distiller(c_s=8, c_t=12, cfg=config("features", "norm", release=True))
+    m = d.method
+    assert all(g.norm.eps == 1e-4 and torch.all(g.norm.weight == 1) and not g.normalize
+               for g in [*m.glore_s, *m.glore_t])
+    assert m.relation_s[0].theta.in_features == 8 * 9 and m.relation_s[0].theta.out_features == 36
+    assert m.relation_t[0].theta.out_features == 12 * 9 // 2  # D/2
+    assert m.relation_t[0].theta.weight.requires_grad  # the release trains the teacher side
+    assert m.relation_s[0].out.weight.abs().sum() > 0  # W not zero-initialised
+    assert len(m.ir_adapters) == 2 and m.ir_adapters[0].in_features == 72
+    ours = distiller(c_s=8, c_t=12, cfg=config("features", "norm")).method
+    assert len(ours.ir_adapters) == 0 and ours.glore_s[0].normalize

@@ -43,7 +43,7 @@ PARAMS: dict[str, Any] = {
         "w_ir": 1e-2,
         "w_ins": 1e-2,
         "pixel": {"nodes": [4] * 5, "states": [8] * 5},
-        "instance": {"embed_dim": 16, "filter_hidden": 8},
+        "instance": {"embed_dim": 16, "filter_hidden": 8, "tau": 1.0, "topk": 0},
     },
     "tune": {
         "study_name": "toy",

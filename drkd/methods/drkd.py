@@ -45,6 +45,7 @@ class DRKD(nn.Module):
         self.relation_s = nn.ModuleList()
         self.relation_t = nn.ModuleList()
         self.filters = nn.ModuleList()
+        self.ir_adapters = nn.ModuleList()  # release only: on the student's refined features
         if cfg.w_pr > 0:
             sizes = cfg.pixel
             if len(sizes.nodes) < levels or len(sizes.states) < levels:
@@ -53,8 +54,8 @@ class DRKD(nn.Module):
                     f"levels, got {len(sizes.nodes)} / {len(sizes.states)} sizes"
                 )
             pairs = list(zip(sizes.nodes, sizes.states, strict=False))[:levels]
-            self.glore_s.extend(GloRe(c_s, n, s) for n, s in pairs)
-            self.glore_t.extend(GloRe(c_t, n, s) for n, s in pairs)
+            self.glore_s.extend(GloRe(c_s, n, s, cfg.release) for n, s in pairs)
+            self.glore_t.extend(GloRe(c_t, n, s, cfg.release) for n, s in pairs)
             self.pixel_adapters.extend(nn.Linear(c_s, c_t) for _ in range(levels))  # on pixels
         self.instance_levels = min(inst.levels, levels)
         if cfg.w_ir > 0 or cfg.w_ins > 0:
@@ -63,15 +64,21 @@ class DRKD(nn.Module):
             )
         if cfg.w_ir > 0:
             dim = c_t * ROI_SIZE * ROI_SIZE
+            # The release relates the student's own (unadapted) instance features and embeds
+            # each side to half its width; ours relates the adapted ones, embedded to embed_dim.
+            dim_s = c_s * ROI_SIZE * ROI_SIZE if cfg.release else dim
             refine = inst.target != "matrix"
-            for side in (self.relation_s, self.relation_t):
+            for side, width in ((self.relation_s, dim_s), (self.relation_t, dim)):
+                embed = width // 2 if cfg.release else inst.embed_dim
                 side.extend(
-                    InstanceRelation(dim, inst.embed_dim, refine)
+                    InstanceRelation(width, embed, refine, cfg.release)
                     for _ in range(self.instance_levels)
                 )
+            if cfg.release and refine:
+                self.ir_adapters.extend(nn.Linear(dim_s, dim) for _ in range(self.instance_levels))
             # Anchor the teacher's relation matrix (method.md, "Beware trivial solutions"):
             # its embeddings stay as initialised, so the KD loss cannot collapse it.
-            for block in self.relation_t:
+            for block in self.relation_t if not cfg.release else ():
                 block.theta.requires_grad_(False)
                 block.phi.requires_grad_(False)
             if inst.filter:
@@ -111,13 +118,13 @@ class DRKD(nn.Module):
         rois, image_index = instance_rois(boxes)
         ir, ins = [], []
         for level in range(self.instance_levels):
-            e_s, e_t, mask = self.instance_features(
+            e_s, e_t, mask, raw_s = self.instance_features(
                 level, student_maps, teacher_maps, rois, image_index, batch_shape
             )
             if cfg.w_ins > 0:
                 ins.append(instance_feature_loss(e_s, e_t, mask, cfg.reduction))
             if cfg.w_ir > 0:
-                ir.append(self.relation_loss(level, e_s, e_t, mask))
+                ir.append(self.relation_loss(level, raw_s if cfg.release else e_s, e_t, mask))
         out = {}
         if ins:
             out["loss_ins"] = cfg.w_ins * torch.stack(ins).sum()
@@ -138,10 +145,10 @@ class DRKD(nn.Module):
         if not len(self.relation_s):
             raise ValueError("no instance relation modules: the distill config has w_ir = 0")
         rois, image_index = instance_rois(boxes)
-        e_s, e_t, mask = self.instance_features(
+        e_s, e_t, mask, raw_s = self.instance_features(
             level, student_maps, teacher_maps, rois, image_index, batch_shape
         )
-        r_s, r_t = self.matrices(level, e_s, e_t, mask)
+        r_s, r_t = self.matrices(level, raw_s if self.cfg.release else e_s, e_t, mask)
         return r_s, r_t, mask
 
     def instance_features(
@@ -152,8 +159,9 @@ class DRKD(nn.Module):
         rois: torch.Tensor,
         image_index: torch.Tensor,
         batch_shape: tuple[int, int],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """RoIAlign of one level -> padded e_s (adapted), e_t (B, n, C*9) and mask (B, n)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoIAlign of one level -> padded e_s (adapted), e_t (B, n, C_t*9), mask (B, n) and
+        the student's unadapted features (B, n, C_s*9)."""
         s_map, t_map = student_maps[level], teacher_maps[level]
         # Spatial scale as MultiScaleRoIAlign infers it: a power of two.
         scale = 2.0 ** round(math.log2(s_map.shape[-1] / batch_shape[1]))
@@ -162,14 +170,17 @@ class DRKD(nn.Module):
         # The 1x1 adapter commutes with RoIAlign's bilinear sampling (GT boxes lie inside the
         # map), so adapt the K pooled 3x3 patches rather than the whole map: same features,
         # and RoIAlign's backward runs on the student's C_s channels instead of C_t.
-        pooled_s = self.instance_adapters[level](
-            roi_align(s_map.float(), rois, ROI_SIZE, scale, sampling_ratio=2, aligned=True)
-        )
-        pooled_t = roi_align(t_map.float(), rois, ROI_SIZE, scale, sampling_ratio=2, aligned=True)
+        # The release: aligned=False, adaptive sampling (pooled features differ by 21-55%).
+        align = {"sampling_ratio": -1, "aligned": False} if self.cfg.release else {
+            "sampling_ratio": 2, "aligned": True}
+        raw = roi_align(s_map.float(), rois, ROI_SIZE, scale, **align)
+        pooled_s = self.instance_adapters[level](raw)
+        pooled_t = roi_align(t_map.float(), rois, ROI_SIZE, scale, **align)
         batch = s_map.shape[0]
         e_s, mask = pad_instances(pooled_s.flatten(1), image_index, batch)
         e_t, _ = pad_instances(pooled_t.flatten(1), image_index, batch)
-        return e_s, e_t, mask
+        raw_s, _ = pad_instances(raw.flatten(1), image_index, batch)
+        return e_s, e_t, mask, raw_s
 
     def matrices(
         self, level: int, e_s: torch.Tensor, e_t: torch.Tensor, mask: torch.Tensor
@@ -186,7 +197,7 @@ class DRKD(nn.Module):
     def relation_loss(
         self, level: int, e_s: torch.Tensor, e_t: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """One level's L_IR; e_s (adapted), e_t: (B, n, D), mask (B, n)."""
+        """One level's L_IR; e_s (adapted; release: unadapted), e_t: (B, n, D), mask (B, n)."""
         inst, reduction = self.cfg.instance, self.cfg.reduction
         r_s, r_t = self.matrices(level, e_s, e_t, mask)
         loss = e_s.new_zeros((), dtype=torch.float32)
@@ -196,6 +207,8 @@ class DRKD(nn.Module):
             block_s = cast(InstanceRelation, self.relation_s[level])
             block_t = cast(InstanceRelation, self.relation_t[level])
             z_s, z_t = block_s.refine(e_s, r_s), block_t.refine(e_t, r_t)
+            if len(self.ir_adapters):  # the release adapts after the block
+                z_s = self.ir_adapters[level](z_s)
             loss = loss + instance_relation_loss(z_s, z_t, mask, reduction, matrix=False)
         return loss
 

@@ -19,15 +19,19 @@ from torch import nn
 
 
 class GloRe(nn.Module):
-    def __init__(self, channels: int, nodes: int, states: int) -> None:
+    def __init__(self, channels: int, nodes: int, states: int, release: bool = False) -> None:
+        """``release``: the authors' unit: no division by HW, BatchNorm eps 1e-4 and weight 1
+        (so the target carries relations from the first step; ours starts as the identity)."""
         super().__init__()
-        self.nodes, self.states = nodes, states
+        self.nodes, self.states, self.normalize = nodes, states, not release
         self.project = nn.Linear(channels, states + nodes)  # X_s (S rows) and B (N rows)
         self.node_mix = nn.Linear(nodes, nodes)  # A: a 1x1 conv across the node axis
         self.state_mix = nn.Linear(states, states, bias=False)  # W_state
         self.back = nn.Linear(states, channels, bias=False)
-        self.norm = nn.BatchNorm1d(channels)  # over B*HW pixels: BatchNorm2d's statistics
-        nn.init.zeros_(self.norm.weight)
+        # Over B*HW pixels: BatchNorm2d's statistics.
+        self.norm = nn.BatchNorm1d(channels, eps=1e-4 if release else 1e-5)
+        if not release:
+            nn.init.zeros_(self.norm.weight)
 
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) -> pixel states X_s^T (B, HW, S) and node projection B^T (B, HW, N)."""
@@ -47,7 +51,7 @@ class GloRe(nn.Module):
             b, c, h, w = x.shape
             states, proj = self.projections(x)
             # Divide by HW: detection inputs vary in size, node features should not.
-            v = states.transpose(1, 2) @ (proj / (h * w))  # V = X_s B^T: (B, S, N)
+            v = states.transpose(1, 2) @ (proj / (h * w) if self.normalize else proj)  # (B,S,N)
             z = self.state_mix(torch.relu(v + self.node_mix(v)).transpose(1, 2))  # Z^T (B, N, S)
             y = self.back(proj @ z).flatten(0, 1)  # conv1x1(Z B) as (B*HW, C)
             return x.flatten(2).transpose(1, 2) + self._normalise(y).view(b, h * w, c)

@@ -92,16 +92,19 @@ class InstanceRelation(nn.Module):
     (a matrix-only target) g and W are not built: no parameter is left without a gradient.
     """
 
-    def __init__(self, dim: int, embed: int, refine: bool = True) -> None:
+    def __init__(self, dim: int, embed: int, refine: bool = True, release: bool = False) -> None:
+        """``release``: the authors' block: affinity without the 1/sqrt(d) scale and W with
+        PyTorch's default init (ours starts at zero: z = e)."""
         super().__init__()
         self.theta = nn.Linear(dim, embed)
         self.phi = nn.Linear(dim, embed)
-        self.scale = 1 / math.sqrt(embed)
+        self.scale = 1.0 if release else 1 / math.sqrt(embed)
         if refine:
             self.g = nn.Linear(dim, embed)
             self.out = nn.Linear(embed, dim)
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
+            if not release:
+                nn.init.zeros_(self.out.weight)
+                nn.init.zeros_(self.out.bias)
 
     def affinity(self, e: torch.Tensor) -> torch.Tensor:
         """(B, n, D) -> logits (B, n, n)."""
