@@ -21,10 +21,13 @@ PRESET = ROOT / "presets" / "bccd.yaml"
 BCCD = ROOT.parent / "shared" / "data" / "bccd" / "BCCD"
 CLASSES = ["RBC", "WBC", "Platelets"]
 
-pytestmark = pytest.mark.skipif(
-    not (BCCD / "Annotations").is_dir(),
-    reason=f"BCCD not found at {BCCD} (the team's shared data folder next to the repo)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (BCCD / "Annotations").is_dir(),
+        reason=f"BCCD not found at {BCCD} (the team's shared data folder next to the repo)",
+    ),
+]
 
 # Toy-sized on top of the preset: 640x480 -> 128x96 (still 4:3, padded batches non-square),
 # 16-channel FPNs, 2 steps per training, a few images.

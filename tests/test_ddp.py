@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import TINY_DATA, toy_model
 from drkd import checkpoint
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120  # normally well under 60 s; generous for a busy 2-core box

@@ -741,6 +741,7 @@ def test_losses_equal_an_independent_computation(reduction: str, target: str, to
 # -- (13) one distillation run of the train stage --------------------------------------------
 
 
+@pytest.mark.slow
 def test_distill_stage_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     import stages.train
 

@@ -245,6 +245,7 @@ def test_params_select_and_validate_methods() -> None:
         parse_params({"distill": {"cwd": {"temp": 1.0}}})
 
 
+@pytest.mark.slow
 def test_every_method_under_ddp(tmp_path: Path) -> None:
     """2 gloo processes, DDP without find_unused_parameters, 2 steps per method (DRKD also
     with a term off): an unused parameter or a rank mismatch fails the second step."""

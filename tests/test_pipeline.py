@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 COPY = [

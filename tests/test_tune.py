@@ -148,6 +148,7 @@ def test_a_trial_runs_the_student_recipe_compressed_to_the_tune_budget() -> None
     assert trial.distill.w_pr == 5e-3
 
 
+@pytest.mark.slow
 def test_a_trial_and_the_distill_stage_start_from_the_same_state(
     tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -181,6 +182,7 @@ def test_a_trial_and_the_distill_stage_start_from_the_same_state(
     assert torch.equal(stage_rng, trial_rng)
 
 
+@pytest.mark.slow
 def test_study_writes_best_params_trials_and_plots(
     tiny_data: Path,
     teacher: Path,
@@ -223,6 +225,7 @@ def test_study_writes_best_params_trials_and_plots(
     assert len(trials(tmp_path)) == 3
 
 
+@pytest.mark.slow
 def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
     tiny_data: Path,
     teacher: Path,
@@ -286,6 +289,7 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
     assert [(m.step, m.value) for m in history] == [(0, 0.3), (1, 0.4)]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 def test_resume_fails_the_stale_trial_of_a_killed_worker(
@@ -311,6 +315,7 @@ def test_resume_fails_the_stale_trial_of_a_killed_worker(
     assert rows[0]["fail_reason"] == "no heartbeat: its worker died"
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(tiny_data: Path, teacher: Path, tmp_path: Path) -> None:
     params = write_params(tmp_path, n_trials=5, epochs=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -374,6 +379,7 @@ def test_errors_are_one_line(
     assert "best_params.yaml: not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_any_method_can_be_tuned_in_its_own_study(
     tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
