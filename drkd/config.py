@@ -515,6 +515,19 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path.name}: {err}") from None
 
 
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` (a partial params mapping, e.g. a preset) applied onto ``base``, nested
+    mappings merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = (
+            merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass as plain dicts/lists (for checkpoints and logging)."""
 

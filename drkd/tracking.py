@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from drkd.config import TrackingConfig, flatten
+from drkd.config import Params, TrackingConfig, flatten, to_dict
 
 PIPELINE_ENV = "DRKD_PIPELINE_ID"
 # MLflow 3's experiment kind: the tag its UI's experiment-kind selector writes;
@@ -261,3 +261,59 @@ def stage_run(
         for i in range(0, len(items), 100):  # log_params caps a batch at 100
             mlflow.log_params(dict(items[i : i + 100]))
         yield StageRun(mlflow)
+
+
+class Tracker:
+    """MLflow for the study: one parent run per invocation, one nested run per trial."""
+
+    def __init__(self, mlflow: Any = None) -> None:
+        self.mlflow = mlflow
+
+    def start_trial(self, number: int) -> None:
+        if self.mlflow:
+            self.mlflow.start_run(
+                run_name=f"trial-{number}",
+                nested=True,
+                tags={"trial": str(number), "dvc_stage": "tune"},
+            )
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        if self.mlflow:
+            self.mlflow.log_params(values)
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.mlflow:
+            self.mlflow.log_metrics(metrics, step=step)
+
+    def end_trial(self, state: str, seconds: float, reason: str) -> None:
+        if self.mlflow:
+            self.mlflow.set_tags({"state": state, "fail_reason": reason[:5000]})
+            self.mlflow.log_metric("duration_s", seconds)
+            status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
+            self.mlflow.end_run(status=status)
+
+    def log_artifact(self, path: Path) -> None:
+        if self.mlflow and path.exists():
+            self.mlflow.log_artifact(str(path))
+
+
+@contextmanager
+def parent_run(
+    params: Params, study_name: str, url: str, n_trials: int, data: Path
+) -> Iterator[Tracker]:
+    """The MLflow run of this invocation (this worker); trials nest under it."""
+    if not params.tracking.enabled:
+        yield Tracker()
+        return
+    mlflow = open_experiment(params.tracking)
+    tags = {
+        "git_commit": git_commit(),
+        "dvc_stage": "tune",
+        "pipeline_id": pipeline_id(),
+        "study": study_name,
+        "data_hash": data_hash([data / "train.json", data / "val.json"]),
+    }
+    with mlflow.start_run(run_name="tune", tags=tags):
+        logged = {**flatten({"tune": to_dict(params.tune)}), "storage": url, "n_trials": n_trials}
+        mlflow.log_params({k: str(v)[:500] for k, v in logged.items()})
+        yield Tracker(mlflow)

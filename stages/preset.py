@@ -19,19 +19,8 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from drkd import cli
-from drkd.config import ConfigError, flatten, parse_params, read_yaml_file
+from drkd.config import ConfigError, flatten, merge, parse_params, read_yaml_file
 from drkd.files import write_text
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = (
-            merge(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
-            else value
-        )
-    return out
 
 
 def flags(partial: dict[str, Any]) -> str:

@@ -22,13 +22,13 @@ from optuna.trial import TrialState
 from torch import nn
 
 from conftest import toy_model
+from drkd import tuning
 from drkd.checkpoint import model_checkpoint, save_atomic
-from drkd.config import NonFiniteLoss, SearchSpace, TrainConfig, load_params, parse_params
+from drkd.config import NonFiniteLoss, SearchSpace, TrainConfig, load_params, merge, parse_params
 from drkd.data.coco import CocoDetection
 from drkd.models import build_detector
 from drkd.tracking import PIPELINE_ENV
 from stages import tune
-from stages.preset import merge
 
 ROOT = Path(__file__).resolve().parents[1]
 PNGS = ["optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"]
@@ -110,26 +110,26 @@ def fake_ap(monkeypatch: pytest.MonkeyPatch, script: list[float | Exception]) ->
             raise value
         return value
 
-    monkeypatch.setattr(tune, "evaluate_ap", evaluate_ap)
+    monkeypatch.setattr(tuning, "evaluate_ap", evaluate_ap)
 
 
 def test_last_epoch_matches_the_budget_fit_runs() -> None:
     cfg = TrainConfig(epochs=2, batch_size=4)  # 20 images: 5 steps per epoch
-    assert tune.last_epoch(cfg, 20) == 1
-    assert tune.last_epoch(dataclasses.replace(cfg, max_steps=6), 20) == 1
-    assert tune.last_epoch(dataclasses.replace(cfg, max_steps=5), 20) == 0
-    assert tune.last_epoch(dataclasses.replace(cfg, epochs=3, max_steps=100), 20) == 2
+    assert tuning.last_epoch(cfg, 20) == 1
+    assert tuning.last_epoch(dataclasses.replace(cfg, max_steps=6), 20) == 1
+    assert tuning.last_epoch(dataclasses.replace(cfg, max_steps=5), 20) == 0
+    assert tuning.last_epoch(dataclasses.replace(cfg, epochs=3, max_steps=100), 20) == 2
 
 
 def test_search_space_convention() -> None:
     space = SearchSpace(w_pr=(1e-4, 1e-2), w_ir=(0.01,), w_ins=(), topk=(0, 4), lr=(1e-4, 1e-3))
     trial = optuna.create_study().ask()
-    values = tune.suggest(trial, space)
+    values = tuning.suggest(trial, space)
     dists = trial.distributions
     assert isinstance(dists["w_pr"], optuna.distributions.FloatDistribution) and dists["w_pr"].log
     assert values["w_ir"] == 0.01 and "w_ins" not in values  # [v] fixed, [] left out
     assert isinstance(dists["topk"], optuna.distributions.CategoricalDistribution)
-    assert tune.partial_params(values) == {
+    assert tuning.partial_params(values) == {
         "distill": {
             "w_pr": values["w_pr"],
             "w_ir": 0.01,
@@ -143,7 +143,7 @@ def test_search_space_convention() -> None:
 
 def test_a_trial_runs_the_student_recipe_compressed_to_the_tune_budget() -> None:
     over = {"student": {"train": {"epochs": 8, "warmup_steps": 300}}, "tune": {"epochs": 2}}
-    trial = tune.trial_params(parse_params(merge(PARAMS, over)), {"w_pr": 5e-3})
+    trial = tuning.trial_params(parse_params(merge(PARAMS, over)), {"w_pr": 5e-3})
     assert (trial.student.train.epochs, trial.student.train.warmup_steps) == (2, 75)
     assert trial.distill.w_pr == 5e-3
 
@@ -166,7 +166,7 @@ def test_a_trial_and_the_distill_stage_start_from_the_same_state(
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(stages.train, "fit", record)
-    monkeypatch.setattr(tune, "fit", record)
+    monkeypatch.setattr(tuning, "fit", record)
     with pytest.raises(RuntimeError, match="recorded"):
         stages.train.main([
             "student", "--params", str(params), "--data", str(tiny_data), "--teacher", str(teacher),
@@ -200,7 +200,7 @@ def test_study_writes_best_params_trials_and_plots(
     done = trials(tmp_path)
     assert [t.state for t in done] == [TrialState.COMPLETE] * 3
     # Trial 0 is the params file's own setting (w_ins = 0.01 is outside the fixed [1e-3]).
-    defaults = tune.current_values(load_params(params))
+    defaults = tuning.current_values(load_params(params))
     assert "w_ins" not in defaults and defaults["w_ir"] == 1e-2 and defaults["tau"] == 1
     assert {k: v for k, v in done[0].params.items() if k != "w_ins"} == defaults
     assert all(sorted(t.intermediate_values) == [0, 1] for t in done)  # AP after each epoch
@@ -295,8 +295,8 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
 def test_resume_fails_the_stale_trial_of_a_killed_worker(
     tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tune, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(tune, "GRACE_S", 1)
+    monkeypatch.setattr(tuning, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(tuning, "GRACE_S", 1)
     params = write_params(tmp_path, n_trials=3)
     fake_ap(monkeypatch, [0.1, 0.2, 0.3])
     # A worker killed mid-trial: trial 0 RUNNING, its heartbeat no longer refreshed.
@@ -386,14 +386,14 @@ def test_any_method_can_be_tuned_in_its_own_study(
     """`--method pkd` searches tune.spaces.pkd in study `<name>-pkd`, trains the student with
     PKD, and writes OUT/pkd/best_params.yaml that promotes into distill.pkd only."""
     trained: list[str] = []
-    real = tune.distill_and_evaluate
+    real = tuning.distill_and_evaluate
 
     def spy(params: Any, *rest: Any, **kw: Any) -> float:
         trained.append(params.distill.method)
         assert 1.0 <= params.distill.pkd.weight <= 30.0
         return real(params, *rest, **kw)
 
-    monkeypatch.setattr(tune, "distill_and_evaluate", spy)
+    monkeypatch.setattr(tuning, "distill_and_evaluate", spy)
     fake_ap(monkeypatch, [0.1, 0.2, 0.3, 0.4])
     params = write_params(tmp_path, epochs=1, n_trials=2,
                           spaces={"pkd": {"weight": [1.0, 30.0]}})
@@ -411,6 +411,6 @@ def test_any_method_can_be_tuned_in_its_own_study(
     names = optuna.get_all_study_names(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert names == ["toy-pkd"]  # DRKD's study "toy" is not touched
     # Another method's space maps onto its own section (mimic: distill.w_mimic).
-    assert tune.partial_params({"w_mimic": 0.01}, "mimic") == {"distill": {"w_mimic": 0.01}}
-    fgd = tune.trial_params(load_params(params), {"alpha": 0.002}, "fgd")
+    assert tuning.partial_params({"w_mimic": 0.01}, "mimic") == {"distill": {"w_mimic": 0.01}}
+    fgd = tuning.trial_params(load_params(params), {"alpha": 0.002}, "fgd")
     assert fgd.distill.method == "fgd" and fgd.distill.fgd.alpha == 0.002

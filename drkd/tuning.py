@@ -1,0 +1,412 @@
+"""The Optuna study behind `make tune` (stages/tune.py keeps the command line): the search
+space of each method, the objective (the validation AP of a student distilled for the short
+`tune` budget), the shared study in an RDB with its worker gate, and the outputs
+(best_params.yaml, trials.csv, plots). The one module besides that stage that imports optuna.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import math
+import os
+import socket
+import tempfile
+import time
+import typing
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import optuna
+import torch
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from drkd.config import Params, TrainConfig, UserError, merge, parse_params, to_dict
+from drkd.data.coco import CocoDetection
+from drkd.devices import pick_device
+from drkd.distiller import Distiller
+from drkd.engine import fit, schedule
+from drkd.evaluation import coco_metrics, predict
+from drkd.files import write_text
+from drkd.models import build_detector
+from drkd.report import save_figure
+from drkd.tracking import Tracker
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+HEARTBEAT_S = 10  # a live worker refreshes its running trial this often
+GRACE_S = 60  # a RUNNING trial whose heartbeat is older belongs to a dead worker: FAIL
+TOP_LEVEL = ("w_pr", "w_ir", "w_ins")  # distill.<name>; lr -> student.train.lr; rest -> instance
+PLOTS: dict[str, Callable[..., Any]] = {
+    "optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
+    "param_importances": optuna.visualization.matplotlib.plot_param_importances,
+    "parallel_coordinate": optuna.visualization.matplotlib.plot_parallel_coordinate,
+    "intermediate_values": optuna.visualization.matplotlib.plot_intermediate_values,
+}
+
+
+
+def space_of(params: Params, method: str) -> Any:
+    """The search space of ``method``: DRKD's is `tune.space`, the others' `tune.spaces.<m>`."""
+    return params.tune.space if method == "drkd" else getattr(params.tune.spaces, method)
+
+
+def float_dims(space: Any) -> set[str]:
+    """The float dimensions of a space: there, [low, high] is a log range (else choices)."""
+    hints = typing.get_type_hints(type(space))
+    return {name for name, tp in hints.items() if tp == tuple[float, ...]}
+
+
+def suggest(trial: optuna.Trial, space: Any) -> dict[str, Any]:
+    """One value per dimension of ``space`` ([] dims are left out: their params value holds)."""
+    values: dict[str, Any] = {}
+    floats = float_dims(space)
+    for field in dataclasses.fields(space):
+        choices = getattr(space, field.name)
+        if field.name in floats and len(choices) == 2:
+            values[field.name] = trial.suggest_float(field.name, *choices, log=True)
+        elif choices:
+            values[field.name] = trial.suggest_categorical(field.name, list(choices))
+    return values
+
+
+def partial_params(values: dict[str, Any], method: str = "drkd") -> dict[str, Any]:
+    """Suggested values as a partial params file: DRKD's {distill: {..., instance: {...}},
+    student}; mimic's distill.w_mimic; another method's distill.<method>."""
+    if method == "mimic":
+        return {"distill": dict(values)}
+    if method != "drkd":
+        return {"distill": {method: dict(values)}}
+    distill = {k: v for k, v in values.items() if k in TOP_LEVEL}
+    instance = {k: v for k, v in values.items() if k not in TOP_LEVEL and k != "lr"}
+    out: dict[str, Any] = {"distill": {**distill, **({"instance": instance} if instance else {})}}
+    if "lr" in values:
+        out["student"] = {"train": {"lr": values["lr"]}}
+    return out
+
+
+def current_values(params: Params, method: str = "drkd") -> dict[str, Any]:
+    """The params file's own value of every searched dimension that lies inside the space:
+    enqueued as trial 0, so the study measures the defaults at the same budget."""
+    values: dict[str, Any] = {}
+    space = space_of(params, method)
+    floats = float_dims(space)
+    for field in dataclasses.fields(space):
+        choices = getattr(space, field.name)
+        if method == "mimic":
+            value = params.distill.w_mimic
+        elif method != "drkd":
+            value = getattr(getattr(params.distill, method), field.name)
+        elif field.name == "lr":
+            value = params.student.train.lr
+        elif field.name in TOP_LEVEL:
+            value = getattr(params.distill, field.name)
+        else:
+            value = getattr(params.distill.instance, field.name)
+        if field.name in floats and len(choices) == 2:
+            inside = choices[0] <= value <= choices[1]
+        else:
+            inside = value in choices
+        if inside:
+            values[field.name] = value
+    return values
+
+
+def trial_params(params: Params, values: dict[str, Any], method: str = "drkd") -> Params:
+    """``params`` with ``method`` and its suggested values applied and the student's recipe
+    compressed to `tune`'s budget: fewer epochs, and the warm-up shortened by the same factor
+    (a warm-up as long as the whole trial would leave the student untrained and the study
+    blind)."""
+    partial = merge(partial_params(values, method), {"distill": {"method": method}})
+    applied = parse_params(merge(to_dict(params), partial))
+    share = min(1.0, params.tune.epochs / applied.student.train.epochs)
+    train = dataclasses.replace(
+        applied.student.train,
+        epochs=params.tune.epochs,
+        max_steps=params.tune.max_steps,
+        warmup_steps=round(applied.student.train.warmup_steps * share),
+    )
+    return dataclasses.replace(applied, student=dataclasses.replace(applied.student, train=train))
+
+
+def evaluate_ap(model: nn.Module, val: CocoDetection, batch_size: int) -> float:
+    detections, _ = predict(model, val, batch_size, pick_device(), progress=False)
+    return float(coco_metrics(val.annotation_file, detections)["AP"])
+
+
+def last_epoch(cfg: TrainConfig, num_images: int) -> int:
+    """Index of the last epoch that ``fit`` runs with ``cfg`` in one process."""
+    per_epoch, total = schedule(cfg, num_images)
+    return math.ceil(total / per_epoch) - 1
+
+
+def distill_and_evaluate(
+    params: Params,
+    teacher: nn.Module,
+    train: CocoDetection,
+    val: CocoDetection,
+    work_dir: Path,
+    on_ap: Callable[[int, float, bool], None],
+    desc: str,
+) -> float:
+    """Distil a fresh student (seeded init) for the short budget; ``on_ap(epoch, AP, final)``
+    after each epoch."""
+    final = last_epoch(params.student.train, len(train))
+    torch.manual_seed(params.seed)
+    student = build_detector(params.student.model, train.num_classes)
+    distiller = Distiller(student, teacher, params.distill)
+    last = math.nan
+
+    def on_epoch(epoch: int, _: nn.Module) -> None:
+        nonlocal last
+        last = evaluate_ap(student, val, params.evaluate.batch_size)
+        on_ap(epoch, last, epoch == final)
+
+    fit(
+        distiller,
+        train,
+        params.student.train,
+        seed=params.seed,
+        work_dir=work_dir,
+        desc=desc,
+        on_epoch=on_epoch,
+    )
+    return last
+
+
+def make_objective(
+    params: Params,
+    teacher: nn.Module,
+    train: CocoDetection,
+    val: CocoDetection,
+    track: Tracker,
+    method: str = "drkd",
+) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        track.start_trial(trial.number)
+        state, reason, start = "FAIL", "", time.perf_counter()
+
+        def on_ap(epoch: int, ap: float, final: bool) -> None:
+            track.log({"epoch_AP": ap}, step=epoch)
+            trial.report(ap, epoch)
+            # A trial that has run its whole budget is complete: pruning it now would save
+            # nothing and would hide its final AP from the sampler.
+            if not final and trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: AP {ap:.4f}")
+
+        try:
+            values = suggest(trial, space_of(params, method))  # fails if the space changed
+            track.log_params(values)
+            with tempfile.TemporaryDirectory(prefix=f"drkd-tune-{trial.number}-") as work:
+                ap = distill_and_evaluate(
+                    trial_params(params, values, method),
+                    teacher,
+                    train,
+                    val,
+                    Path(work),
+                    on_ap,
+                    desc=f"trial {trial.number}",
+                )
+            if not math.isfinite(ap):
+                raise ValueError(f"validation AP is {ap}")
+            track.log({"AP": ap})
+            state = "COMPLETE"
+            return ap
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        except BaseException as err:  # NonFiniteLoss, any bug, or Ctrl-C: FAIL with the reason
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            trial.set_user_attr("fail_reason", reason)
+            raise
+        finally:
+            track.end_trial(state, time.perf_counter() - start, reason)
+
+    return objective
+
+
+def trial_ap(t: FrozenTrial) -> float | None:
+    """The objective value, or a pruned trial's last reported AP."""
+    if t.value is not None:
+        return t.value
+    return t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+
+
+def seconds(t: FrozenTrial) -> float | None:
+    if t.datetime_start and t.datetime_complete:
+        return (t.datetime_complete - t.datetime_start).total_seconds()
+    return None
+
+
+def fail_reason(t: FrozenTrial) -> str:
+    if t.state != TrialState.FAIL:
+        return ""
+    return str(t.user_attrs.get("fail_reason", "no heartbeat: its worker died"))
+
+
+def progress(study: optuna.Study, t: FrozenTrial) -> None:
+    ap, took = trial_ap(t), seconds(t)
+    shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in t.params.items()}
+    line = (
+        f"[tune] trial {t.number} {t.state.name:8} AP={'-' if ap is None else f'{ap:.4f}'} "
+        f"{took or 0:.1f}s {shown}"
+    )
+    if t.state == TrialState.FAIL:
+        line += f" ({fail_reason(t)})"
+    try:
+        best = study.best_trial
+        line += f" | best: trial {best.number} AP={best.value:.4f}"
+    except ValueError:  # no complete trial yet
+        pass
+    print(line, flush=True)
+
+
+def write_outputs(study: optuna.Study, out: Path, track: Tracker, method: str = "drkd") -> None:
+    """best_params.yaml, trials.csv and the plots, from every trial in the storage."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+
+    def csv_text() -> str:
+        """Optuna's own trial table, finished trials only, with the AP (a pruned trial's last
+        reported one), seconds, worker and fail reason in front of the params."""
+        table = study.trials_dataframe(attrs=("number", "state", "params"))
+        by_number = {t.number: t for t in trials}
+        table = table[table["number"].isin(list(by_number))]
+        ap = [trial_ap(by_number[n]) for n in table["number"]]
+        table.insert(2, "AP", ["" if v is None else f"{v:.6g}" for v in ap])
+        took = [seconds(by_number[n]) for n in table["number"]]
+        table.insert(3, "duration_s", ["" if v is None else f"{v:.2f}" for v in took])
+        table.insert(4, "worker", [by_number[n].user_attrs.get("worker", "")
+                                   for n in table["number"]])
+        table.insert(5, "fail_reason", [fail_reason(by_number[n]) for n in table["number"]])
+        table = table.rename(columns=lambda c: c.replace("params_", "param_", 1))
+        return str(table.to_csv(index=False))
+
+    written = [out / "trials.csv"]
+    write_text(csv_text(), written[0])
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        header = (
+            f"# Best of Optuna study '{study.study_name}': trial {best.number}, validation "
+            f"AP {best.value:.4f} ({len(complete)} complete of {len(trials)} trials).\n"
+            "# Promote: python -m stages.tune --promote [--apply]\n"
+        )
+        body = yaml.safe_dump(partial_params(best.params, method), sort_keys=False)
+        write_text(header + body, out / "best_params.yaml")
+        written.append(out / "best_params.yaml")
+        track.log({"best_AP": float(best.value or 0.0)})
+        print(f"[tune] best: trial {best.number} AP={best.value:.4f} -> {out / 'best_params.yaml'}")
+    else:
+        print("[tune] no complete trial yet: best_params.yaml not written")
+    track.log(
+        {
+            s.name.lower(): float(sum(t.state == s for t in trials))
+            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        }
+    )
+
+    import matplotlib.pyplot as plt  # after drkd.report, which picks the Agg backend
+
+    for name, plot in PLOTS.items():
+        if name == "param_importances" and len(complete) < 2:
+            print(f"[tune] {name}.png skipped: needs 2 complete trials, have {len(complete)}")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning, empty-study warnings
+                figure = plot(study).figure
+            save_figure(figure, out / f"{name}.png")
+            written.append(out / f"{name}.png")
+        except Exception as err:  # a plot must not cost the study's results
+            print(f"[tune] {name}.png skipped: {type(err).__name__}: {err}")
+        finally:
+            plt.close("all")
+    for path in written:
+        track.log_artifact(path)
+
+
+def study_name(params: Params, method: str) -> str:
+    """`tune.study_name` for DRKD; `<study_name>-<method>` for another method (its own
+    search space: never mixed into DRKD's study)."""
+    return params.tune.study_name if method == "drkd" else f"{params.tune.study_name}-{method}"
+
+
+def open_study(params: Params, url: str, method: str = "drkd") -> optuna.Study:
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+            )
+    except Exception as err:  # bad URL, unreachable server: one line
+        raise UserError(f"storage {url}: {type(err).__name__}: {err}") from None
+    tune = params.tune
+    pruners: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(1, max(tune.epochs, 2)),
+        "none": optuna.pruners.NopPruner,
+    }
+    return optuna.create_study(
+        storage=storage,
+        study_name=study_name(params, method),
+        direction="maximize",
+        pruner=pruners[tune.pruner](),
+        load_if_exists=True,
+    )
+
+
+class Gate:
+    """Makes "count the trials, then create one" a single step for all workers on one sqlite
+    file (an flock on <db>.lock), so that the study ends with exactly n_trials. Server RDBs
+    get no lock: two workers that count at the same moment may then each add a trial."""
+
+    def __init__(self, url: str) -> None:
+        db = url.removeprefix("sqlite:///")
+        self.path = Path(f"{db}.lock") if db != url and db not in ("", ":memory:") else None
+        self.handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        if self.path is not None:
+            self.handle = self.path.open("a")
+            fcntl.flock(self.handle, fcntl.LOCK_EX)  # released by the OS if this worker dies
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+def run_study(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    n_trials: int,
+    seed: int,
+    gate: Gate,
+) -> None:
+    """Trials until the study holds ``n_trials`` finished or running ones (all workers)."""
+
+    def gated(trial: optuna.Trial) -> float:
+        gate.release()  # the trial exists (and counts) now: let other workers count
+        return objective(trial)
+
+    while True:
+        gate.acquire()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            taken = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+            if len(taken) >= n_trials:
+                return
+            # Seeded by how far the study is: reproducible from the same storage state, and
+            # resumed or parallel workers do not replay each other's suggestions.
+            study.sampler = optuna.samplers.TPESampler(seed=seed + len(taken))
+            study.optimize(gated, n_trials=1, catch=(Exception,), callbacks=[progress])
+        finally:
+            gate.release()
