@@ -36,7 +36,7 @@ from drkd.data.transforms import eval_transforms  # noqa: E402
 from drkd.distiller import Distiller  # noqa: E402
 from drkd.methods.drkd import DRKD, is_instance  # noqa: E402
 from drkd.modules.glore import GloRe  # noqa: E402
-from drkd.report import _placeholder, save_figure  # noqa: E402
+from drkd.plots import placeholder, save_figure  # noqa: E402
 from drkd.taps import part  # noqa: E402
 
 PIXEL_PNG, INSTANCE_PNG = "pixel_relations.png", "instance_relations.png"
@@ -238,7 +238,7 @@ def plot_instance_relations(
             labels = [int(v) for v in targets[i]["labels"][keep]]
             rows.append((i, box[keep], labels, r_t[i, :n, :n].cpu(), r_s[i, :n, :n].cpu()))
     if not rows:
-        _placeholder(path, "no validation image among those shown has >= 2 instances")
+        placeholder(path, "no validation image among those shown has >= 2 instances")
         return 0
     fig, axes = plt.subplots(
         len(rows), 3, figsize=(11, 3.6 * len(rows)), squeeze=False, layout="constrained"

@@ -33,7 +33,7 @@ from drkd.engine import fit, schedule
 from drkd.evaluation import coco_metrics, predict
 from drkd.files import write_text
 from drkd.models import build_detector
-from drkd.report import save_figure
+from drkd.plots import save_figure
 from drkd.tracking import Tracker
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -309,7 +309,7 @@ def write_outputs(study: optuna.Study, out: Path, track: Tracker, method: str = 
         }
     )
 
-    import matplotlib.pyplot as plt  # after drkd.report, which picks the Agg backend
+    import matplotlib.pyplot as plt  # after drkd.plots, which picks the Agg backend
 
     for name, plot in PLOTS.items():
         if name == "param_importances" and len(complete) < 2:

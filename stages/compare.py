@@ -33,7 +33,8 @@ from typing import Any
 from drkd import cli
 from drkd.config import Method, UserError, load_params, parse_params, to_dict
 from drkd.files import require_files, write_json, write_text
-from drkd.report import gap_closed, save_figure  # save_figure: selects the Agg backend
+from drkd.plots import save_figure  # selects the Agg backend
+from drkd.report import gap_closed
 from drkd.tracking import stage_run
 
 STATS = ("AP", "AP50", "APs", "APm", "APl")

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from drkd import cli, relations_plot
+from drkd import cli, plots, relations_plot
 from drkd import report as rep
 from drkd.config import UserError, load_params
 from drkd.files import require_files, write_json, write_text
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     metrics = {m: rep.read_metrics(f) for m, f in metrics_files.items()}
     histories = {h.stem.removeprefix("train_"): rep.read_history(h) for h in history_files}
-    plots = Path(args.plots_dir)
+    plots_dir = Path(args.plots_dir)
     logged = {
         "models": ",".join(args.models),
         "evaluate": {  # the keys this stage reads, as in its params deps in dvc.yaml
@@ -92,15 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.headline:
             write_json(rep.headline_gain(summary), args.headline)
         write_text(rep.markdown_table(metrics), args.table)
-        rep.plot_loss_curves(histories, plots / "loss_curves.png")
-        rep.plot_ap_by_size(metrics, plots / "ap_by_size.png")
-        rep.write_ap_by_size_csv(metrics, plots / "ap_by_size.csv")
-        rep.plot_detections(
+        plots.plot_loss_curves(histories, plots_dir / "loss_curves.png")
+        plots.plot_ap_by_size(metrics, plots_dir / "ap_by_size.png")
+        plots.write_ap_by_size_csv(metrics, plots_dir / "ap_by_size.csv")
+        plots.plot_detections(
             data / "val.json",
             {m: rep.read_json(f) for m, f in detection_files.items()},
             params.evaluate.num_vis_images,
             params.evaluate.vis_score_thresh,
-            plots / "detections.png",
+            plots_dir / "detections.png",
         )
         written = []
         if relation_paths:
@@ -110,14 +110,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.modules,
                 data / "val.json",
                 params.evaluate.num_vis_images,
-                plots,
+                plots_dir,
             )
         run.log_metrics(rep.summary_numbers(summary))
         for path in (args.summary, args.headline, args.table):
             if path:
                 run.log_artifact(path)
         for name in ("loss_curves.png", "ap_by_size.png", "ap_by_size.csv", "detections.png"):
-            run.log_artifact(plots / name, "plots")
+            run.log_artifact(plots_dir / name, "plots")
         for path in written:
             run.log_artifact(path, "plots")
     print(rep.markdown_table(metrics).split("\n\n## Per-class")[0])

@@ -14,7 +14,7 @@ from PIL import Image
 from test_dvc_deps import ROOT, dvc_stages
 
 from conftest import toy_model
-from drkd import cli
+from drkd import cli, plots
 from drkd import report as rep
 from drkd.checkpoint import model_checkpoint, save_atomic
 from drkd.data.coco import CocoDetection
@@ -286,13 +286,13 @@ def test_report_three_models_table_shows_gain(evaluated: Path, tiny_data: Path,
 def test_loss_curves_put_distillation_terms_on_their_own_subplot(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     figures: list[Any] = []
-    monkeypatch.setattr(rep, "save_figure", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
     steps = [1.0, 2.0, 3.0]
     plain = {"step": steps, "classification": [1.0, 0.5, 0.4], "loss": [1.0, 0.5, 0.4],
              "lr": [1e-3] * 3, "epoch": [0.0] * 3}
     drkd = {**plain, "loss_pr": [1e-4, 2e-4, 1e-4], "loss_ir": [0.0, 1e-3, 1e-3],
             "loss_ins": [1e-3, 1e-3, 1e-3]}
-    rep.plot_loss_curves({"student": plain, "student_drkd": drkd}, tmp_path / "x.png")
+    plots.plot_loss_curves({"student": plain, "student_drkd": drkd}, tmp_path / "x.png")
     axes = {ax.get_title(): ax for ax in figures[0].axes if ax.get_title()}
     assert set(axes) == {"student", "student_drkd", "student_drkd: distillation terms"}
     labels = {t: [line.get_label() for line in ax.get_lines()] for t, ax in axes.items()}
@@ -308,7 +308,7 @@ def test_save_figure_is_atomic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
     path = tmp_path / "plots" / "p.png"
     fig, _ = plt.subplots()
-    rep.save_figure(fig, path)
+    plots.save_figure(fig, path)
     before = path.read_bytes()
     assert Image.open(path).format == "PNG"
 
@@ -318,6 +318,6 @@ def test_save_figure_is_atomic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
     monkeypatch.setattr(Figure, "savefig", broken)
     with pytest.raises(OSError, match="disk full"):
-        rep.save_figure(plt.subplots()[0], path)
+        plots.save_figure(plt.subplots()[0], path)
     assert path.read_bytes() == before  # the old plot survives a failed write
     assert [p.name for p in path.parent.iterdir()] == ["p.png"]  # no temp file left
