@@ -266,3 +266,28 @@ def test_every_method_under_ddp(tmp_path: Path) -> None:
 
 def test_module_is_an_nn_module() -> None:
     assert isinstance(distiller("cwd").method, nn.Module) and distiller("none").method is None
+
+
+@pytest.mark.parametrize("method", ["drkd", *PEERS])
+def test_portrait_and_landscape_in_one_batch(method: str) -> None:
+    """Real inputs: a portrait and a landscape image in one padded, non-square batch (48-64
+    px sides, aspect kept) distil with finite terms, and the probe accepts the pair."""
+    cfg = {"min_size": 48, "max_size": 96}
+    student = build_detector(toy_model(fpn_channels=16, **cfg), NUM_CLASSES)
+    teacher = build_detector(toy_model(fpn_channels=24, **cfg), NUM_CLASSES)
+    small = {"pixel": replace(DistillConfig().pixel, nodes=(4,) * 5, states=(8,) * 5)}
+    d = Distiller(student, teacher, DistillConfig(method=method, **small))  # type: ignore[arg-type]
+    d.train()
+    g = torch.Generator().manual_seed(0)
+    # portrait 60x50 -> 58x48, landscape 60x90 -> 48x72: one 64x96 padded batch
+    images = [torch.rand(3, 60, 50, generator=g), torch.rand(3, 60, 90, generator=g)]
+    boxes = [torch.tensor([[5.0, 10.0, 40.0, 55.0], [30.0, 5.0, 48.0, 30.0]]),
+             torch.tensor([[10.0, 5.0, 80.0, 40.0], [2.0, 30.0, 20.0, 55.0]])]
+    targets = [{"boxes": b, "labels": torch.tensor([1, 2])} for b in boxes]
+    seen: list[torch.Size] = []
+    d.student.backbone.register_forward_hook(lambda _m, x, _o: seen.append(x[0].shape[-2:]))
+    losses = d(images, targets)
+    assert tuple(seen[0]) == (64, 96)
+    expected = TERMS.get(method, {"loss_pr", "loss_ir", "loss_ins"})
+    assert all(torch.isfinite(v) for v in losses.values()) and set(losses) >= expected
+    sum(losses.values()).backward()
