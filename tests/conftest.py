@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 
-from drkd.config import DataConfig, ModelConfig, SyntheticConfig, TrainConfig
+from drkd.config import (
+    DataConfig,
+    ModelConfig,
+    SyntheticConfig,
+    TrainConfig,
+    load_params,
+    merge,
+)
 from drkd.data.prepare import prepare
 
 TINY_DATA = SyntheticConfig(
@@ -59,3 +68,21 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _seeded() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
+
+
+def toy_section(**model: object) -> dict[str, Any]:
+    """A `teacher`/`student` params section: the toy detector, 1 epoch of batch 2."""
+    fields = {k: v for k, v in vars(toy_model(**model)).items()
+              if k not in ("weights", "backbone_weights")}
+    return {"model": fields, "train": {"epochs": 1, "batch_size": 2, "num_workers": 0,
+                                       "warmup_steps": 2, "log_every": 1, "amp": "off"}}
+
+
+def toy_params(path: Path, **sections: Any) -> Path:
+    """The one toy params file of the tests: tiny synthetic data, toy teacher and student,
+    tracking off; ``sections`` are merged on top (any key, nested). Validated before use."""
+    base = {"seed": 0, "data": {"synthetic": vars(TINY_DATA)}, "teacher": toy_section(),
+            "student": toy_section(), "tracking": {"enabled": False}}
+    path.write_text(yaml.safe_dump(merge(base, sections)))
+    load_params(path)
+    return path

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import TINY_DATA, toy_model
+from conftest import toy_params
 from drkd import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -28,12 +27,7 @@ def free_port() -> int:
 
 
 def test_train_stage_under_torchrun(tiny_data: Path, tmp_path: Path) -> None:
-    model = {k: v for k, v in vars(toy_model()).items() if k not in ("weights", "backbone_weights")}
-    section = {"model": model, "train": {"epochs": 1, "batch_size": 2, "num_workers": 0,
-                                         "warmup_steps": 1, "log_every": 1}}
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"seed": 0, "data": {"synthetic": vars(TINY_DATA)},
-                                      "student": section, "tracking": {"enabled": False}}))
+    params = toy_params(tmp_path / "params.yaml", student={"train": {"warmup_steps": 1}})
     models, plots, work = tmp_path / "models", tmp_path / "plots", tmp_path / "work"
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}

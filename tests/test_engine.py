@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import Subset
 
+import conftest
 import stages.train
-from conftest import TINY_DATA, toy_model, toy_train
+from conftest import toy_model, toy_train
 from drkd import checkpoint, cli, engine
 from drkd.config import NonFiniteLoss
 from drkd.data.coco import CocoDetection
@@ -298,13 +298,7 @@ def test_distributed_loader_matches_steps_per_epoch(tiny_data: Path,
 
 
 def toy_params(path: Path, **train: object) -> Path:
-    model = {k: v for k, v in vars(toy_model()).items() if k not in ("weights", "backbone_weights")}
-    section = {"model": model, "train": {"epochs": 1, "batch_size": 2, "num_workers": 0,
-                                         "warmup_steps": 2, "log_every": 1, **train}}
-    data = {"seed": 0, "data": {"synthetic": vars(TINY_DATA)}, "student": section,
-            "teacher": section, "tracking": {"enabled": False}}
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return conftest.toy_params(path, student={"train": train}, teacher={"train": train})
 
 
 def test_train_stage_writes_outputs(tiny_data: Path, tmp_path: Path,

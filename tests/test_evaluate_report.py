@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 from test_dvc_deps import ROOT, dvc_stages
 
-from conftest import toy_model
+from conftest import toy_model, toy_params
 from drkd import cli, plots
 from drkd import report as rep
 from drkd.checkpoint import model_checkpoint, save_atomic
@@ -34,9 +33,8 @@ def gt_as_detections(val_json: Path, shift: float = 0.0) -> list[dict[str, Any]]
 
 
 def write_params(path: Path, tracking: bool = False, **evaluate: object) -> Path:
-    path.write_text(yaml.safe_dump({"tracking": {"enabled": tracking},
-                                    "evaluate": {"batch_size": 2, "timing_images": 2, **evaluate}}))
-    return path
+    return toy_params(path, tracking={"enabled": tracking},
+                      evaluate={"batch_size": 2, "timing_images": 2, **evaluate})
 
 
 def test_ground_truth_scores_perfect(tiny_data: Path) -> None:

@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from drkd.checkpoint import load_detector
-from drkd.config import load_params
+from drkd.config import ModelConfig, from_dict, load_params
+from drkd.data.coco import CocoDetection
+from drkd.models import build_detector, count_parameters
 from stages import preset, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +55,12 @@ def test_paper_preset_trains_one_step(name: str, tiny_data: Path, tmp_path: Path
     model, state = load_detector(out)
     assert type(model).__name__ == {"paper_faster_rcnn": "FasterRCNN",
                                     "paper_retinanet": "RetinaNet"}[name]
+    # The export is the plain student: exactly the weights of a detector built from its config
+    # (no DRKD module, no teacher), the baseline's parameter count.
+    plain = build_detector(from_dict(ModelConfig, state["model_config"]),
+                           CocoDetection(tiny_data / "train.json").num_classes)
+    assert list(state["model"]) == list(plain.state_dict())
+    assert count_parameters(model) == count_parameters(plain)
     header = (tmp_path / "s.csv").read_text().splitlines()[0]
     expected = {"paper_faster_rcnn": ["loss_pr", "loss_ir", "loss_ins"],
                 "paper_retinanet": ["loss_ir"]}[name]

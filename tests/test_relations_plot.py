@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from conftest import toy_model
+from conftest import toy_model, toy_params
 from drkd import cli
 from drkd.checkpoint import load, model_checkpoint, save_atomic
 from drkd.config import DistillConfig, InstanceRelationConfig, PixelRelationConfig
@@ -136,8 +135,7 @@ def test_report_stage_with_relation_plots(models: dict[str, Path], tiny_data: Pa
         (tmp_path / "eval" / name / "metrics.json").write_text(json.dumps(fake_metrics(ap)))
         (tmp_path / "eval" / name / "detections.json").write_text("[]")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"tracking": {"enabled": False},
-                                      "evaluate": {"num_vis_images": 3}}))
+    toy_params(params, evaluate={"num_vis_images": 3})
     argv = ["--models", "teacher", "student", "student_drkd",
             "--eval-dir", str(tmp_path / "eval"),
             "--data", str(tiny_data), "--summary", str(tmp_path / "summary.json"),

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 
-from conftest import TINY_DATA, toy_model
+from conftest import toy_params, toy_section
 from drkd.config import TrackingConfig
 from drkd.tracking import (
     EXPERIMENT_KIND_TAG,
@@ -150,15 +149,9 @@ def test_train_and_evaluate_link_datasets_model_and_metrics(
     and its config) and system metrics; the evaluate run's dataset, the same model as its
     input, and the evaluation metrics on that model."""
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # default 10 s
-    model = {k: v for k, v in vars(toy_model(fpn_channels=24)).items()
-             if k not in ("weights", "backbone_weights")}
-    section = {"model": model, "train": {"epochs": 1, "batch_size": 2, "num_workers": 0,
-                                         "warmup_steps": 2, "log_every": 1, "amp": "off"}}
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({
-        "seed": 0, "data": {"synthetic": vars(TINY_DATA)}, "student": section,
-        "evaluate": {"batch_size": 2, "timing_images": 0},
-        "tracking": {"enabled": True, "system_metrics": True}}))
+    params = toy_params(tmp_path / "params.yaml", student=toy_section(fpn_channels=24),
+                        evaluate={"batch_size": 2, "timing_images": 0},
+                        tracking={"enabled": True, "system_metrics": True})
     ckpt = tmp_path / "models" / "student.pt"
     assert train.main(["student", "--params", str(params), "--data", str(tiny_data),
                        "--out", str(ckpt), "--history", str(tmp_path / "student.csv"),
