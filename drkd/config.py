@@ -156,6 +156,9 @@ class PixelRelationConfig:
 
     nodes: tuple[int, ...] = (64, 32, 16, 8, 4)
     states: tuple[int, ...] = (128, 64, 64, 32, 32)
+    # True: the teacher's GloRe units stay as initialised, so the KD loss cannot move the
+    # target (issue 10, H3); trained (the release) they drift toward the student's output.
+    freeze_teacher: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,10 @@ class InstanceRelationConfig:
     levels: int = field(default=2, metadata=_positive("int"))  # finest levels pooled by RoIAlign
     embed_dim: int = field(default=256, metadata=_positive("int"))
     target: Literal["matrix", "features", "both"] = "features"
+    # learned: a_ij = <theta e_i, phi e_j> / sqrt(d) (the paper; the teacher's theta/phi stay
+    # as initialised); cosine: a_ij = cos(e_i, e_j) on both sides, parameter-free, so the
+    # teacher's relations are its own features' geometry (set tau for logits in [-1, 1]).
+    similarity: Literal["learned", "cosine"] = "learned"
     tau: float = field(default=9.787733192560397, metadata=_positive("float"))
     topk: int = field(default=4, metadata=_non_negative("int"))  # 0 = keep all relations
     filter: bool = True
