@@ -159,6 +159,10 @@ class PixelRelationConfig:
     # True: the teacher's GloRe units stay as initialised, so the KD loss cannot move the
     # target (issue 10, H3); trained (the release) they drift toward the student's output.
     freeze_teacher: bool = False
+    # True: both sides' GloRe outputs standardised per channel (over batch and pixels) before
+    # the distance, as PKD does to maps, so L_PR is blind to the teacher's feature scale
+    # (issue 10, H2: teacher maps have RMS ~17). Changes the scale of L_PR: retune w_pr.
+    standardize: bool = False
 
 
 @dataclass(frozen=True)

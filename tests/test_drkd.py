@@ -621,6 +621,32 @@ def test_frozen_teacher_glore_keeps_its_weights() -> None:
     assert missing == []
 
 
+def test_standardized_pixel_loss_equals_its_formula() -> None:
+    """pixel.standardize: per level, MSE between the two sides' GloRe outputs, each channel
+    standardised over the batch's pixels (mean 0, unbiased std 1), written out here."""
+    d = distiller(c_s=8, c_t=12, cfg=config(w_ir=0.0, w_ins=0.0,
+                                            pixel=replace(SMALL_PIXEL, standardize=True)))
+    d.eval()
+    sizes = (8, 4, 2, 1, 1)
+    s_maps, t_maps = fpn_maps(8, sizes, 3, seed=2), fpn_maps(12, sizes, 3, seed=3)
+    expected = 0.0
+    for g_s, g_t, adapter, s, t in zip(d.method.glore_s, d.method.glore_t,
+                                       d.method.pixel_adapters, s_maps, t_maps, strict=True):
+        sides = [torch.cat([adapter(reference_glore(g_s, x)) for x in s]),
+                 torch.cat([reference_glore(g_t, x) for x in t])]  # (B*HW, C_t)
+        z = []
+        for v in sides:
+            n = v.shape[0]
+            mean = v.sum(0) / n
+            std = (((v - mean) ** 2).sum(0) / (n - 1)).sqrt()
+            z.append((v - mean) / (std + 1e-6))
+        expected += float(((z[0] - z[1]) ** 2).mean().detach())
+    with torch.no_grad():
+        loss = d.method(s_maps, t_maps, [torch.zeros(0, 4)] * 3, (32, 32))["loss_pr"].item()
+    assert loss == pytest.approx(expected, rel=1e-4)
+    assert 0.5 < expected / len(sizes) < 4  # standardised: O(1) per level, whatever the scale
+
+
 def test_matrix_target_builds_no_unused_parameters() -> None:
     d = distiller("faster_rcnn", cfg=config("matrix"))
     for block in [*d.method.relation_s, *d.method.relation_t]:

@@ -105,6 +105,8 @@ class DRKD(nn.Module):
                 for a, g, s in zip(self.pixel_adapters, glore_s, student_maps, strict=False)
             ]
             t_rel = [g.pixels(t) for g, t in zip(glore_t, teacher_maps, strict=False)]
+            if cfg.pixel.standardize:
+                s_rel, t_rel = [standardise(x) for x in s_rel], [standardise(x) for x in t_rel]
             out["loss_pr"] = cfg.w_pr * pixel_relation_loss(s_rel, t_rel, cfg.reduction)
         if len(self.instance_adapters):
             out.update(self.instance_losses(student_maps, teacher_maps, boxes, batch_shape))
@@ -214,6 +216,12 @@ class DRKD(nn.Module):
                 z_s = self.ir_adapters[level](z_s)
             loss = loss + instance_relation_loss(z_s, z_t, mask, reduction, matrix=False)
         return loss
+
+
+def standardise(pixels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(B, HW, C) -> each channel at zero mean and unit (unbiased) std over all B*HW pixels."""
+    flat = pixels.flatten(0, 1)
+    return (pixels - flat.mean(0)) / (flat.std(0) + eps)
 
 
 def instance_rois(boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
