@@ -647,6 +647,25 @@ def test_standardized_pixel_loss_equals_its_formula() -> None:
     assert 0.5 < expected / len(sizes) < 4  # standardised: O(1) per level, whatever the scale
 
 
+def test_glore_drift_is_zero_for_a_fresh_unit_and_its_formula_otherwise() -> None:
+    """glore_drift (relations_plot): ||GloRe(F) - F|| / ||F|| per level; a fresh unit of ours
+    is the identity (0), a release unit is not; checked against reference_glore."""
+    from drkd.relations_plot import glore_drift
+
+    maps = fpn_maps(12, (8, 4), 2, seed=4)
+    fresh = [GloRe(12, 4, 8).eval() for _ in maps]
+    assert glore_drift(fresh, maps) == [0.0, 0.0]
+    release = [GloRe(12, 4, 8, release=True).eval() for _ in maps]
+    with torch.no_grad():
+        drift = glore_drift(release, maps)
+        expected = []
+        for unit, m in zip(release, maps, strict=True):
+            out = torch.cat([reference_glore(unit, x, release=True) for x in m])
+            pixels = torch.cat([x.flatten(1).T for x in m])
+            expected.append(float((out - pixels).norm() / pixels.norm()))
+    assert drift == pytest.approx(expected, rel=1e-5) and min(drift) > 0
+
+
 def test_matrix_target_builds_no_unused_parameters() -> None:
     d = distiller("faster_rcnn", cfg=config("matrix"))
     for block in [*d.method.relation_s, *d.method.relation_t]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -86,6 +87,9 @@ def test_repro_writes_metrics_reports_and_mlflow_runs(repo: tuple[Path, dict[str
     for png in ("loss_curves.png", "ap_by_size.png", "detections.png", "pixel_relations.png",
                 "instance_relations.png"):
         assert (root / "reports" / "plots" / png).stat().st_size > 1000
+    drift = json.loads((root / "reports" / "plots" / "glore_drift.json").read_text())
+    assert {len(v) for v in drift.values()} == {5} and set(drift) == {"teacher", "student"}
+    assert all(math.isfinite(v) and v >= 0 for side in drift.values() for v in side)
 
     import mlflow
 
