@@ -330,9 +330,12 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """`make compare` (compare/dvc.yaml): every method x every seed, each a cached DVC stage."""
+    """`make compare` (compare/dvc.yaml): every row x every seed, each a cached DVC stage. A row
+    is a name and its overrides of `distill` (``row_distill``): a method as params.yaml sets it
+    (``pkd: {}``), or a variant of one (an ablation: ``drkd_ins: {method: drkd, w_pr: 0}``)."""
 
-    methods: tuple[Method, ...] = ("none", "mimic", "drkd", "pkd", "cwd", "mgd", "fgd")
+    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        m: {} for m in ("none", "mimic", "drkd", "pkd", "cwd", "mgd", "fgd")})
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = field(default=0, metadata=_non_negative("int"))  # 0: the student recipe's
 
@@ -393,6 +396,12 @@ def _convert(tp: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) ->
         if value not in typing.get_args(tp):
             fail(_describe(tp))
         return value
+    if origin is dict:  # str keys; values converted unless typed Any (checked by the caller)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            fail("a mapping")
+        item = typing.get_args(tp)[1]
+        return {k: v if item is Any else _convert(item, v, f"{where}.{k}", {})
+                for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list | tuple):
             fail(_describe(tp))
@@ -438,7 +447,31 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     return typing.cast(T, _build(cls, data, where))
 
 
+def row_distill(distill: dict[str, Any], name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The `distill` section a `compare.methods` row trains with: ``distill`` (params.yaml's)
+    with the row's overrides on top; the method is the row's name unless they name one."""
+    return merge(distill, {"method": name, **overrides})
+
+
+def _check_rows(params: Params) -> None:
+    """Every `compare.methods` row: a name DVC stages and files can carry, and a valid
+    `distill` section once its overrides are applied."""
+    distill = to_dict(params.distill)
+    for name, overrides in params.compare.methods.items():
+        where = f"compare.methods.{name}"
+        if not name or not all(c.isalnum() or c == "_" for c in name):
+            raise ConfigError(f"{where}: a row name is letters, digits and _ (it names DVC "
+                              "stages and files)")
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{where}: expected a mapping of distill overrides, got "
+                              f"{overrides!r}")
+        if "method" not in overrides and name not in typing.get_args(Method):
+            raise ConfigError(f"{where}: not a method name, so its overrides need `method`")
+        _build(DistillConfig, row_distill(distill, name, overrides), where)
+
+
 def _check_whole(params: Params) -> None:
+    _check_rows(params)
     s = params.data.synthetic
     if s.min_objects > s.max_objects:
         raise ConfigError("data.synthetic.min_objects: must not exceed max_objects")
