@@ -163,6 +163,10 @@ class PixelRelationConfig:
     # the distance, as PKD does to maps, so L_PR is blind to the teacher's feature scale
     # (issue 10, H2: teacher maps have RMS ~17). Changes the scale of L_PR: retune w_pr.
     standardize: bool = False
+    # True: each unit's output BatchNorm starts at weight 0, so GloRe starts as the identity and
+    # L_PR as plain feature imitation; False: weight 1 (the release), relations from step 0
+    # (issue 10, H4). `release: true` implies False.
+    identity_start: bool = True
 
 
 @dataclass(frozen=True)

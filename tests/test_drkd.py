@@ -655,6 +655,8 @@ def test_glore_drift_is_zero_for_a_fresh_unit_and_its_formula_otherwise() -> Non
     maps = fpn_maps(12, (8, 4), 2, seed=4)
     fresh = [GloRe(12, 4, 8).eval() for _ in maps]
     assert glore_drift(fresh, maps) == [0.0, 0.0]
+    relational = [GloRe(12, 4, 8, identity_start=False).eval() for _ in maps]
+    assert min(glore_drift(relational, maps)) > 0  # BN weight 1: not the identity at the start
     release = [GloRe(12, 4, 8, release=True).eval() for _ in maps]
     with torch.no_grad():
         drift = glore_drift(release, maps)

@@ -55,8 +55,9 @@ class DRKD(nn.Module):
                     f"levels, got {len(sizes.nodes)} / {len(sizes.states)} sizes"
                 )
             pairs = list(zip(sizes.nodes, sizes.states, strict=False))[:levels]
-            self.glore_s.extend(GloRe(c_s, n, s, cfg.release) for n, s in pairs)
-            self.glore_t.extend(GloRe(c_t, n, s, cfg.release) for n, s in pairs)
+            start = sizes.identity_start
+            self.glore_s.extend(GloRe(c_s, n, s, cfg.release, start) for n, s in pairs)
+            self.glore_t.extend(GloRe(c_t, n, s, cfg.release, start) for n, s in pairs)
             self.glore_t.requires_grad_(not sizes.freeze_teacher)
             self.pixel_adapters.extend(nn.Linear(c_s, c_t) for _ in range(levels))  # on pixels
         self.instance_levels = min(inst.levels, levels)
