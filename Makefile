@@ -34,8 +34,9 @@ test: lint
 tune: $(STAMP)
 	python -m stages.tune $(TUNE_ARGS)
 
-# Every method in params `compare.methods` x every seed in `compare.seeds`, each cell a cached
-# DVC stage (compare/dvc.yaml): a new method or seed runs only its cells. Writes
+# Every row of params `compare.methods` (a method, or a variant of one) x every seed in
+# `compare.seeds`, each cell a cached DVC stage (compare/dvc.yaml): a new row or seed runs only
+# its cells. Writes
 # compare/leaderboard.{md,png,json}. Not part of `make repro`.
 compare: $(STAMP)
 	DRKD_PIPELINE_ID=$${DRKD_PIPELINE_ID:-compare-$$(date -u +%Y%m%dT%H%M%S)} dvc repro compare/dvc.yaml

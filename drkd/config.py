@@ -156,6 +156,17 @@ class PixelRelationConfig:
 
     nodes: tuple[int, ...] = (64, 32, 16, 8, 4)
     states: tuple[int, ...] = (128, 64, 64, 32, 32)
+    # True: the teacher's GloRe units stay as initialised, so the KD loss cannot move the
+    # target (issue 10, H3); trained (the release) they drift toward the student's output.
+    freeze_teacher: bool = False
+    # True: both sides' GloRe outputs standardised per channel (over batch and pixels) before
+    # the distance, as PKD does to maps, so L_PR is blind to the teacher's feature scale
+    # (issue 10, H2: teacher maps have RMS ~17). Changes the scale of L_PR: retune w_pr.
+    standardize: bool = False
+    # True: each unit's output BatchNorm starts at weight 0, so GloRe starts as the identity and
+    # L_PR as plain feature imitation; False: weight 1 (the release), relations from step 0
+    # (issue 10, H4). `release: true` implies False.
+    identity_start: bool = True
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,10 @@ class InstanceRelationConfig:
     levels: int = field(default=2, metadata=_positive("int"))  # finest levels pooled by RoIAlign
     embed_dim: int = field(default=256, metadata=_positive("int"))
     target: Literal["matrix", "features", "both"] = "features"
+    # learned: a_ij = <theta e_i, phi e_j> / sqrt(d) (the paper; the teacher's theta/phi stay
+    # as initialised); cosine: a_ij = cos(e_i, e_j) on both sides, parameter-free, so the
+    # teacher's relations are its own features' geometry (set tau for logits in [-1, 1]).
+    similarity: Literal["learned", "cosine"] = "learned"
     tau: float = field(default=9.787733192560397, metadata=_positive("float"))
     topk: int = field(default=4, metadata=_non_negative("int"))  # 0 = keep all relations
     filter: bool = True
@@ -319,9 +334,12 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """`make compare` (compare/dvc.yaml): every method x every seed, each a cached DVC stage."""
+    """`make compare` (compare/dvc.yaml): every row x every seed, each a cached DVC stage. A row
+    is a name and its overrides of `distill` (``row_distill``): a method as params.yaml sets it
+    (``pkd: {}``), or a variant of one (an ablation: ``drkd_ins: {method: drkd, w_pr: 0}``)."""
 
-    methods: tuple[Method, ...] = ("none", "mimic", "drkd", "pkd", "cwd", "mgd", "fgd")
+    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        m: {} for m in ("none", "mimic", "drkd", "pkd", "cwd", "mgd", "fgd")})
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = field(default=0, metadata=_non_negative("int"))  # 0: the student recipe's
 
@@ -382,6 +400,12 @@ def _convert(tp: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) ->
         if value not in typing.get_args(tp):
             fail(_describe(tp))
         return value
+    if origin is dict:  # str keys; values converted unless typed Any (checked by the caller)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            fail("a mapping")
+        item = typing.get_args(tp)[1]
+        return {k: v if item is Any else _convert(item, v, f"{where}.{k}", {})
+                for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list | tuple):
             fail(_describe(tp))
@@ -427,7 +451,31 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     return typing.cast(T, _build(cls, data, where))
 
 
+def row_distill(distill: dict[str, Any], name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The `distill` section a `compare.methods` row trains with: ``distill`` (params.yaml's)
+    with the row's overrides on top; the method is the row's name unless they name one."""
+    return merge(distill, {"method": name, **overrides})
+
+
+def _check_rows(params: Params) -> None:
+    """Every `compare.methods` row: a name DVC stages and files can carry, and a valid
+    `distill` section once its overrides are applied."""
+    distill = to_dict(params.distill)
+    for name, overrides in params.compare.methods.items():
+        where = f"compare.methods.{name}"
+        if not name or not all(c.isalnum() or c == "_" for c in name):
+            raise ConfigError(f"{where}: a row name is letters, digits and _ (it names DVC "
+                              "stages and files)")
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{where}: expected a mapping of distill overrides, got "
+                              f"{overrides!r}")
+        if "method" not in overrides and name not in typing.get_args(Method):
+            raise ConfigError(f"{where}: not a method name, so its overrides need `method`")
+        _build(DistillConfig, row_distill(distill, name, overrides), where)
+
+
 def _check_whole(params: Params) -> None:
+    _check_rows(params)
     s = params.data.synthetic
     if s.min_objects > s.max_objects:
         raise ConfigError("data.synthetic.min_objects: must not exceed max_objects")

@@ -9,6 +9,9 @@ and the training-only modules file (``Distiller.modules_checkpoint()``), runs th
   the pixel relations of that query on the finest FPN level, for the teacher (``glore_t[0]``)
   and the student (``glore_s[0]``): relation(q, p) = sum_n B[n, q] B[n, p], with B the GloRe
   projection onto the graph nodes (N x HW), normalised to [0, 1]. Skipped when w_pr = 0.
+- ``glore_drift.json``: per FPN level, ||GloRe(F) - F|| / ||F|| on those images for the
+  teacher's and the student's units: how far the pixel-relation target has moved away from
+  plain feature imitation (0 for a fresh unit of ours; issue 10, H3). Skipped when w_pr = 0.
 - ``instance_relations.png``: per image with >= 2 instances, the relation matrices R_t and
   R_s of the finest instance level, exactly as L_IR computes them
   (``Distiller.relation_matrices``), on one colour scale. Skipped when w_ir = 0.
@@ -34,12 +37,14 @@ from drkd.config import ConfigError, DistillConfig, UserError, from_dict  # noqa
 from drkd.data.coco import CocoDetection  # noqa: E402
 from drkd.data.transforms import eval_transforms  # noqa: E402
 from drkd.distiller import Distiller  # noqa: E402
+from drkd.files import write_json  # noqa: E402
 from drkd.methods.drkd import DRKD, is_instance  # noqa: E402
 from drkd.modules.glore import GloRe  # noqa: E402
 from drkd.plots import placeholder, save_figure  # noqa: E402
 from drkd.taps import part  # noqa: E402
 
 PIXEL_PNG, INSTANCE_PNG = "pixel_relations.png", "instance_relations.png"
+DRIFT_JSON = "glore_drift.json"
 
 
 def load_distiller(
@@ -89,6 +94,17 @@ def pixel_relation(glore: GloRe, feature: torch.Tensor, query: tuple[int, int]) 
     relation = proj[:, query[0] * w + query[1]] @ proj  # (hw,)
     relation = relation - relation.min()
     return (relation / relation.max().clamp(min=1e-12)).view(h, w)
+
+
+@torch.no_grad()
+def glore_drift(units: list[GloRe], maps: list[torch.Tensor]) -> list[float]:
+    """Per level: ||GloRe(F) - F|| / ||F|| over the batch, maps (B, C, H, W); the unit's
+    relational part relative to the features it is added to."""
+    drift = []
+    for unit, feature in zip(units, maps, strict=False):
+        pixels = feature.float().flatten(2).transpose(1, 2)  # (B, HW, C), the unit's layout
+        drift.append(float((unit.pixels(feature) - pixels).norm() / pixels.norm().clamp(min=1e-12)))
+    return drift
 
 
 def _largest_box_centre(boxes: torch.Tensor, size: tuple[int, int]) -> tuple[float, float, int]:
@@ -318,7 +334,15 @@ def plot_relations(
     with torch.no_grad():
         if method is not None and len(method.glore_s):
             plot_pixel_relations(*args, out / PIXEL_PNG)
-            written.append(out / PIXEL_PNG)
+            drift = {
+                "teacher": glore_drift(cast(list[GloRe], method.glore_t), teacher_maps),
+                "student": glore_drift(cast(list[GloRe], method.glore_s), student_maps),
+            }
+            write_json(drift, out / DRIFT_JSON)
+            print("[report] ||GloRe(F) - F|| / ||F|| per level: " + "; ".join(
+                f"{side} " + " ".join(f"{v:.3f}" for v in values)
+                for side, values in drift.items()))
+            written += [out / PIXEL_PNG, out / DRIFT_JSON]
         else:
             print(
                 f"[report] {PIXEL_PNG} skipped: {modules} has no GloRe modules "

@@ -1,20 +1,22 @@
-"""`make compare`: the student of params.yaml distilled from the same teacher by every method in
+"""`make compare`: the student of params.yaml distilled from the same teacher by every row of
 ``compare.methods``, for every seed in ``compare.seeds`` (``compare/dvc.yaml``, one DVC
-``matrix`` stage: each cell is cached, so adding a method or a seed runs only its cells and a
-rerun with nothing changed is a no-op), then a leaderboard.
+``matrix`` stage: each cell is cached, so adding a row or a seed runs only its cells, editing a
+row reruns only that row's, and a rerun with nothing changed is a no-op), then a leaderboard.
+A row is a method as params.yaml sets it or a variant of one (an ablation): a name and its
+overrides of the `distill` section (``drkd.config.row_distill``).
 
-    python -m stages.compare cell METHOD SEED --out compare/cells/METHOD-sSEED
+    python -m stages.compare cell ROW SEED --out compare/cells/ROW-sSEED
     python -m stages.compare leaderboard --cells compare/cells --out compare
 
 A cell trains with the student recipe (``compare.epochs`` > 0 shortens it for every cell
-alike), the method's own params section and the given seed; `none` is the baseline student.
+alike), the row's `distill` section and the given seed; `none` is the baseline student.
 It writes ``params.yaml`` (the exact values it used), ``history.csv``, ``metrics.json`` (COCO
 metrics of val) and ``cost.json`` (seconds per training step, peak memory), and is one MLflow
-run tagged ``method``, ``seed`` and ``compare_id`` (a hash of what every cell of one
+run tagged ``row``, ``method``, ``seed`` and ``compare_id`` (a hash of what every cell of one
 comparison shares: data, teacher, student recipe, budget).
 
 The leaderboard (``leaderboard.md``, ``leaderboard.png``, ``leaderboard.json``): AP mean and
-per seed per method, APs/APm/APl, the share of the teacher-baseline gap closed, and step time
+per seed per row, APs/APm/APl, the share of the teacher-baseline gap closed, and step time
 and peak memory relative to the baseline student.
 """
 
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from drkd import cli
-from drkd.config import Method, UserError, load_params, parse_params, to_dict
+from drkd.config import UserError, flatten, load_params, parse_params, row_distill, to_dict
 from drkd.files import require_files, write_json, write_text
 from drkd.plots import save_figure  # selects the Agg backend
 from drkd.report import gap_closed
@@ -40,12 +42,16 @@ from drkd.tracking import stage_run
 STATS = ("AP", "AP50", "APs", "APm", "APl")
 
 
-def cell_params(params_file: str, method: Method, seed: int) -> dict[str, Any]:
-    """params.yaml as one cell trains it: its seed and method; its own tracking off (the cell
-    is the MLflow run)."""
+def cell_params(params_file: str, row: str, seed: int) -> dict[str, Any]:
+    """params.yaml as one cell trains it: its seed and its row's `distill`; its own tracking off
+    (the cell is the MLflow run)."""
     params = to_dict(load_params(params_file))
+    rows = params["compare"]["methods"]
+    if row not in rows:
+        raise UserError(f"{params_file}: compare.methods has no row {row!r} "
+                        f"(rows: {', '.join(rows)})")
     params["seed"] = seed
-    params["distill"]["method"] = method
+    params["distill"] = row_distill(params["distill"], row, rows[row])
     epochs = params["compare"]["epochs"]
     if epochs:
         train = params["student"]["train"]
@@ -81,7 +87,8 @@ def run_cell(args: argparse.Namespace) -> int:
 
     out, data, teacher = Path(args.out), Path(args.data), Path(args.teacher)
     require_files([data / "train.json", data / "val.json", teacher])
-    params = cell_params(args.params, args.method, args.seed)
+    params = cell_params(args.params, args.row, args.seed)
+    method = params["distill"]["method"]
     cell_id = compare_id(params, data, teacher)
     out.mkdir(parents=True, exist_ok=True)
     write_text(json.dumps(params, indent=1) + "\n", out / "params.yaml")  # JSON is YAML
@@ -89,10 +96,10 @@ def run_cell(args: argparse.Namespace) -> int:
     work = Path("work/compare") / out.name
     train = ["student", *common, "--out", str(out / "model.pt"),
              "--history", str(out / "history.csv"), "--work-dir", str(work)]
-    if args.method != "none":
+    if method != "none":
         train += ["--teacher", str(teacher)]
     tracking = load_params(args.params).tracking
-    tags = {"method": args.method, "seed": str(args.seed), "compare_id": cell_id}
+    tags = {"row": args.row, "method": method, "seed": str(args.seed), "compare_id": cell_id}
     with stage_run(tracking, f"compare_{out.name}", params, [data / "train.json"]) as run:
         run.set_tags(tags)
         start = time.perf_counter()
@@ -106,7 +113,8 @@ def run_cell(args: argparse.Namespace) -> int:
                               "--metrics", str(out / "metrics.json"),
                               "--detections", str(out / "detections.json")])
         metrics = json.loads((out / "metrics.json").read_text())
-        write_json({**cost, **tags}, out / "cost.json")
+        overrides = load_params(args.params).compare.methods[args.row]
+        write_json({**cost, **tags, "overrides": overrides}, out / "cost.json")
         run.log_metrics({**{k: metrics[k] for k in STATS},
                          **{k: float(v) for k, v in cost.items()}})
         run.log_artifact(out / "history.csv")
@@ -114,23 +122,27 @@ def run_cell(args: argparse.Namespace) -> int:
 
 
 def read_cells(cells: Path) -> dict[str, dict[int, dict[str, Any]]]:
-    """method -> seed -> {metrics..., cost...} of every finished cell."""
+    """row -> seed -> {metrics..., cost...} of every finished cell."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for cost_file in sorted(cells.glob("*/cost.json")):
         cost = json.loads(cost_file.read_text())
         metrics = json.loads((cost_file.parent / "metrics.json").read_text())
-        out.setdefault(cost["method"], {})[int(cost["seed"])] = {**metrics, **cost}
+        row = cost.get("row", cost["method"])  # cells written before rows had only a method
+        out.setdefault(row, {})[int(cost["seed"])] = {**metrics, **cost}
     return out
 
 
 def summarise(cells: dict[str, dict[int, dict[str, Any]]],
               teacher: dict[str, Any] | None) -> dict[str, Any]:
-    """Per method: per-seed and mean stats (AP points), spread, gap closed, cost ratios."""
+    """Per row: per-seed and mean stats (AP points), spread, gap closed, cost ratios."""
     rows: dict[str, Any] = {}
-    for method, seeds in cells.items():
+    for name, seeds in cells.items():
         per_seed = {s: {k: 100 * r[k] for k in STATS} for s, r in sorted(seeds.items())}
         aps = [r["AP"] for r in per_seed.values()]
-        rows[method] = {
+        first = seeds[min(seeds)]
+        rows[name] = {
+            "method": first["method"],
+            "overrides": first.get("overrides", {}),
             "seeds": list(per_seed),
             "per_seed": per_seed,
             "mean": {k: statistics.mean(r[k] for r in per_seed.values()) for k in STATS},
@@ -138,7 +150,8 @@ def summarise(cells: dict[str, dict[int, dict[str, Any]]],
             "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in seeds.values()),
             "peak_memory_mb": max(r["peak_memory_mb"] for r in seeds.values()),
         }
-    base = rows.get("none")
+    # The baseline: the row `none`, else any row that trains the plain student.
+    base = rows.get("none") or next((r for r in rows.values() if r["method"] == "none"), None)
     for row in rows.values():
         if base is None:
             continue
@@ -158,17 +171,17 @@ def ratio(row: dict[str, Any], key: str) -> str:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    lines = ["| method | seeds | AP (mean) | AP per seed | spread | AP50 | APs | APm | APl | "
+    lines = ["| row | seeds | AP (mean) | AP per seed | spread | AP50 | APs | APm | APl | "
              "gain | gap closed | step time | memory |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ranked = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]["AP"])
-    for method, row in ranked:
+    for name, row in ranked:
         m = row["mean"]
         seeds = ", ".join(f"{r['AP']:.1f}" for r in row["per_seed"].values())
         gap = "-" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
         gain = f"{row['gain']:+.1f}" if "gain" in row else "-"
         lines.append(
-            f"| {method} | {len(row['seeds'])} | **{m['AP']:.1f}** | {seeds} | "
+            f"| {name} | {len(row['seeds'])} | **{m['AP']:.1f}** | {seeds} | "
             f"{row['spread']:.1f} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | "
             f"{m['APl']:.1f} | {gain} | {gap} | {ratio(row, 'step_time_vs_baseline')} | "
             f"{ratio(row, 'memory_vs_baseline')} |")
@@ -176,17 +189,21 @@ def markdown(summary: dict[str, Any]) -> str:
     head = f"Teacher AP {teacher:.1f}. " if teacher is not None else ""
     note = (f"{head}AP in points on val; spread = max - min over seeds; gain and gap closed "
             "against `none` (the baseline student); step time and peak memory relative to it.")
-    return note + "\n\n" + "\n".join(lines) + "\n"
+    variants = [f"- {name}: {row['method']} with " + ", ".join(
+        f"{k}={v}" for k, v in flatten(row["overrides"]).items() if k != "method")
+        for name, row in ranked if set(row["overrides"]) - {"method"}]
+    tail = "\n\nRows with overrides of `distill`:\n" + "\n".join(variants) if variants else ""
+    return note + "\n\n" + "\n".join(lines) + tail + "\n"
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    """AP mean (bar) and each seed (dots) per method, best first; the teacher as a line."""
+    """AP mean (bar) and each seed (dots) per row, best first; the teacher as a line."""
     import matplotlib.pyplot as plt
 
     ranked = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]["AP"])
     fig, ax = plt.subplots(figsize=(1.2 * max(len(ranked), 3) + 2, 4))
-    for i, (method, row) in enumerate(ranked):
-        ax.bar(i, row["mean"]["AP"], color="tab:gray" if method == "none" else "tab:blue")
+    for i, (_, row) in enumerate(ranked):
+        ax.bar(i, row["mean"]["AP"], color="tab:gray" if row["method"] == "none" else "tab:blue")
         ax.scatter([i] * len(row["per_seed"]), [r["AP"] for r in row["per_seed"].values()],
                    color="black", s=12, zorder=3)
     if summary["teacher_AP"] is not None:
@@ -194,7 +211,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.legend()
     ax.set_xticks(range(len(ranked)), [m for m, _ in ranked])
     ax.set_ylabel("val AP (points)")
-    ax.set_title("Distillation methods: mean over seeds (bars), each seed (dots)")
+    ax.set_title("Distillation: mean over seeds (bars), each seed (dots)")
     save_figure(fig, path)
 
 
@@ -218,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    cell = sub.add_parser("cell", help="train + evaluate one method at one seed")
-    cell.add_argument("method")
+    cell = sub.add_parser("cell", help="train + evaluate one row at one seed")
+    cell.add_argument("row", help="a name in compare.methods")
     cell.add_argument("seed", type=int)
     cell.add_argument("--out", required=True)
     cell.add_argument("--params", default="params.yaml")

@@ -1,5 +1,5 @@
 """The comparison's leaderboard (stages/compare.py) from finished cells written by hand, and a
-cell's params: the method, the seed and the shortened budget it trains with."""
+cell's params: its row's distill section, the seed and the shortened budget it trains with."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import yaml
 from stages import compare
 
 
-def write_cell(cells: Path, method: str, seed: int, ap: float, step_s: float, mem: float) -> None:
-    folder = cells / f"{method}-s{seed}"
+def write_cell(cells: Path, row: str, seed: int, ap: float, step_s: float, mem: float,
+               method: str | None = None, overrides: dict | None = None) -> None:
+    folder = cells / f"{row}-s{seed}"
     folder.mkdir(parents=True)
     stats = {"AP": ap, "AP50": ap + 0.1, "APs": ap / 2, "APm": ap, "APl": ap * 1.5}
     (folder / "metrics.json").write_text(json.dumps(stats))
     (folder / "cost.json").write_text(json.dumps(
-        {"method": method, "seed": str(seed), "seconds_per_step": step_s, "peak_memory_mb": mem}))
+        {"row": row, "method": method or row, "overrides": overrides or {}, "seed": str(seed),
+         "seconds_per_step": step_s, "peak_memory_mb": mem}))
 
 
 def test_leaderboard_numbers(tmp_path: Path) -> None:
@@ -58,12 +60,48 @@ def test_cell_params(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
         "student": {"train": {"epochs": 8, "warmup_steps": 300}},
-        "compare": {"epochs": 2}, "tracking": {"enabled": True}}))
+        "distill": {"w_pr": 0.5, "instance": {"tau": 2.0, "topk": 3}},
+        "compare": {"epochs": 2, "methods": {
+            "fgd": {}, "drkd_ins": {"method": "drkd", "w_pr": 0, "instance": {"tau": 0.1}}}},
+        "tracking": {"enabled": True}}))
     cell = compare.cell_params(str(params), "fgd", 2)
     assert cell["seed"] == 2 and cell["distill"]["method"] == "fgd"
+    assert cell["distill"]["w_pr"] == 0.5  # the row has no overrides: params.yaml's distill
     train = cell["student"]["train"]
     assert (train["epochs"], train["warmup_steps"]) == (2, 75)
     assert cell["tracking"]["enabled"] is False  # the cell itself is the MLflow run
+    variant = compare.cell_params(str(params), "drkd_ins", 0)["distill"]
+    assert (variant["method"], variant["w_pr"]) == ("drkd", 0)
+    assert variant["instance"]["tau"] == 0.1 and variant["instance"]["topk"] == 3  # merged
+    from drkd.config import UserError
+
+    with pytest.raises(UserError, match="no row 'pkd'"):
+        compare.cell_params(str(params), "pkd", 0)
+
+
+@pytest.mark.parametrize("rows, error", [
+    ({"x": {"w_pr": 0}}, "compare.methods.x: not a method name"),
+    ({"a-b": {}}, "compare.methods.a-b: a row name is letters"),
+    ({"v": {"method": "drkd", "w_prr": 1}}, "compare.methods.v.w_prr: unknown key"),
+    ({"v": {"method": "drkd", "instance": {"similarity": "cos"}}},
+     "compare.methods.v.instance.similarity: expected one of"),
+    (["none", "drkd"], "compare.methods: expected a mapping")])
+def test_bad_rows_are_one_line_errors(rows: object, error: str) -> None:
+    from drkd.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError, match=error.replace(".", r"\.")):
+        parse_params({"compare": {"methods": rows}})
+
+
+def test_variant_rows_are_listed_with_their_overrides(tmp_path: Path) -> None:
+    cells = tmp_path / "cells"
+    write_cell(cells, "none", 0, 0.10, 0.5, 1.0)
+    write_cell(cells, "drkd_ins", 0, 0.20, 0.6, 1.0, "drkd", {"method": "drkd", "w_pr": 0})
+    summary = compare.summarise(compare.read_cells(cells), {"AP": 0.40})
+    assert summary["methods"]["drkd_ins"]["method"] == "drkd"
+    assert summary["methods"]["drkd_ins"]["gain"] == pytest.approx(10.0)
+    table = compare.markdown(summary)
+    assert "| drkd_ins |" in table and "- drkd_ins: drkd with w_pr=0" in table
 
 
 def test_no_cells_is_one_line(tmp_path: Path) -> None:

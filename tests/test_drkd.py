@@ -42,7 +42,7 @@ def config(target: str = "features", reduction: str = "mse", **kw: Any) -> Disti
                                 topk=0)
     inst.update(kw.pop("instance", {}))
     weights = {"w_pr": 1.0, "w_ir": 1.0, "w_ins": 1.0, "w_mimic": 1.0}  # terms unweighted
-    return DistillConfig(reduction=reduction, pixel=SMALL_PIXEL,
+    return DistillConfig(reduction=reduction, pixel=kw.pop("pixel", SMALL_PIXEL),
                          instance=InstanceRelationConfig(**inst), **{**weights, **kw})
 
 
@@ -582,6 +582,92 @@ def test_switching_terms_off() -> None:
     assert set(d(images, targets)) == set(d.student(images, targets))
 
 
+def test_cosine_similarity_is_parameter_free_and_zero_on_identical_features() -> None:
+    """similarity: cosine builds no theta/phi on either side; with identical features and
+    identity adapters the two relation matrices agree from the first step (no embedding to
+    align, unlike the learned affinity)."""
+    d = distiller(c_s=16, c_t=16, cfg=config("matrix", instance={"similarity": "cosine"}))
+    assert not any(hasattr(b, "theta") or hasattr(b, "phi")
+                   for b in [*d.method.relation_s, *d.method.relation_t])
+    identity_adapters(d)
+    maps = fpn_maps(16, LEVEL_SIZES["retinanet"])
+    boxes = boxes_of(box_targets([[2, 3, 30, 40], [10, 10, 20, 22], [30, 5, 55, 60]],
+                                 [[0, 0, 16, 16], [20, 24, 60, 50]]))
+    losses = d.method(maps, [m.clone() for m in maps], boxes, (64, 64))
+    assert abs(losses["loss_ir"].item()) < 1e-6
+    losses = d.method(maps, fpn_maps(16, LEVEL_SIZES["retinanet"], seed=1), boxes, (64, 64))
+    assert losses["loss_ir"].item() > 1e-4
+    d.train()
+    sum(d(*batch((0, 2, 4))).values()).backward()
+    missing = [n for n, p in d.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_frozen_teacher_glore_keeps_its_weights() -> None:
+    """pixel.freeze_teacher: the teacher's GloRe units get no gradient and do not move in
+    training, while the student's do."""
+    d = distiller(cfg=config(w_ir=0.0, w_ins=0.0, release=True,
+                             pixel=replace(SMALL_PIXEL, freeze_teacher=True)))
+    assert not trainable(d.method.glore_t) and trainable(d.method.glore_s)
+    before_t, before_s = snapshot(d.method.glore_t), snapshot(d.method.glore_s)
+    d.train()
+    optimizer = torch.optim.SGD(trainable(d), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        sum(d(*batch((0, 2, 4))).values()).backward()
+        optimizer.step()
+    assert not changed(before_t, d.method.glore_t) and changed(before_s, d.method.glore_s)
+    missing = [n for n, p in d.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_standardized_pixel_loss_equals_its_formula() -> None:
+    """pixel.standardize: per level, MSE between the two sides' GloRe outputs, each channel
+    standardised over the batch's pixels (mean 0, unbiased std 1), written out here."""
+    d = distiller(c_s=8, c_t=12, cfg=config(w_ir=0.0, w_ins=0.0,
+                                            pixel=replace(SMALL_PIXEL, standardize=True)))
+    d.eval()
+    sizes = (8, 4, 2, 1, 1)
+    s_maps, t_maps = fpn_maps(8, sizes, 3, seed=2), fpn_maps(12, sizes, 3, seed=3)
+    expected = 0.0
+    for g_s, g_t, adapter, s, t in zip(d.method.glore_s, d.method.glore_t,
+                                       d.method.pixel_adapters, s_maps, t_maps, strict=True):
+        sides = [torch.cat([adapter(reference_glore(g_s, x)) for x in s]),
+                 torch.cat([reference_glore(g_t, x) for x in t])]  # (B*HW, C_t)
+        z = []
+        for v in sides:
+            n = v.shape[0]
+            mean = v.sum(0) / n
+            std = (((v - mean) ** 2).sum(0) / (n - 1)).sqrt()
+            z.append((v - mean) / (std + 1e-6))
+        expected += float(((z[0] - z[1]) ** 2).mean().detach())
+    with torch.no_grad():
+        loss = d.method(s_maps, t_maps, [torch.zeros(0, 4)] * 3, (32, 32))["loss_pr"].item()
+    assert loss == pytest.approx(expected, rel=1e-4)
+    assert 0.5 < expected / len(sizes) < 4  # standardised: O(1) per level, whatever the scale
+
+
+def test_glore_drift_is_zero_for_a_fresh_unit_and_its_formula_otherwise() -> None:
+    """glore_drift (relations_plot): ||GloRe(F) - F|| / ||F|| per level; a fresh unit of ours
+    is the identity (0), a release unit is not; checked against reference_glore."""
+    from drkd.relations_plot import glore_drift
+
+    maps = fpn_maps(12, (8, 4), 2, seed=4)
+    fresh = [GloRe(12, 4, 8).eval() for _ in maps]
+    assert glore_drift(fresh, maps) == [0.0, 0.0]
+    relational = [GloRe(12, 4, 8, identity_start=False).eval() for _ in maps]
+    assert min(glore_drift(relational, maps)) > 0  # BN weight 1: not the identity at the start
+    release = [GloRe(12, 4, 8, release=True).eval() for _ in maps]
+    with torch.no_grad():
+        drift = glore_drift(release, maps)
+        expected = []
+        for unit, m in zip(release, maps, strict=True):
+            out = torch.cat([reference_glore(unit, x, release=True) for x in m])
+            pixels = torch.cat([x.flatten(1).T for x in m])
+            expected.append(float((out - pixels).norm() / pixels.norm()))
+    assert drift == pytest.approx(expected, rel=1e-5) and min(drift) > 0
+
+
 def test_matrix_target_builds_no_unused_parameters() -> None:
     d = distiller("faster_rcnn", cfg=config("matrix"))
     for block in [*d.method.relation_s, *d.method.relation_t]:
@@ -638,9 +724,12 @@ def formula_relation(e: torch.Tensor, block: InstanceRelation, weights: torch.Te
                      tau: float, topk: int, release: bool = False) -> torch.Tensor:
     """One image (n, D) -> R (n, n) = softmax_j(top-k of a_ij * w_ij) / tau; a_ij scaled by
     1/sqrt(d) (ours) or not (the release)."""
-    a = (e @ block.theta.weight.T + block.theta.bias) @ (e @ block.phi.weight.T
-                                                          + block.phi.bias).T
-    a = a if release else a / math.sqrt(block.theta.out_features)
+    if hasattr(block, "theta"):
+        a = (e @ block.theta.weight.T + block.theta.bias) @ (e @ block.phi.weight.T
+                                                              + block.phi.bias).T
+        a = a if release else a / math.sqrt(block.theta.out_features)
+    else:  # similarity: cosine, pair by pair
+        a = nn.functional.cosine_similarity(e[:, None, :], e[None, :, :], dim=-1)
     if weights is not None:
         a = a * weights
     if topk and a.shape[1] > topk:
@@ -712,17 +801,20 @@ def reference_drkd(d: Distiller, s_maps: list[torch.Tensor], t_maps: list[torch.
     return {"loss_pr": cfg.w_pr * pr, "loss_ir": cfg.w_ir * ir, "loss_ins": cfg.w_ins * ins}
 
 
-@pytest.mark.parametrize("reduction, target, topk, release", [
-    ("norm", "features", 0, False), ("norm", "matrix", 0, False), ("mse", "features", 0, False),
-    ("mse", "matrix", 0, False), ("mse", "both", 2, False), ("norm", "features", 0, True),
-    ("norm", "both", 0, True)])
+@pytest.mark.parametrize("reduction, target, topk, release, similarity", [
+    ("norm", "features", 0, False, "learned"), ("norm", "matrix", 0, False, "learned"),
+    ("mse", "features", 0, False, "learned"), ("mse", "matrix", 0, False, "learned"),
+    ("mse", "both", 2, False, "learned"), ("norm", "features", 0, True, "learned"),
+    ("norm", "both", 0, True, "learned"), ("mse", "both", 2, False, "cosine"),
+    ("norm", "features", 0, True, "cosine")])
 def test_losses_equal_an_independent_computation(reduction: str, target: str, topk: int,
-                                                  release: bool) -> None:
+                                                  release: bool, similarity: str) -> None:
     """Each DRKD term against the formulas written out per image (reference_drkd): GloRe from
     its weights, torchvision's roi_align on the whole student map (the implementation adapts
     the pooled patches instead), relations, filter, top-k and both reductions."""
     d = distiller(c_s=8, c_t=12, cfg=config(target, reduction, w_pr=0.5, w_ir=2.0, w_ins=3.0,
-                                            instance={"tau": 0.5, "topk": topk},
+                                            instance={"tau": 0.5, "topk": topk,
+                                                      "similarity": similarity},
                                             release=release))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # every parameter non-trivial (W, BN weight would start at zero)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -86,6 +87,9 @@ def test_repro_writes_metrics_reports_and_mlflow_runs(repo: tuple[Path, dict[str
     for png in ("loss_curves.png", "ap_by_size.png", "detections.png", "pixel_relations.png",
                 "instance_relations.png"):
         assert (root / "reports" / "plots" / png).stat().st_size > 1000
+    drift = json.loads((root / "reports" / "plots" / "glore_drift.json").read_text())
+    assert {len(v) for v in drift.values()} == {5} and set(drift) == {"teacher", "student"}
+    assert all(math.isfinite(v) and v >= 0 for side in drift.values() for v in side)
 
     import mlflow
 
@@ -158,20 +162,21 @@ def test_dvc_metrics_and_plots_read_the_outputs(repo: tuple[Path, dict[str, str]
     assert "ap_by_size" in plots
 
 
-def set_compare(root: Path, methods: list[str], seeds: list[int]) -> None:
+def set_compare(root: Path, rows: dict[str, dict], seeds: list[int]) -> None:
     from ruamel.yaml import YAML
 
     yaml = YAML()
     params = yaml.load(root / "params.yaml")
-    params["compare"]["methods"], params["compare"]["seeds"] = methods, seeds
+    params["compare"]["methods"], params["compare"]["seeds"] = rows, seeds
     yaml.dump(params, root / "params.yaml")
 
 
 def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
-    """`make compare` on the smoke preset: 2 methods x 2 seeds, a no-op rerun, and a new seed
-    that runs only its cells; each cell an MLflow run tagged method, seed and compare_id."""
+    """`make compare` on the smoke preset: 2 methods x 2 seeds, a no-op rerun, a new seed
+    that runs only its cells, and a variant row that runs only its own (and again when edited);
+    each cell an MLflow run tagged row, method, seed and compare_id."""
     root, env = repo
-    set_compare(root, ["none", "pkd"], [0, 1])
+    set_compare(root, {"none": {}, "pkd": {}}, [0, 1])
     out = _run(["dvc", "repro", "compare/dvc.yaml"], root, env)
     assert out.count("Running stage 'compare/dvc.yaml:cell@") == 4
     board = json.loads((root / "compare" / "leaderboard.json").read_text())
@@ -187,17 +192,36 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
 
     assert "Running stage" not in _run(["dvc", "repro", "compare/dvc.yaml"], root, env)
 
-    set_compare(root, ["none", "pkd"], [0, 1, 2])
+    set_compare(root, {"none": {}, "pkd": {}}, [0, 1, 2])
     out = _run(["dvc", "repro", "compare/dvc.yaml"], root, env)
     ran = sorted(line.split("'")[1] for line in out.splitlines() if "Running stage" in line)
     assert ran == ["compare/dvc.yaml:cell@none-2", "compare/dvc.yaml:cell@pkd-2",
                    "compare/dvc.yaml:leaderboard"]
 
+    def rerun_with(variant: dict) -> list[str]:
+        set_compare(root, {"none": {}, "pkd": {}, "pkd_x3": variant}, [0, 1, 2])
+        out = _run(["dvc", "repro", "compare/dvc.yaml", "-s", "compare/dvc.yaml:cell@pkd_x3-0",
+                    "compare/dvc.yaml:leaderboard"], root, env)
+        return sorted(line.split("'")[1] for line in out.splitlines() if "Running stage" in line)
+
+    # One seed of a variant row (the rest of its matrix is not asked for): its cell only.
+    assert rerun_with({"method": "pkd", "pkd": {"weight": 30.0}}) == [
+        "compare/dvc.yaml:cell@pkd_x3-0", "compare/dvc.yaml:leaderboard"]
+    used = json.loads((root / "compare" / "cells" / "pkd_x3-s0" / "params.yaml").read_text())
+    assert used["distill"]["method"] == "pkd" and used["distill"]["pkd"]["weight"] == 30.0
+    board = json.loads((root / "compare" / "leaderboard.json").read_text())
+    assert board["methods"]["pkd_x3"]["method"] == "pkd"
+    assert "- pkd_x3: pkd with pkd.weight=30.0" in (root / "compare" / "leaderboard.md").read_text()
+    status = _run(["dvc", "status", "compare/dvc.yaml"], root, env)
+    assert "cell@pkd-0" not in status and "cell@none-0" not in status  # untouched rows
+    assert rerun_with({"method": "pkd", "pkd": {"weight": 20.0}}) == [  # edited: reruns
+        "compare/dvc.yaml:cell@pkd_x3-0", "compare/dvc.yaml:leaderboard"]
+
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["drkd"], output_format="list",
-                              filter_string="tags.method = 'pkd'")
+                              filter_string="tags.row = 'pkd'")
     assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1", "2"]
     assert len({r.data.tags["compare_id"] for r in runs}) == 1
     assert all("AP" in r.data.metrics for r in runs)

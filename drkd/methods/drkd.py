@@ -8,7 +8,8 @@
 - L_IR: a relation block per level on each side turns those instance features into a relation
   matrix (optionally filtered); the student imitates the teacher's matrix and/or refined
   features (``instance.target``). The teacher's theta/phi stay as initialised (method.md,
-  "Beware trivial solutions").
+  "Beware trivial solutions"), or the affinity is the parameter-free cosine similarity
+  (``instance.similarity``).
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ class DRKD(nn.Module):
                     f"levels, got {len(sizes.nodes)} / {len(sizes.states)} sizes"
                 )
             pairs = list(zip(sizes.nodes, sizes.states, strict=False))[:levels]
-            self.glore_s.extend(GloRe(c_s, n, s, cfg.release) for n, s in pairs)
-            self.glore_t.extend(GloRe(c_t, n, s, cfg.release) for n, s in pairs)
+            start = sizes.identity_start
+            self.glore_s.extend(GloRe(c_s, n, s, cfg.release, start) for n, s in pairs)
+            self.glore_t.extend(GloRe(c_t, n, s, cfg.release, start) for n, s in pairs)
+            self.glore_t.requires_grad_(not sizes.freeze_teacher)
             self.pixel_adapters.extend(nn.Linear(c_s, c_t) for _ in range(levels))  # on pixels
         self.instance_levels = min(inst.levels, levels)
         if cfg.w_ir > 0 or cfg.w_ins > 0:
@@ -68,17 +71,18 @@ class DRKD(nn.Module):
             # each side to half its width; ours relates the adapted ones, embedded to embed_dim.
             dim_s = c_s * ROI_SIZE * ROI_SIZE if cfg.release else dim
             refine = inst.target != "matrix"
+            learned = inst.similarity == "learned"
             for side, width in ((self.relation_s, dim_s), (self.relation_t, dim)):
                 embed = width // 2 if cfg.release else inst.embed_dim
                 side.extend(
-                    InstanceRelation(width, embed, refine, cfg.release)
+                    InstanceRelation(width, embed, refine, cfg.release, learned)
                     for _ in range(self.instance_levels)
                 )
             if cfg.release and refine:
                 self.ir_adapters.extend(nn.Linear(dim_s, dim) for _ in range(self.instance_levels))
             # Anchor the teacher's relation matrix (method.md, "Beware trivial solutions"):
             # its embeddings stay as initialised, so the KD loss cannot collapse it.
-            for block in self.relation_t if not cfg.release else ():
+            for block in self.relation_t if learned and not cfg.release else ():
                 block.theta.requires_grad_(False)
                 block.phi.requires_grad_(False)
             if inst.filter:
@@ -102,6 +106,8 @@ class DRKD(nn.Module):
                 for a, g, s in zip(self.pixel_adapters, glore_s, student_maps, strict=False)
             ]
             t_rel = [g.pixels(t) for g, t in zip(glore_t, teacher_maps, strict=False)]
+            if cfg.pixel.standardize:
+                s_rel, t_rel = [standardise(x) for x in s_rel], [standardise(x) for x in t_rel]
             out["loss_pr"] = cfg.w_pr * pixel_relation_loss(s_rel, t_rel, cfg.reduction)
         if len(self.instance_adapters):
             out.update(self.instance_losses(student_maps, teacher_maps, boxes, batch_shape))
@@ -211,6 +217,12 @@ class DRKD(nn.Module):
                 z_s = self.ir_adapters[level](z_s)
             loss = loss + instance_relation_loss(z_s, z_t, mask, reduction, matrix=False)
         return loss
+
+
+def standardise(pixels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(B, HW, C) -> each channel at zero mean and unit (unbiased) std over all B*HW pixels."""
+    flat = pixels.flatten(0, 1)
+    return (pixels - flat.mean(0)) / (flat.std(0) + eps)
 
 
 def instance_rois(boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,9 +19,11 @@ from torch import nn
 
 
 class GloRe(nn.Module):
-    def __init__(self, channels: int, nodes: int, states: int, release: bool = False) -> None:
+    def __init__(self, channels: int, nodes: int, states: int, release: bool = False,
+                 identity_start: bool = True) -> None:
         """``release``: the authors' unit: no division by HW, BatchNorm eps 1e-4 and weight 1
-        (so the target carries relations from the first step; ours starts as the identity)."""
+        (so the target carries relations from the first step; ours starts as the identity).
+        ``identity_start=False``: only the release's BatchNorm weight 1."""
         super().__init__()
         self.nodes, self.states, self.normalize = nodes, states, not release
         self.project = nn.Linear(channels, states + nodes)  # X_s (S rows) and B (N rows)
@@ -30,7 +32,7 @@ class GloRe(nn.Module):
         self.back = nn.Linear(states, channels, bias=False)
         # Over B*HW pixels: BatchNorm2d's statistics.
         self.norm = nn.BatchNorm1d(channels, eps=1e-4 if release else 1e-5)
-        if not release:
+        if identity_start and not release:
             nn.init.zeros_(self.norm.weight)
 
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

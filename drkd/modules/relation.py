@@ -84,6 +84,12 @@ def relation_matrix(
     return torch.where(valid, torch.softmax(filtered / tau, dim=-1), 0.0)
 
 
+def cosine_similarity(e: torch.Tensor) -> torch.Tensor:
+    """(B, n, D) -> cos(e_i, e_j) (B, n, n) in fp32; zero rows (padding) give 0."""
+    unit = nn.functional.normalize(e.float(), dim=-1)
+    return unit @ unit.transpose(1, 2)
+
+
 class InstanceRelation(nn.Module):
     """Non-local block over the instances of one image (batched over images).
 
@@ -92,12 +98,16 @@ class InstanceRelation(nn.Module):
     (a matrix-only target) g and W are not built: no parameter is left without a gradient.
     """
 
-    def __init__(self, dim: int, embed: int, refine: bool = True, release: bool = False) -> None:
+    def __init__(self, dim: int, embed: int, refine: bool = True, release: bool = False,
+                 learned: bool = True) -> None:
         """``release``: the authors' block: affinity without the 1/sqrt(d) scale and W with
-        PyTorch's default init (ours starts at zero: z = e)."""
+        PyTorch's default init (ours starts at zero: z = e). ``learned=False``: the affinity is
+        the parameter-free cosine similarity (theta/phi are not built)."""
         super().__init__()
-        self.theta = nn.Linear(dim, embed)
-        self.phi = nn.Linear(dim, embed)
+        if learned:
+            self.theta = nn.Linear(dim, embed)
+            self.phi = nn.Linear(dim, embed)
+        self.learned = learned
         self.scale = 1.0 if release else 1 / math.sqrt(embed)
         if refine:
             self.g = nn.Linear(dim, embed)
@@ -108,6 +118,8 @@ class InstanceRelation(nn.Module):
 
     def affinity(self, e: torch.Tensor) -> torch.Tensor:
         """(B, n, D) -> logits (B, n, n)."""
+        if not self.learned:
+            return cosine_similarity(e)
         return (self.theta(e) @ self.phi(e).transpose(1, 2)) * self.scale
 
     def refine(self, e: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
