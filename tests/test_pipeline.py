@@ -200,7 +200,7 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
 
     def rerun_with(variant: dict) -> list[str]:
         set_compare(root, {"none": {}, "pkd": {}, "pkd_x3": variant}, [0, 1, 2])
-        out = _run(["dvc", "repro", "compare/dvc.yaml", "-s", "compare/dvc.yaml:cell@pkd_x3-0",
+        out = _run(["dvc", "repro", "-s", "compare/dvc.yaml:cell@pkd_x3-0",
                     "compare/dvc.yaml:leaderboard"], root, env)
         return sorted(line.split("'")[1] for line in out.splitlines() if "Running stage" in line)
 

@@ -61,9 +61,12 @@ def test_relation_plots_written(models: dict[str, Path], tiny_data: Path, tmp_pa
                                 capsys: pytest.CaptureFixture[str]) -> None:
     written = plot_relations(models["teacher"], models["student_drkd"], models["modules"],
                              tiny_data / "val.json", 4, tmp_path)
-    assert written == [tmp_path / "pixel_relations.png", tmp_path / "instance_relations.png"]
-    for path in written:
+    assert written == [tmp_path / n for n in ("pixel_relations.png", "glore_drift.json",
+                                               "instance_relations.png")]
+    for path in (written[0], written[2]):
         check_png(path)
+    drift = json.loads(written[1].read_text())
+    assert {len(v) for v in drift.values()} == {5} and set(drift) == {"teacher", "student"}
     assert "placeholder" not in capsys.readouterr().out  # the tiny val set has >= 2 instances
 
 
@@ -116,8 +119,9 @@ def test_switched_off_term_skips_its_plot(tiny_data: Path, tmp_path: Path, off: 
     written = plot_relations(paths["teacher"], paths["student_drkd"], paths["modules"],
                              tiny_data / "val.json", 2, tmp_path / "plots")
     skipped = "pixel_relations.png" if off == "w_pr" else "instance_relations.png"
-    assert [p.name for p in written] == [
-        n for n in ("pixel_relations.png", "instance_relations.png") if n != skipped]
+    pixel = ("pixel_relations.png", "glore_drift.json")
+    expected = ["instance_relations.png"] if off == "w_pr" else list(pixel)
+    assert [p.name for p in written] == expected
     assert not (tmp_path / "plots" / skipped).exists()
     assert f"{skipped} skipped" in capsys.readouterr().out
 
