@@ -77,11 +77,15 @@ def main() -> None:
     args = parser.parse_args()
     dataset = CocoDetection(args.data, eval_transforms())
     loader = DataLoader(dataset, batch_size=16, collate_fn=collate)
-    detectors = {Path(p).stem: load_detector(p)[0].eval() for p in [args.teacher, *args.students]}
+    paths = [Path(p) for p in [args.teacher, *args.students]]
+    # Named by file stem, or by folder/stem where stems repeat (compare cells' model.pt).
+    unique = len({p.stem for p in paths}) == len(paths)
+    names = [p.stem if unique else f"{p.parent.name}/{p.stem}" for p in paths]
+    detectors = {n: load_detector(p)[0].eval() for n, p in zip(names, paths, strict=True)}
     print("| FPN level (0 = finest) | model | same-class AUC | r vs teacher |\n|---|---|---:|---:|")
     for level in (0, 1):
         results = {name: pair_similarities(d, loader, level) for name, d in detectors.items()}
-        t_sims, same = results[Path(args.teacher).stem]
+        t_sims, same = results[names[0]]
         for name, (sims, _) in results.items():
             r = torch.corrcoef(torch.stack([sims, t_sims]))[0, 1]
             print(f"| {level} | {name} | {auc(sims, same):.3f} | {float(r):.3f} |")
