@@ -458,17 +458,14 @@ def row_distill(distill: dict[str, Any], name: str, overrides: dict[str, Any]) -
 
 
 def _check_rows(params: Params) -> None:
-    """Every `compare.methods` row: a name DVC stages and files can carry, and a valid
-    `distill` section once its overrides are applied."""
+    """Every `compare.methods` row (a mapping, checked by _convert): a name DVC stages and
+    files can carry, and a valid `distill` section once its overrides are applied."""
     distill = to_dict(params.distill)
     for name, overrides in params.compare.methods.items():
         where = f"compare.methods.{name}"
         if not name or not all(c.isalnum() or c == "_" for c in name):
             raise ConfigError(f"{where}: a row name is letters, digits and _ (it names DVC "
                               "stages and files)")
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"{where}: expected a mapping of distill overrides, got "
-                              f"{overrides!r}")
         if "method" not in overrides and name not in typing.get_args(Method):
             raise ConfigError(f"{where}: not a method name, so its overrides need `method`")
         _build(DistillConfig, row_distill(distill, name, overrides), where)

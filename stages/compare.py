@@ -113,7 +113,7 @@ def run_cell(args: argparse.Namespace) -> int:
                               "--metrics", str(out / "metrics.json"),
                               "--detections", str(out / "detections.json")])
         metrics = json.loads((out / "metrics.json").read_text())
-        overrides = load_params(args.params).compare.methods[args.row]
+        overrides = params["compare"]["methods"][args.row]
         write_json({**cost, **tags, "overrides": overrides}, out / "cost.json")
         run.log_metrics({**{k: metrics[k] for k in STATS},
                          **{k: float(v) for k, v in cost.items()}})

@@ -27,6 +27,7 @@ from drkd.losses import (
     instance_relation_loss,
     pixel_relation_loss,
 )
+from drkd.methods.pkd import standardise as standardise_map
 from drkd.modules.glore import GloRe
 from drkd.modules.relation import InstanceRelation, RelationFilter, pad_instances, relation_matrix
 
@@ -219,10 +220,11 @@ class DRKD(nn.Module):
         return loss
 
 
-def standardise(pixels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(B, HW, C) -> each channel at zero mean and unit (unbiased) std over all B*HW pixels."""
-    flat = pixels.flatten(0, 1)
-    return (pixels - flat.mean(0)) / (flat.std(0) + eps)
+def standardise(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, HW, C) -> each channel at zero mean and unit (unbiased) std over all B*HW pixels:
+    PKD's standardisation of a (B, C, H, W) map, applied to the pixel layout."""
+    as_map = pixels.transpose(1, 2).unsqueeze(-1)  # (B, C, HW, 1)
+    return standardise_map(as_map).squeeze(-1).transpose(1, 2)
 
 
 def instance_rois(boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
