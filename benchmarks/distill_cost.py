@@ -80,17 +80,17 @@ def models(params_file: str, device: torch.device) -> tuple[torch.nn.Module, tor
 
 def batch_stepper(
     module: torch.nn.Module, cfg: TrainConfig, amp: torch.dtype | None = None
-) -> Callable[[list, list], list[float]]:
+) -> Callable[[list, list], dict[str, float]]:
     """The training loop's own step (drkd.engine.train_step: clipping, one transfer) with one
     optimizer kept across calls, on the batch it is given."""
     module.train()
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], cfg)
     scaler = torch.amp.GradScaler(module_device(module).type, enabled=amp == torch.float16)
 
-    def step(images: list, targets: list) -> list[float]:
-        """Returns the loss terms and their total (one transfer, as in training)."""
-        _, terms = engine_step(module, images, targets, optimizer, scaler, cfg, amp)
-        return terms.tolist()
+    def step(images: list, targets: list) -> dict[str, float]:
+        """Returns each loss term and ``loss``, their total (one transfer, as in training)."""
+        names, terms = engine_step(module, images, targets, optimizer, scaler, cfg, amp)
+        return dict(zip(names, terms.tolist(), strict=True))
 
     return step
 
@@ -98,7 +98,7 @@ def batch_stepper(
 def train_step(
     module: torch.nn.Module, images: list, targets: list, cfg: TrainConfig,
     amp: torch.dtype | None = None,
-) -> Callable[[], list[float]]:
+) -> Callable[[], dict[str, float]]:
     """The same on one fixed batch."""
     step = batch_stepper(module, cfg, amp)
     return lambda: step(images, targets)
