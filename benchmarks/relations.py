@@ -32,8 +32,10 @@ from drkd.taps import part
 
 
 def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Mann-Whitney AUC: P(score of a positive > score of a negative); (K,), (K,) bool."""
-    ranks = scores.argsort().argsort().double() + 1
+    """Mann-Whitney AUC: P(score of a positive > score of a negative) + P(tie) / 2;
+    (K,), (K,) bool. Tied scores share their mean rank."""
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (counts.cumsum(0) - (counts - 1) / 2).double()[inverse]  # 1-based, ties averaged
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if not n_pos or not n_neg:
         return float("nan")
