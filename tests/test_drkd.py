@@ -29,7 +29,8 @@ from drkd.taps import capture
 
 NUM_CLASSES = 4  # background + 3
 EMBED, HIDDEN = 32, 8
-SMALL_PIXEL = PixelRelationConfig(nodes=(4,) * 5, states=(8,) * 5)
+# Raw GloRe outputs (the formulas these tests write out); standardised L_PR has its own test.
+SMALL_PIXEL = PixelRelationConfig(nodes=(4,) * 5, states=(8,) * 5, standardize=False)
 DRKD_LISTS = ("glore_s", "glore_t", "pixel_adapters", "instance_adapters", "relation_s",
               "relation_t", "filters")
 # FPN map sizes of a 64 px batch, finest first.
@@ -645,6 +646,23 @@ def test_standardized_pixel_loss_equals_its_formula() -> None:
         loss = d.method(s_maps, t_maps, [torch.zeros(0, 4)] * 3, (32, 32))["loss_pr"].item()
     assert loss == pytest.approx(expected, rel=1e-4)
     assert 0.5 < expected / len(sizes) < 4  # standardised: O(1) per level, whatever the scale
+
+
+def test_release_compares_raw_glore_outputs_even_with_standardize_on() -> None:
+    """`release: true` implies pixel.standardize false (the release has no standardisation);
+    without `release`, standardize changes L_PR."""
+    maps_s, maps_t = fpn_maps(16, (8, 4), 2, seed=5), fpn_maps(16, (8, 4), 2, seed=6)
+
+    def loss_pr(release: bool, standardize: bool) -> float:
+        torch.manual_seed(0)
+        d = distiller(c_s=16, c_t=16, cfg=config(w_ir=0.0, w_ins=0.0, release=release,
+                                                 pixel=replace(SMALL_PIXEL,
+                                                               standardize=standardize)))
+        with torch.no_grad():
+            return d.method(maps_s, maps_t, [torch.zeros(0, 4)] * 2, (64, 64))["loss_pr"].item()
+
+    assert loss_pr(True, True) == loss_pr(True, False)
+    assert loss_pr(False, True) != pytest.approx(loss_pr(False, False), rel=1e-3)
 
 
 def test_glore_drift_is_zero_for_a_fresh_unit_and_its_formula_otherwise() -> None:

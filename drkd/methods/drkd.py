@@ -107,7 +107,7 @@ class DRKD(nn.Module):
                 for a, g, s in zip(self.pixel_adapters, glore_s, student_maps, strict=False)
             ]
             t_rel = [g.pixels(t) for g, t in zip(glore_t, teacher_maps, strict=False)]
-            if cfg.pixel.standardize:
+            if cfg.pixel.standardize and not cfg.release:  # the release compares raw outputs
                 s_rel, t_rel = [standardise(x) for x in s_rel], [standardise(x) for x in t_rel]
             out["loss_pr"] = cfg.w_pr * pixel_relation_loss(s_rel, t_rel, cfg.reduction)
         if len(self.instance_adapters):
