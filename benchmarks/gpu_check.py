@@ -114,17 +114,18 @@ def measure(
     ).to(device)
     images, targets = detector_batch(setting, device)
     dtype = AMP[amp]
-    not_finite: list[str] = []  # "<step> step <n>: <term>=<value>", the first of each step
+    not_finite: dict[str, str] = {}  # step name -> "step <n>: <term>=<value>, ...", the first
 
     def stepper(name: str, module: torch.nn.Module) -> Any:
         step = train_step(module, images, targets, params.student.train, dtype)
-        calls = [0]
+        calls = 0
 
         def checked() -> None:
-            calls[0] += 1
+            nonlocal calls
+            calls += 1
             bad = [f"{k}={v}" for k, v in step().items() if not math.isfinite(v)]
-            if bad and not any(s.startswith(f"{name} ") for s in not_finite):
-                not_finite.append(f"{name} step {calls[0]}: {', '.join(bad)}")
+            if bad:
+                not_finite.setdefault(name, f"step {calls}: {', '.join(bad)}")
 
         return checked
 
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     for setting in settings(params, args.cpu_smoke):
         for amp in AMP:
             r = measure(params, setting, amp, args.steps, device)
-            failed += [f"{setting.name} {amp} {bad}" for bad in r["not_finite"]]
+            failed += [f"{setting.name} {amp} {name} {bad}"
+                       for name, bad in r["not_finite"].items()]
             print(f"| {setting.name} | {amp} | {r['student']:.2f} | {r['teacher']:.2f} | "
                   f"{r['distill']:.2f} | {r['ratio']:.2f} | {'NO' if r['not_finite'] else 'yes'} | "
                   f"{r['peak_mib']:.0f} |", flush=True)
