@@ -1,6 +1,8 @@
 """What DRKD costs, measured side by side in one run (a benchmark, not a test).
 
     python benchmarks/distill_cost.py [--params params.yaml] [--steps 20]
+    python benchmarks/distill_cost.py --methods none mimic drkd pkd cwd mgd fgd
+
 
 Prints, on the embedded default's models and image size:
 1. step-time ratio  distill step / (baseline student step + teacher backbone forward)
@@ -10,6 +12,9 @@ Prints, on the embedded default's models and image size:
 3. peak memory of a distill step vs a student step, each in a fresh process: on CPU the peak
    resident memory (VmHWM) minus the resident memory after the imports, i.e. models, optimizer
    state and activations without the ~1.3 GiB of torch libraries; on CUDA max_memory_allocated.
+With --methods: the train step of each method (its Distiller with the teacher's forward; none =
+the plain student), timed in turn in one run, as a ratio to the plain student step: the
+side-by-side cost the leaderboard of `make compare` cannot give (its cells run hours apart).
 Optimizers come from the training loop (drkd.engine.make_optimizer), as in real training.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -134,6 +140,24 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
             "ratio": t["distill"] / (t["student"] + t["teacher"])}
 
 
+def method_steps(params_file: str, methods: list[str], steps: int) -> dict[str, float]:
+    """Median seconds per train step of each method, interleaved; every Distiller wraps its own
+    copy of one student init, so all steps train identical networks on the same batch."""
+    device = pick_device()
+    params = load_params(params_file)
+    student, teacher = models(params_file, device)
+    teacher.eval()
+    images, targets = batch(params.student.model.max_size, params.student.train.batch_size, device)
+    fns = {}
+    for method in methods:
+        module = copy.deepcopy(student)
+        if method != "none":
+            distill = dataclasses.replace(params.distill, method=method)
+            module = Distiller(module, teacher, distill).to(device)
+        fns[method] = train_step(module, images, targets, params.student.train)
+    return timed(fns, steps, device)
+
+
 def relation_speed(
     params_file: str, steps: int, rounds: int = RELATION_ROUNDS, device: torch.device | None = None
 ) -> dict[str, float]:
@@ -214,10 +238,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help="only time these methods' train steps side by side (none: plain)")
     parser.add_argument("--memory", choices=["student", "distill"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:  # child process of the memory comparison
         print(json.dumps(peak_memory(args.params, args.memory == "distill")))
+        return
+    if args.methods:
+        times = method_steps(args.params, args.methods, args.steps)
+        base = times.get("none")
+        print(f"device: {pick_device()}  threads: {torch.get_num_threads()}  "
+              f"steps: {args.steps} per method, interleaved")
+        print("| method | s/step | vs plain student |\n|---|---:|---:|")
+        for method, seconds in times.items():
+            ratio = f"{seconds / base:.2f}x" if base else "-"
+            print(f"| {method} | {seconds:.3f} | {ratio} |")
         return
     if load_params(args.params).distill.method == "none":
         raise SystemExit(f"{args.params}: distill.method is 'none'; nothing to measure")

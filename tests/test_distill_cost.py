@@ -1,0 +1,33 @@
+"""benchmarks/distill_cost.py --methods: every method's train step, timed side by side."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from drkd.config import merge
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "distill_cost.py"
+
+
+def test_methods_table_has_a_row_per_method_relative_to_the_plain_student(tmp_path: Path) -> None:
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                   yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text()))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--params", str(tmp_path / "params.yaml"),
+         "--methods", "none", "drkd", "fgd", "--steps", "1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line.split("|")[1:4] for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    assert [name.strip() for name, _, _ in rows] == ["none", "drkd", "fgd"]
+    seconds = {name.strip(): float(s) for name, s, _ in rows}
+    assert all(s > 0 for s in seconds.values())
+    for name, s, ratio in rows:  # each ratio is that method's time over the plain student's
+        # (printed to 3 and 2 decimals, hence the tolerance)
+        assert abs(float(ratio.strip().rstrip("x")) - float(s) / seconds["none"]) < 0.03, name
