@@ -189,7 +189,7 @@ def torchrun_distill(params_file: str, gpus: int, smoke: bool) -> str:
             str(work / "wt"))
         # --cpu-smoke: gpus is 1, one process on the CPU (gloo), the same code path.
         run(sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
-            "-m", "stages.train", "student", "--teacher", str(work / "teacher.pt"),
+            "-m", "stages.distill", "--teacher", str(work / "teacher.pt"),
             *common, "--out", str(work / "student.pt"), "--history", str(work / "s.csv"),
             "--work-dir", str(work / "ws"))
         model, _ = load_detector(work / "student.pt")  # rank 0 wrote a loadable detector

@@ -34,11 +34,10 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> tuple[int, int, 
     """Refuse a teacher whose preprocessing or pyramid differs; return (levels, C_s, C_t)."""
     s, t = part(student, "transform"), part(teacher, "transform")
     for name in ("image_mean", "image_std", "min_size", "max_size"):
-        if (
-            list(getattr(s, name)) != list(getattr(t, name))
-            if isinstance(getattr(s, name), list | tuple)
-            else getattr(s, name) != getattr(t, name)
-        ):
+        s_value, t_value = getattr(s, name), getattr(t, name)
+        if isinstance(s_value, list | tuple):  # torchvision keeps lists or tuples: compare items
+            s_value, t_value = list(s_value), list(t_value)
+        if s_value != t_value:
             raise UserError(
                 f"teacher and student transforms differ in {name}: "
                 f"{getattr(t, name)} vs {getattr(s, name)}; they must see the same batch"
@@ -49,9 +48,11 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> tuple[int, int, 
     probe = torch.zeros(1, 3, height, width)
     with torch.no_grad():
         was = student.training, teacher.training
-        student.eval(), teacher.eval()
+        student.eval()
+        teacher.eval()
         fs, ft = part(student, "backbone")(probe), part(teacher, "backbone")(probe)
-        student.train(was[0]), teacher.train(was[1])
+        student.train(was[0])
+        teacher.train(was[1])
     s_shapes = [tuple(f.shape[-2:]) for f in fs.values()]
     t_shapes = [tuple(f.shape[-2:]) for f in ft.values()]
     if s_shapes != t_shapes:
@@ -100,7 +101,7 @@ class Distiller(nn.Module):
         assert tap.images is not None and tap.targets is not None
         batch = tap.images.tensors
         with torch.no_grad():
-            teacher_maps = [f.detach() for f in part(self.teacher, "backbone")(batch).values()]
+            teacher_maps = list(part(self.teacher, "backbone")(batch).values())
         boxes = [t["boxes"] for t in tap.targets]
         losses.update(self.method(tap.features, teacher_maps, boxes, tuple(batch.shape[-2:])))
         return losses

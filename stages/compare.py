@@ -82,6 +82,7 @@ def peak_memory_mb() -> float:
 
 
 def run_cell(args: argparse.Namespace) -> int:
+    import stages.distill
     import stages.evaluate
     import stages.train
 
@@ -94,16 +95,17 @@ def run_cell(args: argparse.Namespace) -> int:
     write_text(json.dumps(params, indent=1) + "\n", out / "params.yaml")  # JSON is YAML
     common = ["--params", str(out / "params.yaml"), "--data", str(data)]
     work = Path("work/compare") / out.name
-    train = ["student", *common, "--out", str(out / "model.pt"),
+    train = [*common, "--out", str(out / "model.pt"),
              "--history", str(out / "history.csv"), "--work-dir", str(work)]
-    if method != "none":
-        train += ["--teacher", str(teacher)]
     tracking = load_params(args.params).tracking
     tags = {"row": args.row, "method": method, "seed": str(args.seed), "compare_id": cell_id}
     with stage_run(tracking, f"compare_{out.name}", params, [data / "train.json"]) as run:
         run.set_tags(tags)
         start = time.perf_counter()
-        stages.train.main(train)
+        if method == "none":
+            stages.train.main(["student", *train])
+        else:
+            stages.distill.main([*train, "--teacher", str(teacher)])
         seconds = time.perf_counter() - start
         with (out / "history.csv").open() as fh:
             steps = max(int(line.split(",", 1)[0]) for line in list(fh)[1:])

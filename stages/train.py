@@ -1,11 +1,11 @@
-"""DVC stages `train_teacher`, `train_student` and `distill`: one detector -> checkpoint.
+"""DVC stages `train_teacher` and `train_student`: one detector -> checkpoint.
 
     python -m stages.train teacher|student --out ... --history ... --work-dir ...
-    python -m stages.train student --teacher models/teacher.pt ...   # distillation
 
 The baseline student uses the same recipe, budget and initial weights that
-distillation uses, without the teacher. With ``--teacher`` the student is
-wrapped in a Distiller (params `distill`) and only the student is saved.
+distillation (stages/distill.py, through ``train``) uses, without the teacher. This module
+does not import the distillation code, so editing a method does not retrain the teacher or
+the baseline (their DVC deps are this module's imports).
 """
 
 from __future__ import annotations
@@ -15,22 +15,18 @@ import csv
 import hashlib
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from drkd import cli
-from drkd.checkpoint import (
-    code_digest,
-    load_detector,
-    model_card,
-    model_checkpoint,
-    save_atomic,
-)
-from drkd.config import UserError, load_params, to_dict
+from drkd.checkpoint import code_digest, model_card, model_checkpoint, save_atomic
+from drkd.config import Params, load_params, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import train_transforms
-from drkd.distiller import Distiller
 from drkd.engine import distributed, fit, is_main
 from drkd.files import atomic_path, require_files
 from drkd.models import build_detector, count_parameters
@@ -47,9 +43,18 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
             writer.writerow([int(row["step"]), *(f"{row.get(n, float('nan')):.6g}" for n in names)])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("which", choices=["teacher", "student"])
+@dataclass(frozen=True)
+class Distillation:
+    """What the `distill` stage adds to the student's training (built by stages/distill.py)."""
+
+    teacher: Path  # checkpoint: part of the resume fingerprint and the MLflow lineage
+    wrap: Callable[[nn.Module, CocoDetection], nn.Module]  # student -> the module fit trains
+    save: Callable[[nn.Module], None]  # rank 0, after the student is saved: the module's extras
+
+
+def arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options of every training stage."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="data/prepared")
     parser.add_argument("--out", required=True, help="model checkpoint to write")
@@ -57,27 +62,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work-dir", required=True, help="resumable per-epoch state (not a DVC out)"
     )
-    parser.add_argument("--teacher", help="teacher checkpoint: distill the student from it")
-    parser.add_argument("--modules-out", help="with --teacher: save the training-only DRKD modules")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments(__doc__)
+    parser.add_argument("which", choices=["teacher", "student"])
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-    section = getattr(params, args.which)
+    return train(args, load_params(args.params), args.which)
+
+
+def train(args: argparse.Namespace, params: Params, which: str,
+          distillation: Distillation | None = None) -> int:
+    """Train params' ``which`` detector (with ``distillation``: the student, wrapped) and save
+    it, its loss history and its MLflow run; resumes a killed run of the same inputs."""
+    section = getattr(params, which)
     data = Path(args.data)
     require_files([data / "train.json"])
     dataset = CocoDetection(data / "train.json", train_transforms(section.train.hflip))
     torch.manual_seed(params.seed)
     model = build_detector(section.model, dataset.num_classes)
-    logged: dict[str, object] = {"seed": params.seed, args.which: to_dict(section)}
+    logged: dict[str, object] = {"seed": params.seed, which: to_dict(section)}
     digest = hashlib.md5((data / "train.json").read_bytes())
-    trained: torch.nn.Module = model
-    stage = f"train_{args.which}"
-    if args.teacher:
-        teacher, state = load_detector(args.teacher)
-        if state["category_ids"] != dataset.category_ids:
-            raise UserError(f"{args.teacher}: trained on other categories than {data}")
-        trained = Distiller(model, teacher, params.distill)
+    trained: nn.Module = model
+    stage = f"train_{which}"
+    if distillation:
+        trained = distillation.wrap(model, dataset)
         logged["distill"] = to_dict(params.distill)
-        digest.update(Path(args.teacher).read_bytes())
+        digest.update(distillation.teacher.read_bytes())
         stage = "distill"
     digest.update(json.dumps(logged, sort_keys=True).encode())
     # The code too: a run killed under other code is not continued under this one.
@@ -95,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         ) as run,
     ):
         run.log_dataset(data / "train.json", "training")
-        if args.teacher:
-            run.log_model_input(run.find_model(Path(args.teacher)))
+        if distillation:
+            run.log_model_input(run.find_model(distillation.teacher))
         trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
         run.log_metrics({"parameters": count_parameters(model), "trainable_parameters": trainable})
         rows: list[dict[str, float]] = []  # logged rows of the running epoch
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=params.seed,
             work_dir=args.work_dir,
             fingerprint=fingerprint,
-            desc=args.which,
+            desc=which,
             on_step=on_step,
             on_epoch=on_epoch,
         )
@@ -129,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                 model, section.model, dataset.category_ids, dataset.category_names
             )
             save_atomic(saved, args.out)
-            if isinstance(trained, Distiller) and args.modules_out:
-                save_atomic(trained.modules_checkpoint(), args.modules_out)
+            if distillation:
+                distillation.save(trained)
             write_history(history, Path(args.history))
             run.log_artifact(args.history)
             run.log_model(Path(args.out).stem, Path(args.out), model_card(saved))

@@ -86,3 +86,15 @@ def toy_params(path: Path, **sections: Any) -> Path:
     path.write_text(yaml.safe_dump(merge(base, sections)))
     load_params(path)
     return path
+
+
+def assert_kd_reaches_student_features_only(distiller: torch.nn.Module,
+                                            kd: torch.Tensor) -> None:
+    """The distillation terms alone (``kd``, their sum) give the student's first conv a
+    non-zero gradient and its detection head none: a method that detached the student's maps
+    would pass a check on the total loss, whose detection part reaches every weight anyway."""
+    student = distiller.student
+    first, head = student.backbone.body.conv1.weight, next(student.head.parameters())
+    g_first, g_head = torch.autograd.grad(kd, [first, head], retain_graph=True, allow_unused=True)
+    assert g_first is not None and g_first.abs().sum() > 0
+    assert g_head is None

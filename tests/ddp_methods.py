@@ -20,6 +20,10 @@ SMALL = {"pixel": PixelRelationConfig(nodes=(4,) * 5, states=(8,) * 5),
 CONFIGS = {
     "drkd": DistillConfig(**SMALL),
     "drkd-no-ir": DistillConfig(w_ir=0.0, **SMALL),
+    # presets/paper_retinanet.yaml: the release's instance relations alone, no filter
+    "drkd-release-ir": DistillConfig(release=True, reduction="norm", w_pr=0.0, w_ins=0.0,
+                                     pixel=SMALL["pixel"],
+                                     instance=InstanceRelationConfig(filter=False)),
     **{m: DistillConfig(method=m) for m in ("pkd", "cwd", "mgd", "fgd", "mimic")},
 }
 

@@ -14,7 +14,7 @@ from drkd.checkpoint import load_detector
 from drkd.config import load_params
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
-from stages import evaluate, prepare, preset, train
+from stages import distill, evaluate, prepare, preset, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "presets" / "bccd.yaml"
@@ -83,11 +83,12 @@ def test_bccd_study_runs_on_real_non_square_images(tmp_path: Path) -> None:
 
     common = ["--params", str(params), "--data", str(data)]
     models = {name: tmp_path / f"{name}.pt" for name in ("teacher", "student", "student_drkd")}
-    for name, which, extra in (("teacher", "teacher", []), ("student", "student", []),
-                               ("student_drkd", "student", ["--teacher", str(models["teacher"])])):
-        assert train.main([which, *common, *extra, "--out", str(models[name]),
-                           "--history", str(tmp_path / f"{name}.csv"),
-                           "--work-dir", str(tmp_path / "work" / name)]) == 0
+    for name, main, args in (("teacher", train.main, ["teacher"]),
+                             ("student", train.main, ["student"]),
+                             ("student_drkd", distill.main, ["--teacher", str(models["teacher"])])):
+        assert main([*args, *common, "--out", str(models[name]),
+                     "--history", str(tmp_path / f"{name}.csv"),
+                     "--work-dir", str(tmp_path / "work" / name)]) == 0
     header = (tmp_path / "student_drkd.csv").read_text().splitlines()[0]
     assert all(term in header for term in ("loss_pr", "loss_ir", "loss_ins"))
 

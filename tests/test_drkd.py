@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from conftest import toy_model
+from conftest import assert_kd_reaches_student_features_only, toy_model
 from drkd.config import DistillConfig, InstanceRelationConfig, PixelRelationConfig
 from drkd.distiller import Distiller
 from drkd.losses import distance, instance_relation_loss
@@ -236,6 +236,8 @@ def test_gradients_reach_student_and_modules_never_teacher() -> None:
     teacher_ids = {id(p) for p in d.teacher.parameters()}
     assert not teacher_ids & {id(p) for p in trainable(d)}
     losses = d(*batch((0, 2, 4)))
+    assert_kd_reaches_student_features_only(d, losses["loss_pr"] + losses["loss_ir"] +
+                                            losses["loss_ins"])
     sum(losses.values()).backward()
     assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
     assert all(p.grad is not None for p in d.student.backbone.parameters())
@@ -875,9 +877,11 @@ def test_instance_boxes_stay_fp32_under_bf16_autocast() -> None:
     assert (rounded - exact).abs().max() > 0.1  # the bug this guards against is visible
 
 
-def test_batch_one_distills_where_p7_is_one_pixel() -> None:
-    """GloRe's BatchNorm sees B*H*W = 1 pixel on P7 with batch 1: it must not raise."""
-    d = distiller()
+@pytest.mark.parametrize("standardize", [False, True])
+def test_batch_one_distills_where_p7_is_one_pixel(standardize: bool) -> None:
+    """GloRe's BatchNorm sees B*H*W = 1 pixel on P7 with batch 1: it must not raise; the
+    standardised L_PR (one value per channel there) must stay finite."""
+    d = distiller(cfg=config(pixel=replace(SMALL_PIXEL, standardize=standardize)))
     d.train()
     images, targets = batch((3,))
     losses = d(images, targets)

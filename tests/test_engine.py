@@ -410,3 +410,25 @@ def test_train_stage_resumes_a_killed_run_only_under_the_same_code(
     assert "resuming" not in log and "starting afresh" in log
     assert_same_state(weights, full)
     assert not (tmp_path / "work_edited" / "last.pt").exists()
+
+
+def test_distill_stage_refuses_a_teacher_of_other_categories(
+        tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One error line naming the teacher checkpoint; nothing written."""
+    import stages.distill
+
+    data = CocoDetection(tiny_data / "train.json")
+    teacher = build_detector(toy_model(), data.num_classes)
+    other = [i + 100 for i in data.category_ids]
+    path = tmp_path / "teacher.pt"
+    checkpoint.save_atomic(
+        checkpoint.model_checkpoint(teacher, toy_model(), other, data.category_names), path)
+    out = tmp_path / "student.pt"
+    code = cli.run(stages.distill.main, [
+        "--params", str(conftest.toy_params(tmp_path / "params.yaml")), "--data", str(tiny_data),
+        "--teacher", str(path), "--out", str(out), "--history", str(tmp_path / "s.csv"),
+        "--work-dir", str(tmp_path / "work")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {path}: trained on other categories than {tiny_data}"]
+    assert not out.exists() and not (tmp_path / "s.csv").exists()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import toy_model
+from conftest import assert_kd_reaches_student_features_only, toy_model
 from drkd.config import CwdConfig, DistillConfig, FgdConfig, MgdConfig, PkdConfig
 from drkd.distiller import Distiller
 from drkd.methods.fgd import box_masks
@@ -209,6 +209,7 @@ def test_gradients_reach_student_and_method_never_teacher(method: str) -> None:
     losses = d(*batch())
     assert TERMS[method] <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
+    assert_kd_reaches_student_features_only(d, sum(losses[t] for t in TERMS[method]))
     sum(losses.values()).backward()
     assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
     assert all(p.grad is not None for p in d.student.backbone.parameters())
@@ -261,7 +262,8 @@ def test_every_method_under_ddp(tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = sorted(p.name for p in tmp_path.iterdir())
-    assert done == sorted(f"{m}.ok" for m in ("drkd", "drkd-no-ir", *PEERS, "mimic")), done
+    expected = ("drkd", "drkd-no-ir", "drkd-release-ir", *PEERS, "mimic")
+    assert done == sorted(f"{m}.ok" for m in expected), done
 
 
 def test_module_is_an_nn_module() -> None:

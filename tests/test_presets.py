@@ -12,7 +12,7 @@ from drkd.checkpoint import load_detector
 from drkd.config import ModelConfig, from_dict, load_params
 from drkd.data.coco import CocoDetection
 from drkd.models import build_detector, count_parameters
-from stages import preset, train
+from stages import distill, preset, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = {
@@ -49,7 +49,7 @@ def test_paper_preset_trains_one_step(name: str, tiny_data: Path, tmp_path: Path
     assert train.main(["teacher", *common, "--out", str(teacher), "--history",
                        str(tmp_path / "t.csv"), "--work-dir", str(tmp_path / "wt")]) == 0
     out = tmp_path / "student_drkd.pt"
-    assert train.main(["student", *common, "--teacher", str(teacher), "--out", str(out),
+    assert distill.main([*common, "--teacher", str(teacher), "--out", str(out),
                        "--history", str(tmp_path / "s.csv"), "--work-dir",
                        str(tmp_path / "ws")]) == 0
     model, state = load_detector(out)

@@ -152,9 +152,10 @@ def test_a_trial_runs_the_student_recipe_compressed_to_the_tune_budget() -> None
 def test_a_trial_and_the_distill_stage_start_from_the_same_state(
     tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Trial 0 (the params file's setting) and `stages.train --teacher` enter the training
+    """Trial 0 (the params file's setting) and `stages.distill` enter the training
     loop with the same Distiller weights (student and DRKD modules) and the same RNG state,
     although the stage loads its teacher after seeding and the study before."""
+    import stages.distill
     import stages.train
 
     params = write_params(tmp_path, space={"w_ins": [1e-2]})  # trial 0: exactly the file's
@@ -168,8 +169,8 @@ def test_a_trial_and_the_distill_stage_start_from_the_same_state(
     monkeypatch.setattr(stages.train, "fit", record)
     monkeypatch.setattr(tuning, "fit", record)
     with pytest.raises(RuntimeError, match="recorded"):
-        stages.train.main([
-            "student", "--params", str(params), "--data", str(tiny_data), "--teacher", str(teacher),
+        stages.distill.main([
+            "--params", str(params), "--data", str(tiny_data), "--teacher", str(teacher),
             "--out", str(tmp_path / "s.pt"), "--history", str(tmp_path / "s.csv"),
             "--work-dir", str(tmp_path / "work"),
         ])  # fmt: skip

@@ -10,7 +10,8 @@ its weighted loss terms by name:
 - ``batch_shape``: (H, W) of the padded batch the maps were computed from.
 
 The Distiller owns everything else (hooks, the teacher, export): a new method is a new
-module here and one line in ``build``.
+module here, one entry in ``build``, its params section and name in ``drkd.config``
+(``DistillConfig``, ``Method``) and its search space in ``TuneSpaces``.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
 - L_IR: a relation block per level on each side turns those instance features into a relation
   matrix (optionally filtered); the student imitates the teacher's matrix and/or refined
   features (``instance.target``). The teacher's theta/phi stay as initialised (method.md,
-  "Beware trivial solutions"), or the affinity is the parameter-free cosine similarity
-  (``instance.similarity``).
+  "Beware trivial solutions"; the release trains them), or the affinity is the
+  parameter-free cosine similarity (``instance.similarity``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,10 @@ class DRKD(nn.Module):
             self.glore_t.requires_grad_(not sizes.freeze_teacher)
             self.pixel_adapters.extend(nn.Linear(c_s, c_t) for _ in range(levels))  # on pixels
         self.instance_levels = min(inst.levels, levels)
-        if cfg.w_ir > 0 or cfg.w_ins > 0:
+        self.has_instance_terms = cfg.w_ir > 0 or cfg.w_ins > 0
+        # The release relates the student's unadapted features: its L_IR needs no adapter, and
+        # an adapter without a gradient would stop DDP (unused parameters).
+        if cfg.w_ins > 0 or (cfg.w_ir > 0 and not cfg.release):
             self.instance_adapters.extend(
                 nn.Conv2d(c_s, c_t, 1) for _ in range(self.instance_levels)
             )
@@ -110,7 +113,7 @@ class DRKD(nn.Module):
             if cfg.pixel.standardize and not cfg.release:  # the release compares raw outputs
                 s_rel, t_rel = [standardise(x) for x in s_rel], [standardise(x) for x in t_rel]
             out["loss_pr"] = cfg.w_pr * pixel_relation_loss(s_rel, t_rel, cfg.reduction)
-        if len(self.instance_adapters):
+        if self.has_instance_terms:
             out.update(self.instance_losses(student_maps, teacher_maps, boxes, batch_shape))
         return out
 
@@ -125,13 +128,13 @@ class DRKD(nn.Module):
         rois, image_index = instance_rois(boxes)
         ir, ins = [], []
         for level in range(self.instance_levels):
-            e_s, e_t, mask, raw_s = self.instance_features(
+            e_s, e_t, mask, related_s = self.instance_features(
                 level, student_maps, teacher_maps, rois, image_index, batch_shape
             )
             if cfg.w_ins > 0:
                 ins.append(instance_feature_loss(e_s, e_t, mask, cfg.reduction))
             if cfg.w_ir > 0:
-                ir.append(self.relation_loss(level, raw_s if cfg.release else e_s, e_t, mask))
+                ir.append(self.relation_loss(level, related_s, e_t, mask))
         out = {}
         if ins:
             out["loss_ins"] = cfg.w_ins * torch.stack(ins).sum()
@@ -152,10 +155,10 @@ class DRKD(nn.Module):
         if not len(self.relation_s):
             raise ValueError("no instance relation modules: the distill config has w_ir = 0")
         rois, image_index = instance_rois(boxes)
-        e_s, e_t, mask, raw_s = self.instance_features(
+        _, e_t, mask, related_s = self.instance_features(
             level, student_maps, teacher_maps, rois, image_index, batch_shape
         )
-        r_s, r_t = self.matrices(level, raw_s if self.cfg.release else e_s, e_t, mask)
+        r_s, r_t = self.matrices(level, related_s, e_t, mask)
         return r_s, r_t, mask
 
     def instance_features(
@@ -168,7 +171,9 @@ class DRKD(nn.Module):
         batch_shape: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """RoIAlign of one level -> padded e_s (adapted), e_t (B, n, C_t*9), mask (B, n) and
-        the student's unadapted features (B, n, C_s*9)."""
+        the student features L_IR relates: e_s, or for the release the unadapted ones
+        (B, n, C_s*9). Without an adapter (the release's L_IR alone) e_s is unadapted too;
+        nothing reads it then."""
         s_map, t_map = student_maps[level], teacher_maps[level]
         # Spatial scale as MultiScaleRoIAlign infers it: a power of two.
         scale = 2.0 ** round(math.log2(s_map.shape[-1] / batch_shape[1]))
@@ -181,11 +186,13 @@ class DRKD(nn.Module):
         align = {"sampling_ratio": -1, "aligned": False} if self.cfg.release else {
             "sampling_ratio": 2, "aligned": True}
         raw = roi_align(s_map.float(), rois, ROI_SIZE, scale, **align)
-        pooled_s = self.instance_adapters[level](raw)
+        pooled_s = self.instance_adapters[level](raw) if len(self.instance_adapters) else raw
         pooled_t = roi_align(t_map.float(), rois, ROI_SIZE, scale, **align)
         batch = s_map.shape[0]
         e_s, mask = pad_instances(pooled_s.flatten(1), image_index, batch)
         e_t, _ = pad_instances(pooled_t.flatten(1), image_index, batch)
+        if not self.cfg.release:
+            return e_s, e_t, mask, e_s
         raw_s, _ = pad_instances(raw.flatten(1), image_index, batch)
         return e_s, e_t, mask, raw_s
 

@@ -30,5 +30,5 @@ class Mimic(nn.Module):
     ) -> dict[str, torch.Tensor]:
         if not len(self.adapters):
             return {}
-        adapted = [a(s) for a, s in zip(self.adapters, student_maps, strict=False)]
+        adapted = [a(s) for a, s in zip(self.adapters, student_maps, strict=True)]
         return {"loss_mimic": self.weight * level_sum(adapted, teacher_maps, self.reduction)}

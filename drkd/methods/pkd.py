@@ -2,7 +2,8 @@
 via Pearson Correlation Coefficient").
 
 Each FPN map is standardised per channel (over batch and positions), then compared by MSE,
-halved: 1 - r, with r the Pearson correlation of the two maps' channels. Standardising makes
+halved: (M-1)/M * (1 - r) over M = B*H*W values, with r the Pearson correlation of the two
+maps' channels (1 - r for all but the tiniest maps). Standardising makes
 the loss blind to the teacher's feature magnitude, which differs between detectors.
 """
 
@@ -17,9 +18,11 @@ from drkd.methods.common import align
 
 
 def standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(B, C, H, W) -> per channel zero mean, unit (unbiased) std over B, H, W."""
+    """(B, C, H, W) -> per channel zero mean, unit (unbiased) std over B, H, W. A single
+    value per channel (batch 1 on a 1x1 map) standardises to 0, not to NaN."""
     flat = x.float().transpose(0, 1).flatten(1)  # (C, B*H*W)
-    mean, std = flat.mean(1, keepdim=True), flat.std(1, keepdim=True)
+    correction = 1 if flat.shape[1] > 1 else 0
+    mean, std = flat.mean(1, keepdim=True), flat.std(1, keepdim=True, correction=correction)
     return ((flat - mean) / (std + eps)).view(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1)
 
 

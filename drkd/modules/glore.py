@@ -2,9 +2,10 @@
 
 method.md, "Pixel-wise relation distillation": pixels are projected onto N graph
 nodes, a graph convolution reasons over nodes then states, and the result is
-projected back and added to the input. The output BatchNorm starts at zero, so
-a fresh unit is the identity and the distillation target starts as plain
-feature imitation and can only add relational context to it.
+projected back and added to the input. Ours starts its output BatchNorm's weight at
+zero (``identity_start``), so a fresh unit is the identity and the distillation target
+starts as plain feature imitation and can only add relational context to it; the release
+(and ``identity_start=False``) start it at 1, so the target carries relations from step 0.
 
 The 1x1 convolutions are written as linear layers on the (B, HW, C) pixels, and the
 state and node projections share one matrix multiply: the same function as the
