@@ -3,7 +3,6 @@
     python benchmarks/distill_cost.py [--params params.yaml] [--steps 20]
     python benchmarks/distill_cost.py --methods none mimic drkd pkd cwd mgd fgd
 
-
 Prints, on the embedded default's models and image size:
 1. step-time ratio  distill step / (baseline student step + teacher backbone forward)
    (target <= 1.10: only the DRKD modules' forward, backward and optimizer work may be added);
@@ -28,11 +27,12 @@ import statistics
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Callable
 
 import torch
 
-from drkd.config import TrainConfig, load_params
+from drkd.config import Method, TrainConfig, load_params
 from drkd.devices import pick_device
 from drkd.distiller import Distiller
 from drkd.engine import make_optimizer, module_device
@@ -238,7 +238,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+    parser.add_argument("--methods", nargs="+", metavar="METHOD", choices=typing.get_args(Method),
                         help="only time these methods' train steps side by side (none: plain)")
     parser.add_argument("--memory", choices=["student", "distill"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -253,7 +253,7 @@ def main() -> None:
         print("| method | s/step | vs plain student |\n|---|---:|---:|")
         for method, seconds in times.items():
             ratio = f"{seconds / base:.2f}x" if base else "-"
-            print(f"| {method} | {seconds:.3f} | {ratio} |")
+            print(f"| {method} | {seconds:.4g} | {ratio} |")
         return
     if load_params(args.params).distill.method == "none":
         raise SystemExit(f"{args.params}: distill.method is 'none'; nothing to measure")

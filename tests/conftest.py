@@ -90,8 +90,8 @@ def toy_params(path: Path, **sections: Any) -> Path:
 
 def assert_kd_reaches_student_features_only(distiller: torch.nn.Module,
                                             kd: torch.Tensor) -> None:
-    """The distillation terms alone (``kd``, their sum) give the student's first conv a
-    non-zero gradient and its detection head none: a method that detached the student's maps
+    """A distillation term alone (``kd``) gives the student's first conv a non-zero gradient
+    and its detection head none: a method that detached the student's maps
     would pass a check on the total loss, whose detection part reaches every weight anyway."""
     student = distiller.student
     first, head = student.backbone.body.conv1.weight, next(student.head.parameters())

@@ -236,8 +236,8 @@ def test_gradients_reach_student_and_modules_never_teacher() -> None:
     teacher_ids = {id(p) for p in d.teacher.parameters()}
     assert not teacher_ids & {id(p) for p in trainable(d)}
     losses = d(*batch((0, 2, 4)))
-    assert_kd_reaches_student_features_only(d, losses["loss_pr"] + losses["loss_ir"] +
-                                            losses["loss_ins"])
+    for term in ("loss_pr", "loss_ir", "loss_ins"):
+        assert_kd_reaches_student_features_only(d, losses[term])
     sum(losses.values()).backward()
     assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
     assert all(p.grad is not None for p in d.student.backbone.parameters())
@@ -575,6 +575,13 @@ def test_switching_terms_off() -> None:
     assert distill_keys(d) == {"loss_pr"}
     d = distiller(cfg=config(instance={"filter": False}))
     assert "filters" not in built(d) and "relation_s" in built(d)
+    # The release's L_IR alone (presets/paper_retinanet.yaml) relates unadapted features: no
+    # instance adapter, which would get no gradient (DDP without find_unused_parameters stops).
+    d = distiller(cfg=config(release=True, w_pr=0.0, w_ins=0.0, instance={"filter": False}))
+    assert built(d) == {"relation_s", "relation_t"} and len(d.method.ir_adapters) == 2
+    d.train()
+    sum(d(*batch()).values()).backward()
+    assert [n for n, p in d.method.named_parameters() if p.requires_grad and p.grad is None] == []
     d = distiller(cfg=config(method="mimic"))
     assert built(d) == {"mimic_adapters"} and len(d.method.adapters) == 5
     assert distill_keys(d) == {"loss_mimic"}

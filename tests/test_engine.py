@@ -412,17 +412,61 @@ def test_train_stage_resumes_a_killed_run_only_under_the_same_code(
     assert not (tmp_path / "work_edited" / "last.pt").exists()
 
 
+def toy_teacher(data_dir: Path, path: Path, category_offset: int = 0) -> Path:
+    """A random toy teacher checkpoint for ``data_dir``'s categories (shifted by the offset)."""
+    data = CocoDetection(data_dir / "train.json")
+    ids = [i + category_offset for i in data.category_ids]
+    model = build_detector(toy_model(), data.num_classes)
+    checkpoint.save_atomic(
+        checkpoint.model_checkpoint(model, toy_model(), ids, data.category_names), path)
+    return path
+
+
+def test_distill_stage_resumes_only_under_the_same_distill_params(
+        tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed distillation resumes under the same params and teacher; after an edit of
+    `distill` it starts afresh. It writes the student and, with --modules-out, the
+    training-only modules."""
+    import stages.distill
+
+    teacher = toy_teacher(tiny_data, tmp_path / "teacher.pt")
+    small = {"pixel": {"nodes": [4] * 5, "states": [8] * 5},
+             "instance": {"embed_dim": 16, "filter_hidden": 8}}
+
+    def run(name: str, **distill: object) -> str:
+        params = conftest.toy_params(tmp_path / f"{name}.yaml", student={"train": {"epochs": 2}},
+                                     distill={**small, **distill})
+        argv = ["--params", str(params), "--data", str(tiny_data), "--teacher", str(teacher),
+                "--out", str(tmp_path / "s.pt"), "--history", str(tmp_path / "s.csv"),
+                "--work-dir", str(tmp_path / "work"), "--modules-out", str(tmp_path / "m.pt")]
+        try:
+            assert cli.run(stages.distill.main, argv) == 0
+        finally:
+            captured = capsys.readouterr()
+        return captured.out + captured.err
+
+    for edit in ({}, {"w_ins": 0.5}):
+        with monkeypatch.context() as m:
+            kill_after_first_epoch(m)
+            with pytest.raises(Killed):
+                run("killed")
+        log = run("again", **edit)
+        assert ("resuming after epoch 1" in log) == (not edit), log[-500:]
+        assert ("starting afresh" in log) == bool(edit), log[-500:]
+    saved = checkpoint.load(tmp_path / "s.pt")["model"]  # the student alone, as a detector
+    assert saved and not any(k.startswith(("student.", "method.", "teacher.")) for k in saved)
+    modules = checkpoint.load(tmp_path / "m.pt")
+    assert modules["distill_config"]["w_ins"] == 0.5
+    assert any(k.startswith("method.glore_s.") for k in modules["modules"])
+
+
 def test_distill_stage_refuses_a_teacher_of_other_categories(
         tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One error line naming the teacher checkpoint; nothing written."""
     import stages.distill
 
-    data = CocoDetection(tiny_data / "train.json")
-    teacher = build_detector(toy_model(), data.num_classes)
-    other = [i + 100 for i in data.category_ids]
-    path = tmp_path / "teacher.pt"
-    checkpoint.save_atomic(
-        checkpoint.model_checkpoint(teacher, toy_model(), other, data.category_names), path)
+    path = toy_teacher(tiny_data, tmp_path / "teacher.pt", category_offset=100)
     out = tmp_path / "student.pt"
     code = cli.run(stages.distill.main, [
         "--params", str(conftest.toy_params(tmp_path / "params.yaml")), "--data", str(tiny_data),

@@ -209,7 +209,8 @@ def test_gradients_reach_student_and_method_never_teacher(method: str) -> None:
     losses = d(*batch())
     assert TERMS[method] <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
-    assert_kd_reaches_student_features_only(d, sum(losses[t] for t in TERMS[method]))
+    for term in TERMS[method]:
+        assert_kd_reaches_student_features_only(d, losses[term])
     sum(losses.values()).backward()
     assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
     assert all(p.grad is not None for p in d.student.backbone.parameters())
