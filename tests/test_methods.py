@@ -96,7 +96,7 @@ def test_mgd_generates_the_teacher_from_the_unmasked_student() -> None:
         x = F.conv2d(a, align.weight, align.bias)
         x = F.conv2d(F.relu(F.conv2d(x, gen[0].weight, gen[0].bias, padding=1)),
                      gen[2].weight, gen[2].bias, padding=1)
-        expected += float(((x - b) ** 2).sum()) / a.shape[0]
+        expected += ((x - b) ** 2).sum().item() / a.shape[0]
     got = method(s, t, [], (64, 96))["loss_mgd"].item()
     assert got == pytest.approx(0.5 * expected, rel=1e-4)
 
