@@ -174,7 +174,7 @@ def test_fgd_terms_equal_the_papers_formulas() -> None:
                 hidden = F.conv2d(context[None, :, None, None], conv1.weight, conv1.bias)
                 hidden = F.relu(F.layer_norm(hidden, hidden.shape[1:], norm.weight, norm.bias))
                 outs.append(x + F.conv2d(hidden, conv2.weight, conv2.bias)[0])
-            expected["global"] += float(((outs[0] - outs[1]) ** 2).sum()) / n
+            expected["global"] += ((outs[0] - outs[1]) ** 2).sum().item() / n
     with torch.no_grad():
         got = {k.removeprefix("loss_fgd_"): v.item()
                for k, v in method(s, t, boxes, (64, 96)).items()}
