@@ -225,13 +225,16 @@ def test_gradients_reach_student_and_method_never_teacher(method: str) -> None:
     assert "method." in " ".join(d.modules_checkpoint()["modules"])
 
 
-def test_method_weight_scales_its_terms() -> None:
-    torch.manual_seed(0)
-    d = distiller("pkd")
+def test_method_weight_from_params_scales_its_terms() -> None:
+    """`distill.pkd.weight` 2.5 gives a quarter of weight 10 (the default) on the same maps
+    and the same (seeded) adapters."""
     s, t = maps(16, SIZES), maps(24, SIZES, seed=1)
-    one = d.method(s, t, [], (64, 96))["loss_pkd"]
-    d.method.weight = 2.5
-    assert d.method(s, t, [], (64, 96))["loss_pkd"].item() == pytest.approx(0.25 * one.item())
+    losses = []
+    for weight in (10.0, 2.5):
+        torch.manual_seed(0)
+        d = distiller("pkd", pkd=PkdConfig(weight=weight))
+        losses.append(d.method(s, t, [], (64, 96))["loss_pkd"].item())
+    assert losses[1] == pytest.approx(0.25 * losses[0])
 
 
 def test_params_select_and_validate_methods() -> None:

@@ -223,5 +223,6 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
     runs = mlflow.search_runs(experiment_names=["drkd"], output_format="list",
                               filter_string="tags.row = 'pkd'")
     assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1", "2"]
+    assert {r.data.tags["method"] for r in runs} == {"pkd"}
     assert len({r.data.tags["compare_id"] for r in runs}) == 1
     assert all("AP" in r.data.metrics for r in runs)
