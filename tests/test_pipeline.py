@@ -21,7 +21,7 @@ COPY = [
     "stages",
     "presets",
     "dvc.yaml",
-    "compare",
+    "compare/dvc.yaml",  # not the lock or cells: this checkout's comparison is not the test's
     "params.yaml",
     ".dvcignore",
     ".gitignore",
@@ -45,6 +45,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, repo / name)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
