@@ -145,8 +145,7 @@ def method_steps(params_file: str, methods: list[str], steps: int) -> dict[str, 
     copy of one student init, so all steps train identical networks on the same batch."""
     device = pick_device()
     params = load_params(params_file)
-    student, teacher = models(params_file, device)
-    teacher.eval()
+    student, teacher = models(params_file, device)  # the Distiller puts the teacher in eval
     images, targets = batch(params.student.model.max_size, params.student.train.batch_size, device)
     fns = {}
     for method in methods:

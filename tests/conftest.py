@@ -98,3 +98,17 @@ def assert_kd_reaches_student_features_only(distiller: torch.nn.Module,
     g_first, g_head = torch.autograd.grad(kd, [first, head], retain_graph=True, allow_unused=True)
     assert g_first is not None and g_first.abs().sum() > 0
     assert g_head is None
+
+
+def toy_teacher(data_dir: Path, path: Path, category_offset: int = 0) -> Path:
+    """A random toy teacher checkpoint for ``data_dir``'s categories (ids shifted by the
+    offset), as stages.train writes one."""
+    from drkd.checkpoint import model_checkpoint, save_atomic
+    from drkd.data.coco import CocoDetection
+    from drkd.models import build_detector
+
+    data = CocoDetection(data_dir / "train.json")
+    ids = [i + category_offset for i in data.category_ids]
+    model = build_detector(toy_model(), data.num_classes)
+    save_atomic(model_checkpoint(model, toy_model(), ids, data.category_names), path)
+    return path

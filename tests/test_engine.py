@@ -17,7 +17,7 @@ from torch.utils.data import Subset
 
 import conftest
 import stages.train
-from conftest import toy_model, toy_train
+from conftest import toy_model, toy_teacher, toy_train
 from drkd import checkpoint, cli, engine
 from drkd.config import NonFiniteLoss
 from drkd.data.coco import CocoDetection
@@ -410,16 +410,6 @@ def test_train_stage_resumes_a_killed_run_only_under_the_same_code(
     assert "resuming" not in log and "starting afresh" in log
     assert_same_state(weights, full)
     assert not (tmp_path / "work_edited" / "last.pt").exists()
-
-
-def toy_teacher(data_dir: Path, path: Path, category_offset: int = 0) -> Path:
-    """A random toy teacher checkpoint for ``data_dir``'s categories (shifted by the offset)."""
-    data = CocoDetection(data_dir / "train.json")
-    ids = [i + category_offset for i in data.category_ids]
-    model = build_detector(toy_model(), data.num_classes)
-    checkpoint.save_atomic(
-        checkpoint.model_checkpoint(model, toy_model(), ids, data.category_names), path)
-    return path
 
 
 def test_distill_stage_resumes_only_under_the_same_distill_params(

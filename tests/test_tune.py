@@ -21,12 +21,9 @@ import yaml
 from optuna.trial import TrialState
 from torch import nn
 
-from conftest import toy_model
+from conftest import toy_teacher
 from drkd import tuning
-from drkd.checkpoint import model_checkpoint, save_atomic
 from drkd.config import NonFiniteLoss, SearchSpace, TrainConfig, load_params, merge, parse_params
-from drkd.data.coco import CocoDetection
-from drkd.models import build_detector
 from drkd.tracking import PIPELINE_ENV
 from stages import tune
 
@@ -70,11 +67,7 @@ PARAMS: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def teacher(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A (random) toy teacher checkpoint, as stages.train writes it."""
-    data = CocoDetection(tiny_data / "train.json")
-    model = build_detector(toy_model(), data.num_classes)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_atomic(model_checkpoint(model, toy_model(), data.category_ids, data.category_names), path)
-    return path
+    return toy_teacher(tiny_data, tmp_path_factory.mktemp("teacher") / "teacher.pt")
 
 
 def write_params(folder: Path, **tune_overrides: Any) -> Path:
