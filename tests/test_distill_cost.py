@@ -31,3 +31,11 @@ def test_methods_table_has_a_row_per_method_relative_to_the_plain_student(tmp_pa
     for name, s, ratio in rows:  # each ratio is that method's time over the plain student's
         # (seconds printed to 4 significant digits, the ratio to 2 decimals)
         assert abs(float(ratio.strip().rstrip("x")) - float(s) / seconds["none"]) < 0.01, name
+
+
+def test_an_unknown_method_is_one_error_line_before_any_work() -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--methods", "none", "drkdx"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2
+    assert "argument --methods: invalid choice: 'drkdx'" in done.stderr
+    assert done.stdout == ""
