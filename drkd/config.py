@@ -223,6 +223,16 @@ class FgdConfig:
 
 Method = Literal["drkd", "mimic", "pkd", "cwd", "mgd", "fgd", "none"]
 
+# The `distill` keys each method reads besides `method` (tests/test_methods.py records what each
+# one reads). A compare cell trains with these only and DVC reruns it only when they change:
+# tuning `distill.pkd` leaves mimic's cells alone, and `none` depends on no `distill` key.
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "drkd": ("reduction", "release", "w_pr", "w_ir", "w_ins", "pixel", "instance"),
+    "mimic": ("reduction", "w_mimic"),
+    "pkd": ("pkd",), "cwd": ("cwd",), "mgd": ("mgd",), "fgd": ("fgd",),
+}
+
 
 @dataclass(frozen=True)
 class DistillConfig:
@@ -458,6 +468,12 @@ def row_distill(distill: dict[str, Any], name: str, overrides: dict[str, Any]) -
     """The `distill` section a `compare.methods` row trains with: ``distill`` (params.yaml's)
     with the row's overrides on top; the method is the row's name unless they name one."""
     return merge(distill, {"method": name, **overrides})
+
+
+def method_distill(distill: dict[str, Any]) -> dict[str, Any]:
+    """The part of a `distill` section (plain dicts) that its method reads: `method` and the
+    method's ``METHOD_KEYS``."""
+    return {k: distill[k] for k in ("method", *METHOD_KEYS[distill["method"]])}
 
 
 def _check_rows(params: Params) -> None:

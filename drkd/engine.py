@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sized
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,7 +193,9 @@ def fit(
     on_step: StepCallback | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``module`` in place; return the logged loss history (one row per ``log_every`` steps).
+    """Train ``module`` in place; return the logged loss history (one row per ``log_every`` steps;
+    its ``seconds`` column: time spent in training steps so far, resumed parts included,
+    setup, checkpoints and ``on_epoch`` not).
 
     ``work_dir/last.pt`` holds the state after the last finished epoch; a run with
     the same ``fingerprint`` (config + data hash) resumes from it, any other starts
@@ -218,6 +221,7 @@ def fit(
     step, start_epoch, history = 0, 0, []
     window: dict[str, float] = {}  # loss sums since the last logged row (may span epochs)
     window_steps = 0
+    seconds = 0.0  # in finished epochs' step loops
     if last.is_file():
         state = load(last)
         if state.get("fingerprint") == fingerprint:
@@ -227,6 +231,7 @@ def fit(
             torch.set_rng_state(state["rng"])
             step, start_epoch, history = state["step"], state["epoch"] + 1, state["history"]
             window, window_steps = state["window"], int(state["window_steps"])
+            seconds = float(state["seconds"])
             if is_main():
                 tqdm.write(f"[{desc}] resuming after epoch {start_epoch} (step {step}) from {last}")
         elif is_main():
@@ -248,6 +253,7 @@ def fit(
         if step >= total_steps:
             break
         train_model.train()
+        epoch_start = time.perf_counter()
         for images, targets in _loader(dataset, cfg, seed, epoch):
             if step >= total_steps:
                 break
@@ -273,11 +279,13 @@ def fit(
                 row = {k: v / window_steps for k, v in window.items()}
                 row["lr"] = optimizer.param_groups[0]["lr"]
                 row["epoch"] = float(epoch)
+                row["seconds"] = seconds + time.perf_counter() - epoch_start
                 bar.set_postfix(loss=f"{row['loss']:.3f}", epoch=epoch)
                 history.append({"step": float(step), **row})
                 if on_step is not None and rank == 0:
                     on_step(step, row)
                 window, window_steps = {}, 0
+        seconds += time.perf_counter() - epoch_start
         if rank == 0:
             save_atomic(
                 {
@@ -291,6 +299,7 @@ def fit(
                     "history": history,
                     "window": window,
                     "window_steps": window_steps,
+                    "seconds": seconds,
                 },
                 last,
             )

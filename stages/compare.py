@@ -5,13 +5,18 @@ row reruns only that row's, and a rerun with nothing changed is a no-op), then a
 A row is a method as params.yaml sets it or a variant of one (an ablation): a name and its
 overrides of the `distill` section (``drkd.config.row_distill``).
 
+    python -m stages.compare rows --out compare/rows
     python -m stages.compare cell ROW SEED --out compare/cells/ROW-sSEED
     python -m stages.compare leaderboard --cells compare/cells --out compare
 
-A cell trains with the student recipe (``compare.epochs`` > 0 shortens it for every cell
-alike), the row's `distill` section and the given seed; `none` is the baseline student.
+``rows`` writes each row's resolved `distill` settings, only the keys its method reads
+(``drkd.config.METHOD_KEYS``), to ``ROW.json``: a cell depends on its row's file, not on the
+whole `distill` section, so tuning one method reruns only that method's cells and `none` no
+cell's. A cell trains with the student recipe (``compare.epochs`` > 0 shortens it for every
+cell alike), exactly those settings and the given seed; `none` is the baseline student.
 It writes ``params.yaml`` (the exact values it used), ``history.csv``, ``metrics.json`` (COCO
-metrics of val) and ``cost.json`` (seconds per training step, peak memory), and is one MLflow
+metrics of val) and ``cost.json`` (seconds per training step over the whole run, resumed parts
+included, setup and evaluation not; peak memory of its last process), and is one MLflow
 run tagged ``row``, ``method``, ``seed`` and ``compare_id`` (a hash of what every cell of one
 comparison shares: data, teacher, student recipe, budget).
 
@@ -23,17 +28,27 @@ and peak memory relative to the baseline student.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from drkd import cli
-from drkd.config import UserError, flatten, load_params, parse_params, row_distill, to_dict
+from drkd.config import (
+    DistillConfig,
+    UserError,
+    flatten,
+    from_dict,
+    load_params,
+    method_distill,
+    parse_params,
+    row_distill,
+    to_dict,
+)
 from drkd.files import require_files, write_json, write_text
 from drkd.plots import save_figure  # selects the Agg backend
 from drkd.report import gap_closed
@@ -42,16 +57,28 @@ from drkd.tracking import stage_run
 STATS = ("AP", "AP50", "APs", "APm", "APl")
 
 
+def resolved_rows(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Row name -> the `distill` settings its cells train with: params.yaml's `distill` with the
+    row's overrides, every value in its canonical type (0 and 0.0 are one setting), only the
+    keys the row's method reads."""
+    return {
+        name: method_distill(to_dict(from_dict(
+            DistillConfig, row_distill(params["distill"], name, overrides), "distill")))
+        for name, overrides in params["compare"]["methods"].items()
+    }
+
+
 def cell_params(params_file: str, row: str, seed: int) -> dict[str, Any]:
-    """params.yaml as one cell trains it: its seed and its row's `distill`; its own tracking off
-    (the cell is the MLflow run)."""
+    """params.yaml as one cell trains it: its seed and its row's `distill` (``resolved_rows``;
+    the keys its method does not read take their defaults); its own tracking off (the cell is
+    the MLflow run)."""
     params = to_dict(load_params(params_file))
     rows = params["compare"]["methods"]
     if row not in rows:
         raise UserError(f"{params_file}: compare.methods has no row {row!r} "
                         f"(rows: {', '.join(rows)})")
     params["seed"] = seed
-    params["distill"] = row_distill(params["distill"], row, rows[row])
+    params["distill"] = resolved_rows(params)[row]
     epochs = params["compare"]["epochs"]
     if epochs:
         train = params["student"]["train"]
@@ -101,16 +128,16 @@ def run_cell(args: argparse.Namespace) -> int:
     tags = {"row": args.row, "method": method, "seed": str(args.seed), "compare_id": cell_id}
     with stage_run(tracking, f"compare_{out.name}", params, [data / "train.json"]) as run:
         run.set_tags(tags)
-        start = time.perf_counter()
         if method == "none":
             stages.train.main(["student", *train])
         else:
             stages.distill.main([*train, "--teacher", str(teacher)])
-        seconds = time.perf_counter() - start
         with (out / "history.csv").open() as fh:
-            steps = max(int(line.split(",", 1)[0]) for line in list(fh)[1:])
+            last = list(csv.DictReader(fh))[-1]
+        # The step loops' time, summed over a killed run's parts (drkd.engine.fit).
+        steps, seconds = int(last["step"]), float(last["seconds"])
         cost = {"train_seconds": round(seconds, 2), "steps": steps,
-                "seconds_per_step": seconds / max(steps, 1), "peak_memory_mb": peak_memory_mb()}
+                "seconds_per_step": seconds / steps, "peak_memory_mb": peak_memory_mb()}
         stages.evaluate.main(["compare", *common, "--checkpoint", str(out / "model.pt"),
                               "--metrics", str(out / "metrics.json"),
                               "--detections", str(out / "detections.json")])
@@ -120,6 +147,13 @@ def run_cell(args: argparse.Namespace) -> int:
         run.log_metrics({**{k: metrics[k] for k in STATS},
                          **{k: float(v) for k, v in cost.items()}})
         run.log_artifact(out / "history.csv")
+    return 0
+
+
+def run_rows(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    for name, distill in resolved_rows(to_dict(load_params(args.params))).items():
+        write_json(distill, out / f"{name}.json")
     return 0
 
 
@@ -148,7 +182,7 @@ def summarise(cells: dict[str, dict[int, dict[str, Any]]],
             "seeds": list(per_seed),
             "per_seed": per_seed,
             "mean": {k: statistics.mean(r[k] for r in per_seed.values()) for k in STATS},
-            "spread": max(aps) - min(aps),
+            "spread": max(aps) - min(aps) if len(aps) > 1 else None,  # one seed: no spread
             "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in seeds.values()),
             "peak_memory_mb": max(r["peak_memory_mb"] for r in seeds.values()),
         }
@@ -182,9 +216,10 @@ def markdown(summary: dict[str, Any]) -> str:
         seeds = ", ".join(f"{r['AP']:.1f}" for r in row["per_seed"].values())
         gap = "-" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
         gain = f"{row['gain']:+.1f}" if "gain" in row else "-"
+        spread = "-" if row["spread"] is None else f"{row['spread']:.1f}"
         lines.append(
             f"| {name} | {len(row['seeds'])} | **{m['AP']:.1f}** | {seeds} | "
-            f"{row['spread']:.1f} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | "
+            f"{spread} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | "
             f"{m['APl']:.1f} | {gain} | {gap} | {ratio(row, 'step_time_vs_baseline')} | "
             f"{ratio(row, 'memory_vs_baseline')} |")
     teacher = summary["teacher_AP"]
@@ -237,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    rows = sub.add_parser("rows", help="write each row's resolved distill settings")
+    rows.add_argument("--params", default="params.yaml")
+    rows.add_argument("--out", default="compare/rows")
     cell = sub.add_parser("cell", help="train + evaluate one row at one seed")
     cell.add_argument("row", help="a name in compare.methods")
     cell.add_argument("seed", type=int)
@@ -249,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     board.add_argument("--teacher-metrics", default="metrics/teacher.json")
     board.add_argument("--out", default="compare")
     args = parser.parse_args(argv)
-    return run_cell(args) if args.command == "cell" else run_leaderboard(args)
+    run = {"rows": run_rows, "cell": run_cell, "leaderboard": run_leaderboard}[args.command]
+    return run(args)
 
 
 if __name__ == "__main__":

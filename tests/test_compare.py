@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from drkd.config import FgdConfig, load_params, to_dict
 from stages import compare
 
 
@@ -65,18 +66,53 @@ def test_cell_params(tmp_path: Path) -> None:
             "fgd": {}, "drkd_ins": {"method": "drkd", "w_pr": 0, "instance": {"tau": 0.1}}}},
         "tracking": {"enabled": True}}))
     cell = compare.cell_params(str(params), "fgd", 2)
-    assert cell["seed"] == 2 and cell["distill"]["method"] == "fgd"
-    assert cell["distill"]["w_pr"] == 0.5  # the row has no overrides: params.yaml's distill
+    assert cell["seed"] == 2
+    # Only what FGD reads: a change to w_pr must not rerun it (nor reach it).
+    assert cell["distill"] == {"method": "fgd", "fgd": to_dict(FgdConfig())}
     train = cell["student"]["train"]
     assert (train["epochs"], train["warmup_steps"]) == (2, 75)
     assert cell["tracking"]["enabled"] is False  # the cell itself is the MLflow run
     variant = compare.cell_params(str(params), "drkd_ins", 0)["distill"]
     assert (variant["method"], variant["w_pr"]) == ("drkd", 0)
     assert variant["instance"]["tau"] == 0.1 and variant["instance"]["topk"] == 3  # merged
+    assert "fgd" not in variant and "w_mimic" not in variant
+    assert load_params(params).distill.w_pr == 0.5  # the cell's file is params.yaml's own
     from drkd.config import UserError
 
     with pytest.raises(UserError, match="no row 'pkd'"):
         compare.cell_params(str(params), "pkd", 0)
+
+
+def test_rows_files_hold_what_each_cell_trains_with(tmp_path: Path) -> None:
+    """`rows` writes ROW.json per row (each cell's DVC dependency): the cell's own `distill`;
+    a change to one method's settings changes only its rows' files; 0 and 0.0 are one value."""
+    params = tmp_path / "params.yaml"
+
+    def rows(distill: dict, methods: dict) -> dict[str, str]:
+        params.write_text(yaml.safe_dump({"distill": distill, "compare": {"methods": methods}}))
+        assert compare.main(["rows", "--params", str(params), "--out", str(tmp_path / "r")]) == 0
+        return {f.stem: f.read_text() for f in sorted((tmp_path / "r").iterdir())}
+
+    methods = {"none": {}, "mimic": {}, "pkd": {}, "drkd": {}, "ins": {"method": "drkd", "w_pr": 0}}
+    before = rows({}, methods)
+    assert set(before) == set(methods)
+    assert json.loads(before["none"]) == {"method": "none"}
+    assert json.loads(before["ins"]) == compare.cell_params(str(params), "ins", 0)["distill"]
+    after = rows({"pkd": {"weight": 3.0}, "w_pr": 0.5}, {**methods, "ins": {
+        "method": "drkd", "w_pr": 0.0}})
+    changed = sorted(k for k in before if before[k] != after[k])
+    assert changed == ["drkd", "pkd"]  # not none, mimic, nor ins (w_pr 0 either way)
+
+
+def test_one_seed_has_no_spread(tmp_path: Path) -> None:
+    cells = tmp_path / "cells"
+    write_cell(cells, "none", 0, 0.10, 0.5, 1.0)
+    write_cell(cells, "none", 1, 0.12, 0.5, 1.0)
+    write_cell(cells, "pkd", 0, 0.20, 0.5, 1.0)
+    summary = compare.summarise(compare.read_cells(cells), None)
+    assert summary["methods"]["pkd"]["spread"] is None
+    assert summary["methods"]["none"]["spread"] == pytest.approx(2.0)
+    assert "| pkd | 1 | **20.0** | 20.0 | - |" in compare.markdown(summary)
 
 
 @pytest.mark.parametrize("rows, error", [

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import math
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,8 @@ def test_history_one_row_per_step(tiny_data: Path, tmp_path: Path) -> None:
     assert [row["step"] for row in history] == [float(s) for s in range(1, steps + 1)]
     assert [s for s, _ in seen] == list(range(1, steps + 1))
     for (_, logged), row in zip(seen, history, strict=True):
-        assert set(row) == {"step", "classification", "bbox_regression", "loss", "lr", "epoch"}
+        assert set(row) == {"step", "classification", "bbox_regression", "loss", "lr", "epoch",
+                            "seconds"}
         assert logged == {k: v for k, v in row.items() if k != "step"}
         assert all(math.isfinite(v) for v in row.values())
         assert row["loss"] == pytest.approx(row["classification"] + row["bbox_regression"])
@@ -149,13 +151,50 @@ def test_resume_reproduces_uninterrupted_run(tiny_data: Path, tmp_path: Path) ->
     history_b = fit(resumed, ds, cfg, seed=7, work_dir=work, fingerprint="f",
                     on_epoch=lambda e, m: epochs_run.append(e))
     assert epochs_run == [1]
-    assert history_b == history_a
+    assert without_seconds(history_b) == without_seconds(history_a)  # seconds: wall time
+    assert history_b[0] == saved["history"][0]  # epoch 0's row as the killed run logged it
     assert_same_state(state_of(resumed), state_a)
 
     # A finished run resumes to nothing and returns the same history.
     again = detector(ds)
-    assert fit(again, ds, cfg, seed=7, work_dir=work, fingerprint="f") == history_a
+    assert fit(again, ds, cfg, seed=7, work_dir=work, fingerprint="f") == history_b
     assert_same_state(state_of(again), state_a)
+
+
+def without_seconds(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+class Slow(Scripted):
+    """Each step takes at least ``STEP_S`` seconds."""
+
+    STEP_S = 0.05
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, Any]]
+                ) -> dict[str, torch.Tensor]:
+        time.sleep(self.STEP_S)
+        return super().forward(images, targets)
+
+
+def test_seconds_count_every_step_of_a_resumed_run_and_nothing_else(
+        tiny_data: Path, tmp_path: Path) -> None:
+    """The history's seconds column (compare's step time) sums the step loops of a killed run
+    and its resumption: every one of the 8 steps, none of the 1 s epoch callbacks."""
+    ds = dataset(tiny_data)
+    cfg = toy_train(epochs=2, batch_size=2, log_every=1)
+
+    def kill(epoch: int, module: nn.Module) -> None:
+        time.sleep(1.0)
+        raise Killed(epoch)
+
+    with pytest.raises(Killed):
+        fit(Slow(), ds, cfg, seed=0, work_dir=tmp_path, fingerprint="f", on_epoch=kill)
+    history = fit(Slow(), ds, cfg, seed=0, work_dir=tmp_path, fingerprint="f",
+                  on_epoch=lambda e, m: time.sleep(1.0))
+    seconds = [row["seconds"] for row in history]
+    assert len(seconds) == 8 and seconds == sorted(seconds)
+    assert 8 * Slow.STEP_S <= seconds[-1] < 1.0, seconds
+    assert seconds[4] - seconds[3] >= Slow.STEP_S  # the resumed part adds to the killed one's
 
 
 def test_other_fingerprint_starts_afresh(tiny_data: Path, tmp_path: Path,
@@ -185,7 +224,7 @@ def test_seed_changes_data_order(tiny_data: Path, tmp_path: Path) -> None:
     a = fit(Scripted(), ds, cfg, seed=0, work_dir=tmp_path / "a")
     b = fit(Scripted(), ds, cfg, seed=0, work_dir=tmp_path / "b")
     c = fit(Scripted(), ds, cfg, seed=1, work_dir=tmp_path / "c")
-    assert a == b
+    assert without_seconds(a) == without_seconds(b)
     assert [r["loss_a"] for r in a] != [r["loss_a"] for r in c]
 
 
@@ -316,7 +355,8 @@ def test_train_stage_writes_outputs(tiny_data: Path, tmp_path: Path,
     with history.open() as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert set(rows[0]) == {"step", "bbox_regression", "classification", "loss", "lr", "epoch"}
+    assert set(rows[0]) == {"step", "bbox_regression", "classification", "loss", "lr", "epoch",
+                            "seconds"}
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     assert not (work / "last.pt").exists()  # finished: nothing left to resume from
     capsys.readouterr()
@@ -401,7 +441,11 @@ def test_train_stage_resumes_a_killed_run_only_under_the_same_code(
     weights, log = run("resumed")
     assert "resuming after epoch 1 (step 4)" in log
     assert_same_state(weights, full)
-    assert (tmp_path / "resumed.csv").read_text() == (tmp_path / "full.csv").read_text()
+    def losses(name: str) -> list[dict[str, str]]:  # the history, less its wall-time column
+        with (tmp_path / f"{name}.csv").open() as fh:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+    assert losses("resumed") == losses("full")
     assert not (tmp_path / "work_resumed" / "last.pt").exists()
 
     # The same run after a code change (another code digest): trained from the start.

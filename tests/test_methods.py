@@ -250,6 +250,50 @@ def test_params_select_and_validate_methods() -> None:
         parse_params({"distill": {"cwd": {"temp": 1.0}}})
 
 
+class ReadKeys:
+    """A DistillConfig that records which of its top-level keys are read."""
+
+    def __init__(self, cfg: DistillConfig) -> None:
+        self._cfg, self.read = cfg, set()
+
+    def __getattr__(self, name: str) -> object:
+        self.read.add(name)
+        return getattr(self._cfg, name)
+
+
+@pytest.mark.parametrize("method, cfg", [
+    ("none", {}), ("mimic", {}), *((m, {}) for m in PEERS),
+    ("drkd", {"instance": replace(DistillConfig().instance, target="both")}),
+    ("drkd", {"release": True}), ("drkd", {"reduction": "norm", "w_pr": 0.0})])
+def test_method_keys_are_what_each_method_reads(method: str, cfg: dict[str, object]) -> None:
+    """METHOD_KEYS (what a compare cell depends on) is exactly the `distill` keys a method
+    reads while it is built and trains a step: a key missing from it would let a cell keep a
+    stale result, an extra one rerun it for nothing."""
+    from drkd.config import METHOD_KEYS
+
+    keys = ReadKeys(DistillConfig(method=method, **cfg))  # type: ignore[arg-type]
+    student = build_detector(toy_model(fpn_channels=16), NUM_CLASSES)
+    teacher = build_detector(toy_model(fpn_channels=24), NUM_CLASSES)
+    d = Distiller(student, teacher, keys)  # type: ignore[arg-type]
+    d.train()
+    sum(d(*batch()).values()).backward()
+    expected = {"method", *METHOD_KEYS[method]}
+    assert keys.read <= expected
+    if method != "drkd" or not cfg:  # a switched-off DRKD term reads fewer keys
+        assert keys.read == expected
+
+
+def test_method_keys_cover_every_method_and_key() -> None:
+    import dataclasses
+    import typing
+
+    from drkd.config import METHOD_KEYS, Method
+
+    assert set(METHOD_KEYS) == set(typing.get_args(Method))
+    read = {k for keys in METHOD_KEYS.values() for k in keys}
+    assert read == {f.name for f in dataclasses.fields(DistillConfig)} - {"method"}
+
+
 @pytest.mark.slow
 def test_every_method_under_ddp(tmp_path: Path) -> None:
     """2 gloo processes, DDP without find_unused_parameters, 2 steps per method (DRKD also

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -192,6 +193,11 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
     assert used["seed"] == 1 and used["distill"]["method"] == "pkd"
 
     assert "Running stage" not in _run(["dvc", "repro", "compare/dvc.yaml"], root, env)
+    cost = json.loads((root / "compare" / "cells" / "pkd-s1" / "cost.json").read_text())
+    with (root / "compare" / "cells" / "pkd-s1" / "history.csv").open() as fh:
+        last = list(csv.DictReader(fh))[-1]
+    assert cost["steps"] == int(last["step"]) > 0  # the step loops' time over the steps run
+    assert cost["seconds_per_step"] == pytest.approx(float(last["seconds"]) / cost["steps"])
 
     set_compare(root, {"none": {}, "pkd": {}}, [0, 1, 2])
     out = _run(["dvc", "repro", "compare/dvc.yaml"], root, env)
@@ -199,15 +205,36 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
     assert ran == ["compare/dvc.yaml:cell@none-2", "compare/dvc.yaml:cell@pkd-2",
                    "compare/dvc.yaml:leaderboard"]
 
+    # A change to `distill` reruns only the cells of the rows that read what changed: DRKD's
+    # w_pr no cell here, PKD's weight the pkd cells (not `none`).
+    def set_distill(key: str, value: float) -> list[str]:
+        from ruamel.yaml import YAML
+
+        yaml = YAML()
+        params = yaml.load(root / "params.yaml")
+        section = params["distill"]
+        *path, last = key.split(".")
+        for part in path:
+            section = section.setdefault(part, {})
+        section[last] = value
+        yaml.dump(params, root / "params.yaml")
+        out = _run(["dvc", "repro", "compare/dvc.yaml"], root, env)
+        return sorted(line.split("'")[1] for line in out.splitlines() if "Running stage" in line)
+
+    assert set_distill("w_pr", 0.5) == ["compare/dvc.yaml:rows"]
+    assert set_distill("pkd.weight", 3.0) == [
+        "compare/dvc.yaml:cell@pkd-0", "compare/dvc.yaml:cell@pkd-1", "compare/dvc.yaml:cell@pkd-2",
+        "compare/dvc.yaml:leaderboard", "compare/dvc.yaml:rows"]
+
     def rerun_with(variant: dict) -> list[str]:
         set_compare(root, {"none": {}, "pkd": {}, "pkd_x3": variant}, [0, 1, 2])
-        out = _run(["dvc", "repro", "-s", "compare/dvc.yaml:cell@pkd_x3-0",
+        out = _run(["dvc", "repro", "-s", "compare/dvc.yaml:rows", "compare/dvc.yaml:cell@pkd_x3-0",
                     "compare/dvc.yaml:leaderboard"], root, env)
         return sorted(line.split("'")[1] for line in out.splitlines() if "Running stage" in line)
 
     # One seed of a variant row (the rest of its matrix is not asked for): its cell only.
     assert rerun_with({"method": "pkd", "pkd": {"weight": 30.0}}) == [
-        "compare/dvc.yaml:cell@pkd_x3-0", "compare/dvc.yaml:leaderboard"]
+        "compare/dvc.yaml:cell@pkd_x3-0", "compare/dvc.yaml:leaderboard", "compare/dvc.yaml:rows"]
     used = json.loads((root / "compare" / "cells" / "pkd_x3-s0" / "params.yaml").read_text())
     assert used["distill"]["method"] == "pkd" and used["distill"]["pkd"]["weight"] == 30.0
     board = json.loads((root / "compare" / "leaderboard.json").read_text())
@@ -216,14 +243,15 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
     status = _run(["dvc", "status", "compare/dvc.yaml"], root, env)
     assert "cell@pkd-0" not in status and "cell@none-0" not in status  # untouched rows
     assert rerun_with({"method": "pkd", "pkd": {"weight": 20.0}}) == [  # edited: reruns
-        "compare/dvc.yaml:cell@pkd_x3-0", "compare/dvc.yaml:leaderboard"]
+        "compare/dvc.yaml:cell@pkd_x3-0", "compare/dvc.yaml:leaderboard", "compare/dvc.yaml:rows"]
 
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["drkd"], output_format="list",
                               filter_string="tags.row = 'pkd'")
-    assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1", "2"]
+    # Each seed twice: before and after the change to distill.pkd.weight.
+    assert sorted(r.data.tags["seed"] for r in runs) == ["0", "0", "1", "1", "2", "2"]
     assert {r.data.tags["method"] for r in runs} == {"pkd"}
     assert len({r.data.tags["compare_id"] for r in runs}) == 1
     assert all("AP" in r.data.metrics for r in runs)

@@ -191,7 +191,7 @@ class DRKD(nn.Module):
         batch = s_map.shape[0]
         e_s, mask = pad_instances(pooled_s.flatten(1), image_index, batch)
         e_t, _ = pad_instances(pooled_t.flatten(1), image_index, batch)
-        if not self.cfg.release:
+        if not self.cfg.release or pooled_s is raw:  # no adapter: e_s is the raw features
             return e_s, e_t, mask, e_s
         raw_s, _ = pad_instances(raw.flatten(1), image_index, batch)
         return e_s, e_t, mask, raw_s
