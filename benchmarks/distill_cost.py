@@ -161,7 +161,7 @@ def relation_speed(
     params_file: str, steps: int, rounds: int = RELATION_ROUNDS, device: torch.device | None = None
 ) -> dict[str, float]:
     """Batched vs per-image instance relations (RoIAlign features of a 256 px, 256-ch P2), with
-    the embedding, filter, tau and topk of ``params_file``.
+    the similarity, target, embedding, filter, tau and topk of ``params_file``.
 
     Gradients are reset before each call, as in training. The two versions are timed side by
     side in ``rounds`` rounds; the speed-up is the median round's (the spread is printed, since
@@ -170,7 +170,11 @@ def relation_speed(
     inst = load_params(params_file).distill.instance
     images, per_image, dim = 4, 10, 256 * 9
     torch.manual_seed(0)
-    block = InstanceRelation(dim, inst.embed_dim).to(device)
+    # The configured path: theta/phi only for the learned similarity, g/W only when L_IR
+    # matches refined features (target features | both); the matrix target times R itself.
+    refine = inst.target != "matrix"
+    block = InstanceRelation(dim, inst.embed_dim, refine=refine,
+                             learned=inst.similarity == "learned").to(device)
     filt = RelationFilter(dim, inst.filter_hidden).to(device)
     e_all = torch.randn(images * per_image, dim, device=device, requires_grad=True)
     index = torch.arange(images, device=device).repeat_interleave(per_image)
@@ -187,7 +191,7 @@ def relation_speed(
         reset_grads()
         e, mask = pad_instances(e_all, index, images)
         r = relation_matrix(block.affinity(e), mask, inst.tau, inst.topk, weights(e, mask))
-        block.refine(e, r).square().sum().backward()
+        (block.refine(e, r) if refine else r).square().sum().backward()
 
     def looped() -> None:  # the release: one image at a time
         reset_grads()
@@ -196,7 +200,7 @@ def relation_speed(
             e = e_all[index == i][None]
             mask = torch.ones(1, e.shape[1], dtype=torch.bool, device=device)
             r = relation_matrix(block.affinity(e), mask, inst.tau, inst.topk, weights(e, mask))
-            total = total + block.refine(e, r).square().sum()
+            total = total + (block.refine(e, r) if refine else r).square().sum()
         total.backward()
 
     runs = [timed({"batched": batched, "looped": looped}, steps, device) for _ in range(rounds)]

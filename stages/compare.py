@@ -6,7 +6,7 @@ A row is a method as params.yaml sets it or a variant of one (an ablation): a na
 overrides of the `distill` section (``drkd.config.row_distill``).
 
     python -m stages.compare rows --out compare/rows
-    python -m stages.compare cell ROW SEED --out compare/cells/ROW-sSEED
+    python -m stages.compare cell ROW SEED --out compare/cells/ROW-sSEED [--row-file R]
     python -m stages.compare leaderboard --cells compare/cells --out compare
 
 ``rows`` writes each row's resolved `distill` settings, only the keys its method reads
@@ -114,8 +114,14 @@ def run_cell(args: argparse.Namespace) -> int:
     import stages.train
 
     out, data, teacher = Path(args.out), Path(args.data), Path(args.teacher)
-    require_files([data / "train.json", data / "val.json", teacher])
     params = cell_params(args.params, args.row, args.seed)
+    if args.row_file:  # the cell's DVC dependency: it must be what the cell trains with
+        row_file = Path(args.row_file)
+        require_files([row_file])
+        if json.loads(row_file.read_text()) != params["distill"]:
+            raise UserError(f"{row_file}: stale, not row {args.row!r} of {args.params} "
+                            "(run `dvc repro compare/dvc.yaml:rows` first)")
+    require_files([data / "train.json", data / "val.json", teacher])
     method = params["distill"]["method"]
     cell_id = compare_id(params, data, teacher)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     cell.add_argument("seed", type=int)
     cell.add_argument("--out", required=True)
     cell.add_argument("--params", default="params.yaml")
+    cell.add_argument("--row-file", help="the row's settings as `rows` wrote them, checked")
     cell.add_argument("--data", default="data/prepared")
     cell.add_argument("--teacher", default="models/teacher.pt")
     board = sub.add_parser("leaderboard", help="summarise every finished cell")

@@ -17,13 +17,17 @@ from drkd.models import build_detector
 
 SMALL = {"pixel": PixelRelationConfig(nodes=(4,) * 5, states=(8,) * 5),
          "instance": InstanceRelationConfig(embed_dim=16, filter_hidden=8)}
+# The paper's instance relations: learned theta/phi, L_IR on the refined features (g, W).
+LEARNED = {"target": "features", "similarity": "learned", "tau": 9.787733192560397}
 CONFIGS = {
-    "drkd": DistillConfig(**SMALL),
+    "drkd": DistillConfig(**SMALL),  # the default: cosine relations, matrix target
+    "drkd-learned": DistillConfig(pixel=SMALL["pixel"], instance=InstanceRelationConfig(
+        embed_dim=16, filter_hidden=8, **LEARNED)),  # type: ignore[arg-type]
     "drkd-no-ir": DistillConfig(w_ir=0.0, **SMALL),
     # presets/paper_retinanet.yaml: the release's instance relations alone, no filter
-    "drkd-release-ir": DistillConfig(release=True, reduction="norm", w_pr=0.0, w_ins=0.0,
-                                     pixel=SMALL["pixel"],
-                                     instance=InstanceRelationConfig(filter=False)),
+    "drkd-release-ir": DistillConfig(
+        release=True, reduction="norm", w_pr=0.0, w_ins=0.0, pixel=SMALL["pixel"],
+        instance=InstanceRelationConfig(filter=False, **LEARNED)),  # type: ignore[arg-type]
     **{m: DistillConfig(method=m) for m in ("pkd", "cwd", "mgd", "fgd", "mimic")},
 }
 

@@ -104,6 +104,22 @@ def test_rows_files_hold_what_each_cell_trains_with(tmp_path: Path) -> None:
     assert changed == ["drkd", "pkd"]  # not none, mimic, nor ins (w_pr 0 either way)
 
 
+def test_a_stale_row_file_stops_the_cell(tmp_path: Path) -> None:
+    """A cell run alone (`dvc repro -s`) after a params edit, before `rows`: its dependency
+    would not say what it trains with, so it refuses, before any training."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"compare": {"methods": {"pkd": {}}}}))
+    assert compare.main(["rows", "--params", str(params), "--out", str(tmp_path / "r")]) == 0
+    params.write_text(yaml.safe_dump({"distill": {"pkd": {"weight": 3.0}},
+                                      "compare": {"methods": {"pkd": {}}}}))
+    from drkd.config import UserError
+
+    with pytest.raises(UserError, match=r"pkd\.json: stale, not row 'pkd'"):
+        compare.main(["cell", "pkd", "0", "--params", str(params), "--out", str(tmp_path / "c"),
+                      "--row-file", str(tmp_path / "r" / "pkd.json")])
+    assert not (tmp_path / "c").exists()
+
+
 def test_one_seed_has_no_spread(tmp_path: Path) -> None:
     cells = tmp_path / "cells"
     write_cell(cells, "none", 0, 0.10, 0.5, 1.0)

@@ -310,7 +310,7 @@ def test_every_method_under_ddp(tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = sorted(p.name for p in tmp_path.iterdir())
-    expected = ("drkd", "drkd-no-ir", "drkd-release-ir", *PEERS, "mimic")
+    expected = ("drkd", "drkd-learned", "drkd-no-ir", "drkd-release-ir", *PEERS, "mimic")
     assert done == sorted(f"{m}.ok" for m in expected), done
 
 

@@ -37,6 +37,10 @@ def test_paper_preset_trains_one_step(name: str, tiny_data: Path, tmp_path: Path
     assert paper.student.model.min_size == 800 and paper.student.model.max_size == 1333
     assert paper.student.train.milestones == (16, 22) and paper.student.train.epochs == 24
     assert paper.distill.reduction == "norm"
+    # The paper's instance relations, whatever the default (cosine, matrix target) is.
+    inst = paper.distill.instance
+    assert (inst.similarity, inst.target, inst.tau) == ("learned", "features", 9.787733192560397)
+    assert paper.tune.space.w_ir == (1e-3, 0.1) and paper.tune.space.tau == (0.25, 16.0)
     toy = {**TOY, "teacher": {"model": TOY_MODEL, "train": TOY_TRAIN},
            "student": {"model": TOY_MODEL, "train": TOY_TRAIN}}
     overrides = tmp_path / "toy.yaml"
