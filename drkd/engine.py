@@ -194,8 +194,9 @@ def fit(
     on_epoch: EpochCallback | None = None,
 ) -> list[dict[str, float]]:
     """Train ``module`` in place; return the logged loss history (one row per ``log_every`` steps;
-    its ``seconds`` column: time spent in training steps so far, resumed parts included,
-    setup, checkpoints and ``on_epoch`` not).
+    its ``seconds`` column: wall time of the epochs' step loops so far, with their data loading
+    and ``on_step`` calls, summed over a resumed run's parts; setup, checkpoints and
+    ``on_epoch`` not).
 
     ``work_dir/last.pt`` holds the state after the last finished epoch; a run with
     the same ``fingerprint`` (config + data hash) resumes from it, any other starts
