@@ -1,4 +1,4 @@
-"""DVC stage `evaluate_<NAME>`: one detector checkpoint -> COCO metrics and raw detections on val.
+"""DVC stage `evaluate@<NAME>`: one detector checkpoint -> COCO metrics and raw detections on val.
 
 ``--metrics`` (``eval/NAME/metrics.json``) holds AP, AP50, AP75, APs, APm, APl, AR100
 (fractions 0..1, -1 where val has no ground truth of that size), ``per_class_AP`` {category
