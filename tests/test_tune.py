@@ -115,7 +115,8 @@ def test_last_epoch_matches_the_budget_fit_runs() -> None:
 
 
 def test_search_space_convention() -> None:
-    space = SearchSpace(w_pr=(1e-4, 1e-2), w_ir=(0.01,), w_ins=(), topk=(0, 4), lr=(1e-4, 1e-3))
+    space = SearchSpace(w_pr=(1e-4, 1e-2), w_ir=(0.01,), w_ins=(), topk=(0, 4),
+                        target=("matrix", "both"), lr=(1e-4, 1e-3))
     trial = optuna.create_study().ask()
     values = tuning.suggest(trial, space)
     dists = trial.distributions
