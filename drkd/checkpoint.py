@@ -24,9 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: readers never see half a file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save to a temp file in the same folder, then rename: readers never see half a file.
+
+    Saved through a file object: given a path, torch.save names the zip's root folder after the
+    (random) temp file, so equal weights gave different bytes, a new DVC hash and a new
+    compare_id on every re-save."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)
 
 
 def load(path: str | Path) -> dict[str, Any]:

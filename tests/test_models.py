@@ -212,6 +212,16 @@ def test_save_atomic_leaves_no_temp_files(tmp_path: Path) -> None:
     assert torch.equal(checkpoint.load(path)["a"], torch.arange(4))
 
 
+def test_equal_checkpoints_are_equal_bytes(tmp_path: Path) -> None:
+    """A retrained model of the same weights must not look new to DVC or change a compare_id:
+    the bytes may not depend on the temp file's random name (torch.save of a path puts it in
+    the archive)."""
+    state = {"model": {"w": torch.arange(6.0)}, "category_ids": [1, 2]}
+    checkpoint.save_atomic(state, tmp_path / "a.pt")
+    checkpoint.save_atomic(state, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
 def test_save_atomic_failure_keeps_old_file(tmp_path: Path) -> None:
     path = tmp_path / "state.pt"
     checkpoint.save_atomic({"a": torch.ones(2)}, path)

@@ -135,6 +135,16 @@ def test_search_space_convention() -> None:
     }
 
 
+def test_the_default_space_keeps_the_params_target() -> None:
+    """params.yaml's space leaves the IR target out: a trial keeps distill.instance.target
+    (a `features` trial at the space's w_ir would be a second, heavier INS)."""
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    for trial in (optuna.create_study().ask() for _ in range(5)):
+        values = tuning.suggest(trial, params.tune.space)
+        assert "target" not in values and "target" not in trial.distributions
+        assert "target" not in tuning.partial_params(values)["distill"].get("instance", {})
+
+
 def test_a_trial_runs_the_student_recipe_compressed_to_the_tune_budget() -> None:
     over = {"student": {"train": {"epochs": 8, "warmup_steps": 300}}, "tune": {"epochs": 2}}
     trial = tuning.trial_params(parse_params(merge(PARAMS, over)), {"w_pr": 5e-3})
