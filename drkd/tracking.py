@@ -84,6 +84,11 @@ def data_hash(files: Sequence[Path]) -> str:
     return digest.hexdigest()[:12]
 
 
+def model_name(name: str) -> str:
+    """``name`` as a LoggedModel may be named (MLflow refuses / : . % and quotes)."""
+    return re.sub(r"[^\w\-]", "_", name)
+
+
 def file_md5(path: Path) -> str:
     """md5 of one file (hex): the digest of a dataset or checkpoint, as ``md5sum`` prints it."""
     digest = hashlib.md5()
@@ -174,7 +179,7 @@ class StageRun:
         mlflow = self._mlflow
         params = {k: str(v)[:500] for k, v in flatten(config).items()}
         model = mlflow.initialize_logged_model(
-            name=re.sub(r"[^\w\-]", "_", name),  # MLflow refuses / : . % and quotes here
+            name=model_name(name),
             model_type="detector",
             params=params,
             tags={CHECKPOINT_TAG: file_md5(checkpoint)},
@@ -210,6 +215,9 @@ class StageRun:
         # Status checked here: `status = 'READY'` in the filter matches nothing on a sqlite
         # store (MLflow 3.17 compares the name with the stored enum number).
         ready = [model for model in found if model.status == "READY"]
+        # Two runs can write equal bytes (the smoke preset's teacher and student are one
+        # recipe): the model logged under this file's name first, newest first within each.
+        ready.sort(key=lambda model: model.name != model_name(checkpoint.stem))
         return str(ready[0].model_id) if ready else None
 
     def log_model_input(self, model_id: str | None) -> None:

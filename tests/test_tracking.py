@@ -189,3 +189,24 @@ def test_train_and_evaluate_link_datasets_model_and_metrics(
     assert linked["AP"].dataset_name == "val"
     assert {"AP50", "AR100", "parameters"} <= set(linked)
     assert not any(k.startswith("system/") for k in evaluated.data.metrics)  # training only
+
+
+def test_equal_bytes_of_two_runs_find_the_model_of_the_same_name(store: str,
+                                                                 tmp_path: Path) -> None:
+    """The smoke preset's teacher and student are one recipe, so one seed writes them byte for
+    byte equal: evaluating models/teacher.pt must still find the teacher's model, though the
+    student's is newer."""
+    teacher, student = tmp_path / "teacher.pt", tmp_path / "student.pt"
+    teacher.write_bytes(b"weights")
+    student.write_bytes(b"weights")
+    with stage_run(TrackingConfig(), "train_teacher", {}) as run:
+        teacher_id = run.log_model("teacher", teacher, {})
+    with stage_run(TrackingConfig(), "train_student", {}) as run:
+        student_id = run.log_model("student", student, {})
+    with stage_run(TrackingConfig(), "evaluate_teacher", {}) as run:
+        assert teacher_id != student_id
+        assert run.find_model(teacher) == teacher_id
+        assert run.find_model(student) == student_id
+        moved = tmp_path / "copy.pt"  # a copy under another name: the newest of equal bytes
+        moved.write_bytes(b"weights")
+        assert run.find_model(moved) == student_id
