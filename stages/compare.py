@@ -205,6 +205,16 @@ def summarise(cells: dict[str, dict[int, dict[str, Any]]],
             gap_closed(row["mean"]["AP"] / 100, base["mean"]["AP"] / 100, teacher["AP"])
             if teacher else None
         )
+    # Paired against the best row: same seed = same data order, so a per-seed difference
+    # cancels what the seed does to both; below on every seed says more than the means do.
+    top = max(rows.values(), key=lambda r: r["mean"]["AP"])
+    for row in rows.values():
+        diffs = {s: row["per_seed"][s]["AP"] - top["per_seed"][s]["AP"]
+                 for s in sorted(set(row["per_seed"]) & set(top["per_seed"]))}
+        row["vs_top"] = None
+        if row is not top:
+            row["vs_top"] = {"per_seed": diffs,
+                             "mean": statistics.mean(diffs.values()) if diffs else None}
     return {"teacher_AP": 100 * teacher["AP"] if teacher else None, "methods": rows}
 
 
@@ -212,10 +222,20 @@ def ratio(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.2f}x" if key in row else "-"
 
 
+def vs_top(row: dict[str, Any]) -> str:
+    """`-0.6 (-1.0..-0.2)`: mean and range of the per-seed differences to the best row."""
+    diffs = list(row["vs_top"]["per_seed"].values()) if row["vs_top"] else []
+    if not diffs:
+        return "-"  # the best row itself, or no seed in common with it
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.1f}"
+    return f"{row['vs_top']['mean']:+.1f} ({min(diffs):+.1f}..{max(diffs):+.1f})"
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    lines = ["| row | seeds | AP (mean) | AP per seed | spread | AP50 | APs | APm | APl | "
-             "gain | gap closed | step time | memory |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | seeds | AP (mean) | AP per seed | spread | vs best, paired | AP50 | APs | "
+             "APm | APl | gain | gap closed | step time | memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ranked = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]["AP"])
     for name, row in ranked:
         m = row["mean"]
@@ -225,13 +245,15 @@ def markdown(summary: dict[str, Any]) -> str:
         spread = "-" if row["spread"] is None else f"{row['spread']:.1f}"
         lines.append(
             f"| {name} | {len(row['seeds'])} | **{m['AP']:.1f}** | {seeds} | "
-            f"{spread} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | "
+            f"{spread} | {vs_top(row)} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | "
             f"{m['APl']:.1f} | {gain} | {gap} | {ratio(row, 'step_time_vs_baseline')} | "
             f"{ratio(row, 'memory_vs_baseline')} |")
     teacher = summary["teacher_AP"]
     head = f"Teacher AP {teacher:.1f}. " if teacher is not None else ""
-    note = (f"{head}AP in points on val; spread = max - min over seeds; gain and gap closed "
-            "against `none` (the baseline student); step time and peak memory relative to it.")
+    note = (f"{head}AP in points on val; spread = max - min over seeds; vs best, paired = the "
+            "row's AP minus the best row's on the same seed, mean (min..max) over the seeds both "
+            "ran: a range that excludes 0 is below on every seed; gain and gap closed against "
+            "`none` (the baseline student); step time and peak memory relative to it.")
     variants = [f"- {name}: {row['method']} with " + ", ".join(
         f"{k}={v}" for k, v in flatten(row["overrides"]).items() if k != "method")
         for name, row in ranked if set(row["overrides"]) - {"method"}]

@@ -45,6 +45,10 @@ def test_leaderboard_numbers(tmp_path: Path) -> None:
     table = (tmp_path / "leaderboard.md").read_text()
     assert table.index("| pkd |") < table.index("| none |")  # best first
     assert "| 40% |" in table and "20.0, 26.0" in table
+    # Paired against the best row (pkd): none - pkd per seed = 10 - 20, 12 - 26.
+    assert none["vs_top"]["per_seed"] == {"0": pytest.approx(-10.0), "1": pytest.approx(-14.0)}
+    assert pkd["vs_top"] is None
+    assert "| -12.0 (-14.0..-10.0) |" in table
     assert (tmp_path / "leaderboard.png").stat().st_size > 1000
 
 
