@@ -115,13 +115,17 @@ def test_mgd_masks_the_configured_fraction() -> None:
 
 def reference_fgd_masks(boxes: torch.Tensor, h: int, w: int, batch_hw: tuple[int, int],
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FGD's masks for one image, box by box with Python integers."""
+    """FGD's masks for one image, cell by cell: a box's cells are those its interior overlaps
+    (cell r spans [r, r + 1) in map units), each weighing 1 / their number (H_r W_r); where
+    boxes overlap, the larger weight."""
     fg = torch.zeros(h, w)
     for x1, y1, x2, y2 in boxes.tolist():
-        c0, c1 = math.floor(x1 * w / batch_hw[1]), math.ceil(x2 * w / batch_hw[1])
-        r0, r1 = math.floor(y1 * h / batch_hw[0]), math.ceil(y2 * h / batch_hw[0])
-        area = (r1 - r0 + 1) * (c1 - c0 + 1)
-        fg[r0: r1 + 1, c0: c1 + 1] = torch.clamp(fg[r0: r1 + 1, c0: c1 + 1], min=1 / area)
+        x1, x2 = x1 * w / batch_hw[1], x2 * w / batch_hw[1]
+        y1, y2 = y1 * h / batch_hw[0], y2 * h / batch_hw[0]
+        inside = [(r, c) for r in range(h) for c in range(w)
+                  if r < y2 and r + 1 > y1 and c < x2 and c + 1 > x1]
+        for r, c in inside:
+            fg[r, c] = max(fg[r, c].item(), 1 / len(inside))
     bg = (fg == 0).float()
     return fg, bg / bg.sum() if bg.sum() > 0 else bg
 
@@ -136,9 +140,13 @@ def test_fgd_masks() -> None:
         torch.testing.assert_close(bg[i], ref_bg)
     assert fg[1].sum() == 0 and bg[1].sum() == pytest.approx(1.0)  # no boxes: all background
     assert bg[2].sum() == 0 and (fg[2] > 0).all()  # a box covering the image: no background
+    assert fg[2].sum() == pytest.approx(1.0)  # one box weighs 1 in all (1 / (H_r W_r) a cell)
+    # 4 cells wide and 2 high on the 8 x 12 map: 8 cells of 1/8 (the release counted 5 x 3).
+    four, _ = box_masks([torch.tensor([[8.0, 16.0, 40.0, 32.0]])], (8, 12), (64, 96))
+    assert (four[0] > 0).sum() == 8 and four[0].max() == pytest.approx(1 / 8)
     # Rows are y: a wide, short box covers few rows and many columns.
     wide, _ = box_masks([torch.tensor([[0.0, 0.0, 96.0, 8.0]])], (8, 12), (64, 96))
-    assert (wide[0].sum(1) > 0).sum() == 2 and (wide[0].sum(0) > 0).all()
+    assert (wide[0].sum(1) > 0).sum() == 1 and (wide[0].sum(0) > 0).all()
 
 
 def test_fgd_terms_equal_the_papers_formulas() -> None:

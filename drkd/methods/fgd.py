@@ -11,10 +11,12 @@ Per FPN level, with the student map adapted to the teacher's width:
 - global: lambda |GC_s(F_s) - GC_t(F_t)|^2, a GcBlock per side (context pooling + channel
   transform added back), whose output branch starts at zero.
 
-Every sum is divided by the batch size. Two corrections to the release, which indexes its
-foreground mask with x for rows (boxes transposed on non-square maps) and scales boxes by the
-unpadded image size: here rows are y, and boxes go to the map by the padded batch size the
-map was computed from.
+Every sum is divided by the batch size. Three corrections to the release, which indexes its
+foreground mask with x for rows (boxes transposed on non-square maps), scales boxes by the
+unpadded image size and counts a box's last row and column inclusive (a box 4 cells wide
+covers 5, each weighing 1/5): here rows are y, boxes go to the map by the padded batch size
+the map was computed from, and a box covers the cells it overlaps, each weighing
+1 / (H_r W_r) as in the paper.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ def box_masks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground and background weights (B, h, w) of one level's map.
 
-    A box covers cells floor(x1)..ceil(x2), floor(y1)..ceil(y2) inclusive (in map cells,
-    as the release counts them) and gives each 1 / that count; background cells weigh
-    1 / their number (no background: all zero)."""
+    A box covers the cells it overlaps, rows floor(y1)..ceil(y2)-1 and columns likewise (at
+    least one each), and gives each 1 / their number, the paper's 1 / (H_r W_r): every box
+    weighs 1 in all. Background cells weigh 1 / their number (no background: all zero)."""
     h, w = map_shape
     device = boxes[0].device if boxes else torch.device("cpu")
     fg = torch.zeros(len(boxes), h * w, device=device)
@@ -53,13 +55,15 @@ def box_masks(
         cells = torch.cat(boxes).float() * torch.tensor(
             [w / batch_shape[1], h / batch_shape[0]] * 2, device=device
         )
-        x0, y0 = cells[:, 0].floor(), cells[:, 1].floor()
-        x1, y1 = cells[:, 2].ceil(), cells[:, 3].ceil()
-        area = (y1 - y0 + 1) * (x1 - x0 + 1)
+        # Last cell exclusive (the release's ceil(x2) inclusive adds a row and a column).
+        x0, y0 = cells[:, 0].floor().clamp(0, w - 1), cells[:, 1].floor().clamp(0, h - 1)
+        x1 = torch.maximum(cells[:, 2].ceil().clamp(max=w), x0 + 1)
+        y1 = torch.maximum(cells[:, 3].ceil().clamp(max=h), y0 + 1)
+        area = (y1 - y0) * (x1 - x0)
         ys = torch.arange(h, device=device, dtype=cells.dtype)
         xs = torch.arange(w, device=device, dtype=cells.dtype)
-        rows = (ys >= y0[:, None]) & (ys <= y1[:, None])  # (K, h)
-        cols = (xs >= x0[:, None]) & (xs <= x1[:, None])  # (K, w)
+        rows = (ys >= y0[:, None]) & (ys < y1[:, None])  # (K, h)
+        cols = (xs >= x0[:, None]) & (xs < x1[:, None])  # (K, w)
         per_box = (rows[:, :, None] & cols[:, None, :]).flatten(1) / area[:, None]  # (K, h*w)
         image = torch.repeat_interleave(torch.arange(len(boxes), device=device),
                                         torch.tensor(counts, device=device))
