@@ -282,6 +282,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 def run_leaderboard(args: argparse.Namespace) -> int:
     cells = read_cells(Path(args.cells))
+    if args.params:  # only the cells params asks for: a removed row or seed keeps its folder
+        wanted = load_params(args.params).compare
+        cells = {row: {seed: cell for seed, cell in seeds.items() if seed in wanted.seeds}
+                 for row, seeds in cells.items() if row in wanted.methods}
+        cells = {row: seeds for row, seeds in cells.items() if seeds}
     if not cells:
         raise UserError(f"{args.cells}: no finished cell (cost.json + metrics.json)")
     teacher_file = Path(args.teacher_metrics)
@@ -313,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     cell.add_argument("--teacher", default="models/teacher.pt")
     board = sub.add_parser("leaderboard", help="summarise every finished cell")
     board.add_argument("--cells", default="compare/cells")
+    board.add_argument("--params", help="read only the cells of its compare.methods x seeds "
+                       "(default: every cell in --cells)")
     board.add_argument("--teacher-metrics", default="metrics/teacher.json")
     board.add_argument("--out", default="compare")
     args = parser.parse_args(argv)

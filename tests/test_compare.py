@@ -52,6 +52,21 @@ def test_leaderboard_numbers(tmp_path: Path) -> None:
     assert (tmp_path / "leaderboard.png").stat().st_size > 1000
 
 
+def test_params_leave_out_removed_rows_and_seeds(tmp_path: Path) -> None:
+    cells = tmp_path / "cells"
+    for row, seed in [("none", 0), ("none", 1), ("pkd", 0), ("pkd", 1), ("cwd", 0)]:
+        write_cell(cells, row, seed, 0.1 + seed / 10, 0.5, 1.0)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"compare": {"methods": {"none": {}, "pkd": {}},
+                                                  "seeds": [0]}}))
+    assert compare.main(["leaderboard", "--cells", str(cells), "--params", str(params),
+                         "--teacher-metrics", str(tmp_path / "none.json"),
+                         "--out", str(tmp_path)]) == 0
+    board = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert set(board["methods"]) == {"none", "pkd"}
+    assert all(row["seeds"] == [0] for row in board["methods"].values())
+
+
 def test_a_tie_reads_dash(tmp_path: Path) -> None:
     cells = tmp_path / "cells"
     write_cell(cells, "none", 0, 0.30, 0.5, 1.0)

@@ -5,7 +5,6 @@ teacher; plain exported students; and every method under 2-process gloo DDP."""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys

@@ -245,6 +245,14 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
     assert rerun_with({"method": "pkd", "pkd": {"weight": 20.0}}) == [  # edited: reruns
         "compare/dvc.yaml:cell@pkd_x3-0", "compare/dvc.yaml:leaderboard", "compare/dvc.yaml:rows"]
 
+    # A removed row leaves the board (DVC keeps its folder; the board reads params' rows).
+    set_compare(root, {"none": {}, "pkd": {}}, [0, 1, 2])
+    out = _run(["dvc", "repro", "compare/dvc.yaml"], root, env)
+    assert "Running stage 'compare/dvc.yaml:cell@" not in out
+    board = json.loads((root / "compare" / "leaderboard.json").read_text())
+    assert set(board["methods"]) == {"none", "pkd"}
+    assert (root / "compare" / "cells" / "pkd_x3-s0").is_dir()
+
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
@@ -253,7 +261,10 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
     # Each seed twice: before and after the change to distill.pkd.weight.
     assert sorted(r.data.tags["seed"] for r in runs) == ["0", "0", "1", "1", "2", "2"]
     assert {r.data.tags["method"] for r in runs} == {"pkd"}
-    assert len({r.data.tags["compare_id"] for r in runs}) == 1
+    cells = [r for r in mlflow.search_runs(experiment_names=["drkd"], output_format="list")
+             if "row" in r.data.tags]
+    assert {r.data.tags["row"] for r in cells} == {"none", "pkd", "pkd_x3"}
+    assert len({r.data.tags["compare_id"] for r in cells}) == 1  # one comparison, every row
     assert all("AP" in r.data.metrics for r in runs)
     for r in runs:  # the training steps' time: above 0, below the cell's setup + train + eval
         wall = (r.info.end_time - r.info.start_time) / 1000
