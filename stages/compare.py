@@ -262,21 +262,39 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    """AP mean (bar) and each seed (dots) per row, best first; the teacher as a line."""
+    """Three panels, best row first: AP mean (bar) and each seed (dots) with the teacher as a
+    line; mean APs / APm / APl; mean AP against step time relative to the baseline."""
     import matplotlib.pyplot as plt
 
     ranked = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]["AP"])
-    fig, ax = plt.subplots(figsize=(1.2 * max(len(ranked), 3) + 2, 4))
+    names = [name for name, _ in ranked]
+    x = range(len(ranked))
+    fig, (ap, sizes, cost) = plt.subplots(1, 3, figsize=(1.6 * max(len(ranked), 3) + 6, 4.5))
     for i, (_, row) in enumerate(ranked):
-        ax.bar(i, row["mean"]["AP"], color="tab:gray" if row["method"] == "none" else "tab:blue")
-        ax.scatter([i] * len(row["per_seed"]), [r["AP"] for r in row["per_seed"].values()],
+        ap.bar(i, row["mean"]["AP"], color="tab:gray" if row["method"] == "none" else "tab:blue")
+        ap.scatter([i] * len(row["per_seed"]), [r["AP"] for r in row["per_seed"].values()],
                    color="black", s=12, zorder=3)
     if summary["teacher_AP"] is not None:
-        ax.axhline(summary["teacher_AP"], color="tab:red", ls="--", label="teacher")
-        ax.legend()
-    ax.set_xticks(range(len(ranked)), [m for m, _ in ranked])
-    ax.set_ylabel("val AP (points)")
-    ax.set_title("Distillation: mean over seeds (bars), each seed (dots)")
+        ap.axhline(summary["teacher_AP"], color="tab:red", ls="--", label="teacher")
+        ap.legend()
+    ap.set_title("AP: mean over seeds (bars), each seed (dots)")
+    for offset, key in zip((-0.27, 0.0, 0.27), ("APs", "APm", "APl"), strict=True):
+        sizes.bar([i + offset for i in x], [row["mean"][key] for _, row in ranked], 0.27,
+                  label=key)
+    sizes.legend()
+    sizes.set_title("AP by object size (mean over seeds)")
+    for axis in (ap, sizes):
+        axis.set_xticks(x, names, rotation=30, ha="right")
+        axis.set_ylabel("val AP (points)")
+    timed = [(name, row) for name, row in ranked if "step_time_vs_baseline" in row]
+    for name, row in timed:
+        cost.scatter(row["step_time_vs_baseline"], row["mean"]["AP"], color="tab:blue")
+        cost.annotate(name, (row["step_time_vs_baseline"], row["mean"]["AP"]), fontsize=8,
+                      xytext=(4, 2), textcoords="offset points")
+    cost.set_xlabel("train step time / baseline student's")
+    cost.set_ylabel("mean val AP (points)")
+    cost.set_title("AP against training cost")
+    fig.tight_layout()
     save_figure(fig, path)
 
 

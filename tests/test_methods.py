@@ -155,8 +155,10 @@ def test_fgd_terms_equal_the_papers_formulas() -> None:
     with torch.no_grad():  # a non-zero global branch on both sides
         for p in [*method.context_s.parameters(), *method.context_t.parameters()]:
             p.copy_(torch.randn(p.shape) * 0.3)
-    s, t = maps(8, SIZES, seed=1), maps(8, SIZES, seed=2)
-    boxes = [torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]), torch.zeros(0, 4)]
+    s, t = maps(8, SIZES, batch=3, seed=1), maps(8, SIZES, batch=3, seed=2)
+    # Two overlapping boxes; no box (all background); one box covering the image (no background).
+    boxes = [torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]), torch.zeros(0, 4),
+             torch.tensor([[0.0, 0.0, 96.0, 64.0]])]
     expected = dict.fromkeys(("fg", "bg", "att", "global"), 0.0)
     for level, (a, b) in enumerate(zip(s, t, strict=True)):
         n, c, h, w = a.shape
