@@ -7,6 +7,7 @@ training loop just to choose a device.
 from __future__ import annotations
 
 import os
+import resource
 
 import torch
 
@@ -16,3 +17,11 @@ def pick_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory so far: allocated CUDA memory on a GPU, else peak resident
+    memory (Linux reports KiB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

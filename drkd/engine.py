@@ -28,7 +28,7 @@ from tqdm import tqdm
 from drkd.checkpoint import load, save_atomic
 from drkd.config import NonFiniteLoss, TrainConfig, UserError
 from drkd.data.coco import collate
-from drkd.devices import pick_device
+from drkd.devices import peak_memory_mb, pick_device
 
 StepCallback = Callable[[int, dict[str, float]], None]
 EpochCallback = Callable[[int, nn.Module], None]
@@ -196,7 +196,7 @@ def fit(
     """Train ``module`` in place; return the logged loss history (one row per ``log_every`` steps;
     its ``seconds`` column: wall time of the epochs' step loops so far, with their data loading
     and ``on_step`` calls, summed over a resumed run's parts; setup, checkpoints and
-    ``on_epoch`` not).
+    ``on_epoch`` not; ``peak_memory_mb``: this process's peak so far, ``drkd.devices``).
 
     ``work_dir/last.pt`` holds the state after the last finished epoch; a run with
     the same ``fingerprint`` (config + data hash) resumes from it, any other starts
@@ -281,6 +281,7 @@ def fit(
                 row["lr"] = optimizer.param_groups[0]["lr"]
                 row["epoch"] = float(epoch)
                 row["seconds"] = seconds + time.perf_counter() - epoch_start
+                row["peak_memory_mb"] = peak_memory_mb()
                 bar.set_postfix(loss=f"{row['loss']:.3f}", epoch=epoch)
                 history.append({"step": float(step), **row})
                 if on_step is not None and rank == 0:

@@ -23,7 +23,8 @@ SIZE_BUCKETS = {"AP": "all", "APs": "small", "APm": "medium", "APl": "large"}
 # The Distiller's loss terms, every method (drkd.methods).
 DISTILL_TERMS = ("loss_pr", "loss_ir", "loss_ins", "loss_mimic", "loss_pkd", "loss_cwd",
                  "loss_mgd", "loss_fgd_fg", "loss_fgd_bg", "loss_fgd_att", "loss_fgd_global")
-NOT_LOSSES = ("step", "loss", "lr", "epoch", "seconds")  # loss-history columns, not loss terms
+# Loss-history columns that are not loss terms.
+NOT_LOSSES = ("step", "loss", "lr", "epoch", "seconds", "peak_memory_mb")
 
 
 def read_json(path: Path) -> Any:

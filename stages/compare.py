@@ -13,12 +13,13 @@ overrides of the `distill` section (``drkd.config.row_distill``).
 (``drkd.config.METHOD_KEYS``), to ``ROW.json``: a cell depends on its row's file, not on the
 whole `distill` section, so tuning one method reruns only that method's cells and `none` no
 cell's. A cell trains with the student recipe (``compare.epochs`` > 0 shortens it for every
-cell alike), exactly those settings and the given seed; `none` is the baseline student.
+cell alike), exactly those settings and the given seed, as ``<launcher> -m stages.distill``
+like the main pipeline (torchrun: DDP); `none` is the baseline student.
 It writes ``params.yaml`` (the exact values it used), ``history.csv``, ``metrics.json`` (COCO
 metrics of val) and ``cost.json`` (seconds per training step over the whole run, resumed parts
-included, setup and evaluation not; peak memory of its last process), and is one MLflow
-run tagged ``row``, ``method``, ``seed`` and ``compare_id`` (a hash of what every cell of one
-comparison shares: data, teacher, student recipe, budget).
+included, setup and evaluation not; the training's peak memory, rank 0's under DDP), and is
+one MLflow run tagged ``row``, ``method``, ``seed`` and ``compare_id`` (a hash of what every
+cell of one comparison shares: data, teacher, student recipe, budget).
 
 The leaderboard (``leaderboard.md``, ``leaderboard.png``, ``leaderboard.json``): AP mean and
 per seed per row, APs/APm/APl, the share of the teacher-baseline gap closed, and step time
@@ -31,10 +32,12 @@ import argparse
 import csv
 import hashlib
 import json
-import resource
+import shlex
 import statistics
+import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from drkd import cli
@@ -99,13 +102,16 @@ def compare_id(params: dict[str, Any], data: Path, teacher: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB); CUDA: peak allocated."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def launch(launcher: str, stage: ModuleType, argv: list[str]) -> None:
+    """``<launcher> -m <stage> argv``, as dvc.yaml runs the training stages (torchrun: DDP); the
+    launcher's ``python`` is this interpreter, the one DVC found on the PATH."""
+    command = shlex.split(launcher)
+    if command[0] == "python":
+        command[0] = sys.executable
+    done = subprocess.run([*command, "-m", stage.__name__, *argv])
+    if done.returncode:
+        raise UserError(f"{stage.__name__} under `{launcher}` exited with status "
+                        f"{done.returncode}")
 
 
 def run_cell(args: argparse.Namespace) -> int:
@@ -130,20 +136,22 @@ def run_cell(args: argparse.Namespace) -> int:
     work = Path("work/compare") / out.name
     train = [*common, "--out", str(out / "model.pt"),
              "--history", str(out / "history.csv"), "--work-dir", str(work)]
-    tracking = load_params(args.params).tracking
+    user = load_params(args.params)  # the params file as given: its tracking and launcher
     tags = {"row": args.row, "method": method, "seed": str(args.seed), "compare_id": cell_id}
-    with stage_run(tracking, f"compare_{out.name}", params, [data / "train.json"]) as run:
+    with stage_run(user.tracking, f"compare_{out.name}", params, [data / "train.json"]) as run:
         run.set_tags(tags)
         if method == "none":
-            stages.train.main(["student", *train])
+            launch(user.launcher, stages.train, ["student", *train])
         else:
-            stages.distill.main([*train, "--teacher", str(teacher)])
+            launch(user.launcher, stages.distill, [*train, "--teacher", str(teacher)])
         with (out / "history.csv").open() as fh:
             last = list(csv.DictReader(fh))[-1]
-        # The step loops' time, summed over a killed run's parts (drkd.engine.fit).
+        # The step loops' time, summed over a killed run's parts, and the training process's
+        # peak memory (rank 0's under DDP), as drkd.engine.fit records them.
         steps, seconds = int(last["step"]), float(last["seconds"])
         cost = {"train_seconds": round(seconds, 2), "steps": steps,
-                "seconds_per_step": seconds / steps, "peak_memory_mb": peak_memory_mb()}
+                "seconds_per_step": seconds / steps,
+                "peak_memory_mb": float(last["peak_memory_mb"])}
         stages.evaluate.main(["compare", *common, "--checkpoint", str(out / "model.pt"),
                               "--metrics", str(out / "metrics.json"),
                               "--detections", str(out / "detections.json")])

@@ -120,7 +120,8 @@ def train(args: argparse.Namespace, params: Params, which: str,
         def on_epoch(epoch: int, _: object) -> None:
             """Per-epoch means of every loss term, as `epoch/<term>` at step = epoch."""
             if rows:
-                names = [k for k in rows[0] if k not in ("lr", "epoch", "seconds")]
+                not_losses = ("lr", "epoch", "seconds", "peak_memory_mb")
+                names = [k for k in rows[0] if k not in not_losses]
                 means = {f"epoch/{k}": sum(r[k] for r in rows) / len(rows) for k in names}
                 run.log_metrics(means, epoch)
             rows.clear()

@@ -1,8 +1,10 @@
-"""The train stage under torchrun: 2 CPU processes, gloo, one set of outputs."""
+"""The train stage and a comparison cell under torchrun: 2 CPU processes, gloo, one set of
+outputs."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import toy_params
+from conftest import toy_params, toy_teacher
 from drkd import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -26,12 +28,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_train_stage_under_torchrun(tiny_data: Path, tmp_path: Path) -> None:
-    params = toy_params(tmp_path / "params.yaml", student={"train": {"warmup_steps": 1}})
-    models, plots, work = tmp_path / "models", tmp_path / "plots", tmp_path / "work"
+def single_process_env() -> dict[str, str]:
+    """This environment without a parent torchrun's variables, on the CPU, one thread."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    return env
+
+
+def test_train_stage_under_torchrun(tiny_data: Path, tmp_path: Path) -> None:
+    params = toy_params(tmp_path / "params.yaml", student={"train": {"warmup_steps": 1}})
+    models, plots, work = tmp_path / "models", tmp_path / "plots", tmp_path / "work"
+    env = single_process_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                "-m", "stages.train", "student", "--params", str(params), "--data", str(tiny_data),
@@ -54,3 +62,29 @@ def test_train_stage_under_torchrun(tiny_data: Path, tmp_path: Path) -> None:
     # Loaded strictly: the saved model is the unwrapped module (no DDP 'module.' prefix).
     _, state = checkpoint.load_detector(models / "student.pt")
     assert state["model_config"]["fpn_channels"] == 16
+
+
+def test_compare_cell_trains_under_the_launcher(tiny_data: Path, tmp_path: Path) -> None:
+    """A comparison cell trains as the main pipeline does, `<launcher> -m stages.distill`: with
+    torchrun, 2 ranks (2 steps, not 4) and one set of outputs, the cost read from rank 0."""
+    launcher = ("python -m torch.distributed.run --nproc_per_node=2 --master_addr=127.0.0.1 "
+                f"--master_port={free_port()}")
+    params = toy_params(tmp_path / "params.yaml", launcher=launcher,
+                        student={"train": {"warmup_steps": 1}},
+                        compare={"methods": {"pkd": {}}, "seeds": [0]})
+    teacher = toy_teacher(tiny_data, tmp_path / "teacher.pt")
+    out = tmp_path / "cells" / "pkd-s0"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.compare", "cell", "pkd", "0", "--params", str(params),
+         "--out", str(out), "--data", str(tiny_data), "--teacher", str(teacher)],
+        cwd=tmp_path, env={**single_process_env(), "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (out / "history.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert float(rows[-1]["loss_pkd"]) > 0
+    cost = json.loads((out / "cost.json").read_text())
+    assert cost["steps"] == 2 and cost["peak_memory_mb"] == float(rows[-1]["peak_memory_mb"]) > 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cost.json", "detections.json", "history.csv", "metrics.json", "model.pt", "params.yaml"]

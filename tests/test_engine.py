@@ -80,7 +80,7 @@ def test_history_one_row_per_step(tiny_data: Path, tmp_path: Path) -> None:
     assert [s for s, _ in seen] == list(range(1, steps + 1))
     for (_, logged), row in zip(seen, history, strict=True):
         assert set(row) == {"step", "classification", "bbox_regression", "loss", "lr", "epoch",
-                            "seconds"}
+                            "seconds", "peak_memory_mb"}
         assert logged == {k: v for k, v in row.items() if k != "step"}
         assert all(math.isfinite(v) for v in row.values())
         assert row["loss"] == pytest.approx(row["classification"] + row["bbox_regression"])
@@ -151,7 +151,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_data: Path, tmp_path: Path) ->
     history_b = fit(resumed, ds, cfg, seed=7, work_dir=work, fingerprint="f",
                     on_epoch=lambda e, m: epochs_run.append(e))
     assert epochs_run == [1]
-    assert without_seconds(history_b) == without_seconds(history_a)  # seconds: wall time
+    assert without_cost(history_b) == without_cost(history_a)  # seconds: wall time
     assert history_b[0] == saved["history"][0]  # epoch 0's row as the killed run logged it
     assert_same_state(state_of(resumed), state_a)
 
@@ -161,8 +161,11 @@ def test_resume_reproduces_uninterrupted_run(tiny_data: Path, tmp_path: Path) ->
     assert_same_state(state_of(again), state_a)
 
 
-def without_seconds(history: list[dict[str, float]]) -> list[dict[str, float]]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+COST_COLUMNS = ("seconds", "peak_memory_mb")  # what a run cost: differs between equal runs
+
+
+def without_cost(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k not in COST_COLUMNS} for row in history]
 
 
 class Slow(Scripted):
@@ -224,7 +227,7 @@ def test_seed_changes_data_order(tiny_data: Path, tmp_path: Path) -> None:
     a = fit(Scripted(), ds, cfg, seed=0, work_dir=tmp_path / "a")
     b = fit(Scripted(), ds, cfg, seed=0, work_dir=tmp_path / "b")
     c = fit(Scripted(), ds, cfg, seed=1, work_dir=tmp_path / "c")
-    assert without_seconds(a) == without_seconds(b)
+    assert without_cost(a) == without_cost(b)
     assert [r["loss_a"] for r in a] != [r["loss_a"] for r in c]
 
 
@@ -356,7 +359,7 @@ def test_train_stage_writes_outputs(tiny_data: Path, tmp_path: Path,
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"step", "bbox_regression", "classification", "loss", "lr", "epoch",
-                            "seconds"}
+                            "seconds", "peak_memory_mb"}
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     assert not (work / "last.pt").exists()  # finished: nothing left to resume from
     capsys.readouterr()
@@ -441,9 +444,10 @@ def test_train_stage_resumes_a_killed_run_only_under_the_same_code(
     weights, log = run("resumed")
     assert "resuming after epoch 1 (step 4)" in log
     assert_same_state(weights, full)
-    def losses(name: str) -> list[dict[str, str]]:  # the history, less its wall-time column
+    def losses(name: str) -> list[dict[str, str]]:  # the history, less its cost columns
         with (tmp_path / f"{name}.csv").open() as fh:
-            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+            return [{k: v for k, v in row.items() if k not in COST_COLUMNS}
+                    for row in csv.DictReader(fh)]
 
     assert losses("resumed") == losses("full")
     assert not (tmp_path / "work_resumed" / "last.pt").exists()

@@ -287,7 +287,8 @@ def test_loss_curves_put_distillation_terms_on_their_own_subplot(
     monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
     steps = [1.0, 2.0, 3.0]
     plain = {"step": steps, "classification": [1.0, 0.5, 0.4], "loss": [1.0, 0.5, 0.4],
-             "lr": [1e-3] * 3, "epoch": [0.0] * 3, "seconds": [0.5, 1.0, 1.5]}  # not losses
+             "lr": [1e-3] * 3, "epoch": [0.0] * 3, "seconds": [0.5, 1.0, 1.5],  # not losses
+             "peak_memory_mb": [300.0, 310.0, 310.0]}
     drkd = {**plain, "loss_pr": [1e-4, 2e-4, 1e-4], "loss_ir": [0.0, 1e-3, 1e-3],
             "loss_ins": [1e-3, 1e-3, 1e-3]}
     plots.plot_loss_curves({"student": plain, "student_drkd": drkd}, tmp_path / "x.png")
