@@ -23,10 +23,12 @@ from drkd.config import ConfigError, flatten, merge, parse_params, read_yaml_fil
 from drkd.files import write_text
 
 
-def flags(partial: dict[str, Any]) -> str:
-    """`-S key=value` flags that make `dvc exp run` apply ``partial`` (values as YAML)."""
+def flags(partial: dict[str, Any], add: bool = False) -> str:
+    """`-S key=value` flags that make `dvc exp run` apply ``partial`` (values as YAML); ``add``:
+    keys params.yaml may not have yet (`++key=value`, Hydra's add-or-override)."""
     pairs = ((k, v if isinstance(v, str) else json.dumps(v)) for k, v in flatten(partial).items())
-    return " ".join(f"-S {shlex.quote(f'{k}={v}')}" for k, v in pairs)
+    prefix = "++" if add else ""
+    return " ".join(f"-S {shlex.quote(f'{prefix}{k}={v}')}" for k, v in pairs)
 
 
 def check(params_file: Path, partial: dict[str, Any], source: str) -> None:

@@ -5,7 +5,8 @@
     python -m stages.tune [--params params.yaml] [--data data/prepared]
                           [--teacher models/teacher.pt] [--storage URL] [--n-trials N]
                           [--out tuning]
-    python -m stages.tune --promote [--apply] [--out tuning] [--params params.yaml]
+    python -m stages.tune --promote [--apply] [--method M] [--row NAME] [--out tuning]
+                          [--params params.yaml]
 
 Objective: validation AP of the student distilled from the teacher checkpoint for the short
 budget `tune.epochs` / `tune.max_steps`, with the suggested values applied onto `distill`
@@ -17,7 +18,9 @@ workers. A trial left RUNNING by a killed worker is failed once its heartbeat is
 
 Writes OUT/best_params.yaml (a partial params file), OUT/trials.csv and OUT/*.png. `--promote`
 prints the `dvc exp run -S ...` line for best_params.yaml; `--promote --apply` merges it into
-params.yaml (comments kept where possible). Optuna is imported only here and in drkd/tuning.py
+params.yaml (comments kept where possible); with `--row NAME` the tuned values become the
+compare row NAME (`{method: M, ...}`) instead, so `make compare` runs the published and the
+tuned method side by side. Optuna is imported only here and in drkd/tuning.py
 (design rule 10), where the study lives.
 """
 
@@ -97,13 +100,22 @@ def promote(args: argparse.Namespace) -> int:
     if not isinstance(best, dict) or not set(best) <= {"distill", "student"}:
         raise ConfigError(f"{path}: expected a partial params file with distill / student")
     flat = flatten(best)
+    if args.row:  # a comparison row beside the method's own: published and tuned on one board
+        if set(best) != {"distill"}:
+            raise UserError(f"{path}: tunes {', '.join(k for k in flat if k[:8] != 'distill.')}"
+                            "; a compare row sets `distill` only (promote without --row)")
+        best = {"compare": {"methods": {args.row: {"method": method, **best["distill"]}}}}
+        flat = flatten(best)
     params_path = Path(args.params)
     if not args.apply:
         check(params_path, best, str(path))
-        print(f"dvc exp run {flags(best)}")
+        print(f"dvc exp run {flags(best, add=bool(args.row))}")
         return 0
     apply(params_path, best, str(path))
     print(f"[tune] {params_path}: set {', '.join(f'{k}={v!r}' for k, v in flat.items())}")
+    if args.row:
+        print(f"[tune] `make compare` now runs row {args.row!r}'s cells")
+        return 0
     print("[tune] `dvc repro` now reruns distill and what follows")
     if "student.train.lr" in flat:
         print(
@@ -147,12 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="print the `dvc exp run -S ...` line for OUT/best_params.yaml",
     )
+    parser.add_argument(
+        "--row",
+        default="",
+        help="with --promote: add the tuned values as this compare.methods row, not into distill",
+    )
     parser.add_argument("--apply", action="store_true", help="with --promote: edit --params")
     args = parser.parse_args(argv)
     if args.n_trials < 0:
         parser.error("--n-trials must be positive")
-    if args.apply and not args.promote:
-        parser.error("--apply goes with --promote")
+    if (args.apply or args.row) and not args.promote:
+        parser.error("--apply and --row go with --promote")
     return promote(args) if args.promote else tune(args)
 
 

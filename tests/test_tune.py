@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from conftest import toy_teacher
 from drkd import tuning
 from drkd.config import NonFiniteLoss, SearchSpace, TrainConfig, load_params, merge, parse_params
 from drkd.tracking import PIPELINE_ENV
-from stages import tune
+from stages import compare, tune
 
 ROOT = Path(__file__).resolve().parents[1]
 PNGS = ["optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"]
@@ -368,6 +369,40 @@ def test_promote_prints_the_dvc_line_and_applies_only_distill(
     assert {k for k in before if before[k] != after[k]} == {"distill", "student"}
     assert after["student"]["model"] == before["student"]["model"]
     load_params(params)
+
+
+def test_promote_as_a_compare_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--row mgd_tuned`: the tuned values become a compare row beside the published `mgd`, as a
+    `dvc exp run` line that DVC's own Hydra overrides apply, or written in place."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "tuning" / "mgd").mkdir(parents=True)
+    best = {"distill": {"mgd": {"weight": 3.5e-06, "mask_ratio": 0.85}}}
+    (tmp_path / "tuning" / "mgd" / "best_params.yaml").write_text(yaml.safe_dump(best))
+    base = ["--promote", "--method", "mgd", "--row", "mgd_tuned", "--out",
+            str(tmp_path / "tuning"), "--params", str(params)]
+    assert tune.main(base) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("dvc exp run -S ")
+    row = {"method": "mgd", "mgd": {"weight": 3.5e-06, "mask_ratio": 0.85}}
+    by_dvc = tmp_path / "by_dvc.yaml"
+    by_dvc.write_text(params.read_text())
+    apply_overrides(str(by_dvc), [flag for flag in shlex.split(line)[3:] if flag != "-S"])
+    assert yaml.safe_load(by_dvc.read_text())["compare"]["methods"]["mgd_tuned"] == row
+    before = yaml.safe_load(params.read_text())
+    assert tune.main([*base, "--apply"]) == 0
+    after = yaml.safe_load(params.read_text())
+    assert after["compare"]["methods"] == {**before["compare"]["methods"], "mgd_tuned": row}
+    assert after["distill"] == before["distill"]  # the published mgd row is untouched
+    assert compare.cell_params(str(params), "mgd_tuned", 0)["distill"]["mgd"] == {
+        **before["distill"]["mgd"], **row["mgd"]}
+    # A tuned lr is not a `distill` setting: no row can carry it.
+    best["student"] = {"train": {"lr": 0.001}}
+    (tmp_path / "tuning" / "mgd" / "best_params.yaml").write_text(yaml.safe_dump(best))
+    assert tune.cli.run(tune.main, base) == 2
+    assert "tunes student.train.lr; a compare row sets `distill` only" in capsys.readouterr().err
 
 
 def test_errors_are_one_line(
