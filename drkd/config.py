@@ -388,7 +388,8 @@ class Params:
     seed: int = field(default=0, metadata=_non_negative("int"))
     # How dvc.yaml launches the training stages: `python`, or e.g.
     # `torchrun --nproc_per_node=8` for DDP on a multi-GPU machine.
-    launcher: str = "python"
+    launcher: str = field(default="python", metadata={
+        "check": lambda v: bool(v.split()), "expect": "a command such as python or torchrun ..."})
     data: DataConfig = DataConfig()
     teacher: DetectorConfig = DetectorConfig(ModelConfig(fpn_channels=128), TrainConfig(epochs=20))
     student: DetectorConfig = DetectorConfig(ModelConfig(fpn_channels=64), TrainConfig(epochs=8))

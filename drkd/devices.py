@@ -1,4 +1,5 @@
-"""Where a process runs: the one device-picking rule shared by training and evaluation.
+"""Where a process runs: the one device-picking rule shared by training and evaluation, and
+what it has used of that device's memory.
 
 Its own module so that the evaluate stage (and its DVC dependencies) need not import the
 training loop just to choose a device.
@@ -23,5 +24,5 @@ def peak_memory_mb() -> float:
     """This process's peak memory so far: allocated CUDA memory on a GPU, else peak resident
     memory (Linux reports KiB)."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated(pick_device()) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -293,7 +293,7 @@ def write_outputs(study: optuna.Study, out: Path, track: Tracker, method: str = 
         header = (
             f"# Best of Optuna study '{study.study_name}': trial {best.number}, validation "
             f"AP {best.value:.4f} ({len(complete)} complete of {len(trials)} trials).\n"
-            "# Promote: python -m stages.tune --promote [--apply]\n"
+            "# Promote: python -m stages.tune --promote [--method M] [--row NAME] [--apply]\n"
         )
         body = yaml.safe_dump(partial_params(best.params, method), sort_keys=False)
         write_text(header + body, out / "best_params.yaml")

@@ -19,7 +19,7 @@ It writes ``params.yaml`` (the exact values it used), ``history.csv``, ``metrics
 metrics of val) and ``cost.json`` (seconds per training step over the whole run, resumed parts
 included, setup and evaluation not; the training's peak memory, rank 0's under DDP), and is
 one MLflow run tagged ``row``, ``method``, ``seed`` and ``compare_id`` (a hash of what every
-cell of one comparison shares: data, teacher, student recipe, budget).
+cell of one comparison shares: data, teacher, student recipe, budget, launcher).
 
 The leaderboard (``leaderboard.md``, ``leaderboard.png``, ``leaderboard.json``): AP mean and
 per seed per row, APs/APm/APl, the share of the teacher-baseline gap closed, and step time
@@ -33,6 +33,7 @@ import csv
 import hashlib
 import json
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -97,21 +98,30 @@ def compare_id(params: dict[str, Any], data: Path, teacher: Path) -> str:
     """What every cell of one comparison shares (not the method, its params or the seed)."""
     digest = hashlib.md5((data / "train.json").read_bytes())
     digest.update(teacher.read_bytes())
-    digest.update(json.dumps([params["student"], params["compare"]["epochs"]],
-                             sort_keys=True).encode())
+    # The launcher too: its process count divides the steps (one batch per process).
+    digest.update(json.dumps([params["student"], params["compare"]["epochs"],
+                              params["launcher"]], sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
 
 def launch(launcher: str, stage: ModuleType, argv: list[str]) -> None:
     """``<launcher> -m <stage> argv``, as dvc.yaml runs the training stages (torchrun: DDP); the
-    launcher's ``python`` is this interpreter, the one DVC found on the PATH."""
+    launcher's ``python`` is this interpreter, the one DVC found on the PATH. A SIGTERM to the
+    cell (a DVC queue kill) reaches the training too; a failed training ends the cell with its
+    exit code (1: diverged, 2: bad input), after its own error line."""
     command = shlex.split(launcher)
     if command[0] == "python":
         command[0] = sys.executable
-    done = subprocess.run([*command, "-m", stage.__name__, *argv])
-    if done.returncode:
-        raise UserError(f"{stage.__name__} under `{launcher}` exited with status "
-                        f"{done.returncode}")
+    child = subprocess.Popen([*command, "-m", stage.__name__, *argv])
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code:
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        print(f"error: {stage.__name__} under `{launcher}` {how}", file=sys.stderr)
+        raise SystemExit(max(code, 1))
 
 
 def run_cell(args: argparse.Namespace) -> int:
@@ -145,13 +155,13 @@ def run_cell(args: argparse.Namespace) -> int:
         else:
             launch(user.launcher, stages.distill, [*train, "--teacher", str(teacher)])
         with (out / "history.csv").open() as fh:
-            last = list(csv.DictReader(fh))[-1]
-        # The step loops' time, summed over a killed run's parts, and the training process's
-        # peak memory (rank 0's under DDP), as drkd.engine.fit records them.
-        steps, seconds = int(last["step"]), float(last["seconds"])
+            history = list(csv.DictReader(fh))
+        # The step loops' time, summed over a killed run's parts, and the training's peak
+        # memory over those parts (rank 0's under DDP), as drkd.engine.fit records them.
+        steps, seconds = int(history[-1]["step"]), float(history[-1]["seconds"])
         cost = {"train_seconds": round(seconds, 2), "steps": steps,
                 "seconds_per_step": seconds / steps,
-                "peak_memory_mb": float(last["peak_memory_mb"])}
+                "peak_memory_mb": max(float(row["peak_memory_mb"]) for row in history)}
         stages.evaluate.main(["compare", *common, "--checkpoint", str(out / "model.pt"),
                               "--metrics", str(out / "metrics.json"),
                               "--detections", str(out / "detections.json")])

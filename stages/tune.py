@@ -104,12 +104,16 @@ def promote(args: argparse.Namespace) -> int:
         if set(best) != {"distill"}:
             raise UserError(f"{path}: tunes {', '.join(k for k in flat if k[:8] != 'distill.')}"
                             "; a compare row sets `distill` only (promote without --row)")
+        if args.row in params.compare.methods:
+            raise UserError(f"{args.params}: compare.methods has a row {args.row!r} already; "
+                            "pick a new name (or delete that row first)")
         best = {"compare": {"methods": {args.row: {"method": method, **best["distill"]}}}}
         flat = flatten(best)
     params_path = Path(args.params)
     if not args.apply:
         check(params_path, best, str(path))
-        print(f"dvc exp run {flags(best, add=bool(args.row))}")
+        target = "compare/dvc.yaml " if args.row else ""  # the row runs in `make compare`
+        print(f"dvc exp run {target}{flags(best, add=bool(args.row))}")
         return 0
     apply(params_path, best, str(path))
     print(f"[tune] {params_path}: set {', '.join(f'{k}={v!r}' for k, v in flat.items())}")

@@ -4,6 +4,10 @@ cell's params: its row's distill section, the seed and the shortened budget it t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +184,36 @@ def test_no_cells_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="no finished cell"):
         compare.main(["leaderboard", "--cells", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_a_failed_training_ends_the_cell_with_its_code(capsys: pytest.CaptureFixture[str]) -> None:
+    import stages.train
+
+    with pytest.raises(SystemExit) as ended:
+        compare.launch("python", stages.train, ["no-such-model"])  # argparse: exit code 2
+    assert ended.value.code == 2
+    assert "error: stages.train under `python` exited with status 2" in capsys.readouterr().err
+
+
+def test_a_terminated_cell_terminates_its_training(tmp_path: Path) -> None:
+    """A SIGTERM to the cell (a DVC queue kill) reaches the training it launched: no training
+    left running on its own after its cell ended."""
+    (tmp_path / "sleeper.py").write_text(
+        "import os, pathlib, time\n"
+        "pathlib.Path('pid').write_text(str(os.getpid()))\n"
+        "time.sleep(60)\n")
+    cell = subprocess.Popen(
+        [sys.executable, "-c", "import types; from stages import compare; "
+         "compare.launch('python', types.ModuleType('sleeper'), [])"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    training = int((tmp_path / "pid").read_text())
+    cell.terminate()
+    _, err = cell.communicate(timeout=30)
+    assert cell.returncode == 1
+    assert "error: sleeper under `python` was killed by signal 15" in err
+    with pytest.raises(ProcessLookupError):
+        os.kill(training, 0)  # gone (and reaped by the cell)

@@ -128,6 +128,7 @@ def test_wrong_type_message_exact(tmp_path: Path) -> None:
         ("teacher.train", [1], "expected a mapping, got [1]"),
         ("tracking.enabled", "yes", "expected a boolean, got 'yes'"),
         ("seed", -1, "expected a non-negative int, got -1"),
+        ("launcher", " ", "expected a command such as python or torchrun ..., got ' '"),
     ],
 )
 def test_bad_values(tmp_path: Path, key: str, value: object, expect: str) -> None:

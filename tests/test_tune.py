@@ -385,11 +385,11 @@ def test_promote_as_a_compare_row(tmp_path: Path, capsys: pytest.CaptureFixture[
             str(tmp_path / "tuning"), "--params", str(params)]
     assert tune.main(base) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("dvc exp run -S ")
+    assert line.startswith("dvc exp run compare/dvc.yaml -S ")  # the row runs in that pipeline
     row = {"method": "mgd", "mgd": {"weight": 3.5e-06, "mask_ratio": 0.85}}
     by_dvc = tmp_path / "by_dvc.yaml"
     by_dvc.write_text(params.read_text())
-    apply_overrides(str(by_dvc), [flag for flag in shlex.split(line)[3:] if flag != "-S"])
+    apply_overrides(str(by_dvc), [flag for flag in shlex.split(line)[4:] if flag != "-S"])
     assert yaml.safe_load(by_dvc.read_text())["compare"]["methods"]["mgd_tuned"] == row
     before = yaml.safe_load(params.read_text())
     assert tune.main([*base, "--apply"]) == 0
@@ -398,6 +398,10 @@ def test_promote_as_a_compare_row(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert after["distill"] == before["distill"]  # the published mgd row is untouched
     assert compare.cell_params(str(params), "mgd_tuned", 0)["distill"]["mgd"] == {
         **before["distill"]["mgd"], **row["mgd"]}
+    # A row of that name exists now: promoting onto it would merge into (or replace) a row.
+    assert tune.cli.run(tune.main, base) == 2
+    assert "compare.methods has a row 'mgd_tuned' already" in capsys.readouterr().err
+    base[base.index("mgd_tuned")] = "mgd_tuned2"
     # A tuned lr is not a `distill` setting: no row can carry it.
     best["student"] = {"train": {"lr": 0.001}}
     (tmp_path / "tuning" / "mgd" / "best_params.yaml").write_text(yaml.safe_dump(best))
