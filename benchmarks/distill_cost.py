@@ -1,7 +1,7 @@
 """What DRKD costs, measured side by side in one run (a benchmark, not a test).
 
     python benchmarks/distill_cost.py [--params params.yaml] [--steps 20]
-    python benchmarks/distill_cost.py --methods none mimic drkd pkd cwd mgd fgd
+    python benchmarks/distill_cost.py --methods none mimic drkd pkd cwd mgd fgd [--out F.json]
 
 Prints, on the embedded default's models and image size:
 1. step-time ratio  distill step / (baseline student step + teacher backbone forward)
@@ -13,7 +13,8 @@ Prints, on the embedded default's models and image size:
    state and activations without the ~1.3 GiB of torch libraries; on CUDA max_memory_allocated.
 With --methods: the train step of each method (its Distiller with the teacher's forward; none =
 the plain student), timed in turn in one run, as a ratio to the plain student step: the
-side-by-side cost the leaderboard of `make compare` cannot give (its cells run hours apart).
+side-by-side cost the leaderboard of `make compare` cannot give (its cells run hours apart);
+``--out`` writes it as JSON for ``stages.compare leaderboard --step-times``.
 Optimizers come from the training loop (drkd.engine.make_optimizer), as in real training.
 """
 
@@ -37,6 +38,7 @@ from drkd.devices import pick_device
 from drkd.distiller import Distiller
 from drkd.engine import make_optimizer, module_device
 from drkd.engine import train_step as engine_step
+from drkd.files import write_json
 from drkd.models import build_detector
 from drkd.modules.relation import InstanceRelation, RelationFilter, pad_instances, relation_matrix
 
@@ -243,6 +245,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--methods", nargs="+", metavar="METHOD", choices=typing.get_args(Method),
                         help="only time these methods' train steps side by side (none: plain)")
+    parser.add_argument("--out", help="with --methods: also write the seconds per step as JSON")
     parser.add_argument("--memory", choices=["student", "distill"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:  # child process of the memory comparison
@@ -257,6 +260,9 @@ def main() -> None:
         for method, seconds in times.items():
             ratio = f"{seconds / base:.2f}x" if base else "-"
             print(f"| {method} | {seconds:.4g} | {ratio} |")
+        if args.out:
+            write_json({"seconds_per_step": times, "device": str(pick_device()),
+                        "threads": torch.get_num_threads(), "steps": args.steps}, args.out)
         return
     if load_params(args.params).distill.method == "none":
         raise SystemExit(f"{args.params}: distill.method is 'none'; nothing to measure")

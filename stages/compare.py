@@ -236,6 +236,23 @@ def summarise(cells: dict[str, dict[int, dict[str, Any]]],
     return {"teacher_AP": 100 * teacher["AP"] if teacher else None, "methods": rows}
 
 
+def side_by_side(summary: dict[str, Any], path: Path) -> None:
+    """Step-time ratios from one run that timed every method in turn (benchmarks/distill_cost.py
+    --methods none ... --out FILE) in place of the cells' own, which ran hours apart on a
+    machine whose speed drifts. Per method at that run's settings: a variant row shows its
+    method's; a method not timed there shows none."""
+    require_files([path])
+    times = json.loads(path.read_text()).get("seconds_per_step")
+    if not isinstance(times, dict) or not times.get("none"):
+        raise UserError(f"{path}: expected seconds_per_step with a `none` entry "
+                        "(benchmarks/distill_cost.py --methods none ... --out)")
+    for row in summary["methods"].values():
+        row.pop("step_time_vs_baseline", None)
+        if row["method"] in times:
+            row["step_time_vs_baseline"] = times[row["method"]] / times["none"]
+    summary["step_times"] = str(path)
+
+
 def ratio(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.2f}x" if key in row else "-"
 
@@ -271,7 +288,10 @@ def markdown(summary: dict[str, Any]) -> str:
     note = (f"{head}AP in points on val; spread = max - min over seeds; vs best, paired = the "
             "row's AP minus the best row's on the same seed, mean (min..max) over the seeds both "
             "ran: a range that excludes 0 is below on every seed; gain and gap closed against "
-            "`none` (the baseline student); step time and peak memory relative to it.")
+            "`none` (the baseline student); step time and peak memory relative to it"
+            + (f" (step time: every method timed side by side, {summary['step_times']}; a "
+               "variant row shows its method's)." if summary.get("step_times") else
+               " (step time: the cells' own, which may have run hours apart)."))
     variants = [f"- {name}: {row['method']} with " + ", ".join(
         f"{k}={v}" for k, v in flatten(row["overrides"]).items() if k != "method")
         for name, row in ranked if set(row["overrides"]) - {"method"}]
@@ -328,6 +348,8 @@ def run_leaderboard(args: argparse.Namespace) -> int:
     teacher_file = Path(args.teacher_metrics)
     teacher = json.loads(teacher_file.read_text()) if teacher_file.is_file() else None
     summary = summarise(cells, teacher)
+    if args.step_times:
+        side_by_side(summary, Path(args.step_times))
     out = Path(args.out)
     write_json(summary, out / "leaderboard.json")
     text = markdown(summary)
@@ -357,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     board.add_argument("--params", help="read only the cells of its compare.methods x seeds "
                        "(default: every cell in --cells)")
     board.add_argument("--teacher-metrics", default="metrics/teacher.json")
+    board.add_argument("--step-times", help="step-time ratios from one side-by-side run "
+                       "(benchmarks/distill_cost.py --methods none ... --out FILE)")
     board.add_argument("--out", default="compare")
     args = parser.parse_args(argv)
     run = {"rows": run_rows, "cell": run_cell, "leaderboard": run_leaderboard}[args.command]

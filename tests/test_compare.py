@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drkd.config import FgdConfig, load_params, to_dict
+from drkd.config import FgdConfig, UserError, load_params, to_dict
 from stages import compare
 
 
@@ -54,6 +54,28 @@ def test_leaderboard_numbers(tmp_path: Path) -> None:
     assert pkd["vs_top"] is None
     assert "| -12.0 (-14.0..-10.0) |" in table
     assert (tmp_path / "leaderboard.png").stat().st_size > 1000
+
+
+def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
+    cells = tmp_path / "cells"
+    for row, method, step_s in [("none", None, 0.5), ("pkd", None, 2.0), ("pkd_x", "pkd", 1.0),
+                                ("cwd", None, 0.6)]:
+        write_cell(cells, row, 0, 0.2, step_s, 1000.0, method=method)
+    times = tmp_path / "times.json"
+    times.write_text(json.dumps({"seconds_per_step": {"none": 0.25, "pkd": 0.3}}))
+    assert compare.main(["leaderboard", "--cells", str(cells), "--step-times", str(times),
+                         "--teacher-metrics", str(tmp_path / "no.json"),
+                         "--out", str(tmp_path)]) == 0
+    board = json.loads((tmp_path / "leaderboard.json").read_text())["methods"]
+    assert board["pkd"]["step_time_vs_baseline"] == pytest.approx(1.2)  # not the cells' 4.0
+    assert board["pkd_x"]["step_time_vs_baseline"] == pytest.approx(1.2)  # its method's
+    assert "step_time_vs_baseline" not in board["cwd"]  # not timed side by side
+    table = (tmp_path / "leaderboard.md").read_text()
+    assert "every method timed side by side" in table and "| 1.20x |" in table
+    times.write_text(json.dumps({"seconds_per_step": {"pkd": 0.3}}))
+    with pytest.raises(UserError, match="times.json: expected seconds_per_step with a `none`"):
+        compare.main(["leaderboard", "--cells", str(cells), "--step-times", str(times),
+                      "--out", str(tmp_path)])
 
 
 def test_params_leave_out_removed_rows_and_seeds(tmp_path: Path) -> None:
@@ -100,7 +122,6 @@ def test_cell_params(tmp_path: Path) -> None:
     assert variant["instance"]["tau"] == 0.1 and variant["instance"]["topk"] == 3  # merged
     assert "fgd" not in variant and "w_mimic" not in variant
     assert load_params(params).distill.w_pr == 0.5  # the cell's file is params.yaml's own
-    from drkd.config import UserError
 
     with pytest.raises(UserError, match="no row 'pkd'"):
         compare.cell_params(str(params), "pkd", 0)
@@ -135,7 +156,6 @@ def test_a_stale_row_file_stops_the_cell(tmp_path: Path) -> None:
     assert compare.main(["rows", "--params", str(params), "--out", str(tmp_path / "r")]) == 0
     params.write_text(yaml.safe_dump({"distill": {"pkd": {"weight": 3.0}},
                                       "compare": {"methods": {"pkd": {}}}}))
-    from drkd.config import UserError
 
     with pytest.raises(UserError, match=r"pkd\.json: stale, not row 'pkd'"):
         compare.main(["cell", "pkd", "0", "--params", str(params), "--out", str(tmp_path / "c"),
@@ -180,7 +200,6 @@ def test_variant_rows_are_listed_with_their_overrides(tmp_path: Path) -> None:
 
 
 def test_no_cells_is_one_line(tmp_path: Path) -> None:
-    from drkd.config import UserError
 
     with pytest.raises(UserError, match="no finished cell"):
         compare.main(["leaderboard", "--cells", str(tmp_path), "--out", str(tmp_path)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ def test_methods_table_has_a_row_per_method_relative_to_the_plain_student(tmp_pa
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--params", str(tmp_path / "params.yaml"),
-         "--methods", "none", "drkd", "fgd", "--steps", "1"],
+         "--methods", "none", "drkd", "fgd", "--steps", "1", "--out", str(tmp_path / "t.json")],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [line.split("|")[1:4] for line in done.stdout.splitlines()
@@ -31,6 +32,9 @@ def test_methods_table_has_a_row_per_method_relative_to_the_plain_student(tmp_pa
     for name, s, ratio in rows:  # each ratio is that method's time over the plain student's
         # (seconds printed to 4 significant digits, the ratio to 2 decimals)
         assert abs(float(ratio.strip().rstrip("x")) - float(s) / seconds["none"]) < 0.01, name
+    written = json.loads((tmp_path / "t.json").read_text())["seconds_per_step"]
+    assert set(written) == {"none", "drkd", "fgd"}
+    assert all(abs(written[k] - seconds[k]) <= 1e-3 * seconds[k] for k in written)  # 4 digits
 
 
 def test_an_unknown_method_is_one_error_line_before_any_work() -> None:
