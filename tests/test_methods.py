@@ -5,7 +5,6 @@ teacher; plain exported students; and every method under 2-process gloo DDP."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -307,10 +306,9 @@ def test_method_keys_cover_every_method_and_key() -> None:
 def test_every_method_under_ddp(tmp_path: Path) -> None:
     """2 gloo processes, DDP without find_unused_parameters, 2 steps per method (DRKD also
     with a term off): an unused parameter or a rank mismatch fails the second step."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT / "tests"))
-    from test_ddp import free_port
+    from test_ddp import free_port, single_process_env
+
+    env = {**single_process_env(), "PYTHONPATH": str(ROOT / "tests")}
 
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
