@@ -199,8 +199,8 @@ def fit(
     ``on_epoch`` not; ``peak_memory_mb``: this process's peak so far, ``drkd.devices``).
 
     ``work_dir/last.pt`` holds the state after the last finished epoch; a run with
-    the same ``fingerprint`` (config + data hash) resumes from it, any other starts
-    afresh. ``on_step(step, losses)`` gets loss means every ``log_every`` steps,
+    the same ``fingerprint`` (config + data hash) and process count resumes from it, any
+    other starts afresh. ``on_step(step, losses)`` gets loss means every ``log_every`` steps,
     ``on_epoch(epoch, module)`` runs after each epoch's checkpoint (rank 0 only).
     """
     device = pick_device()
@@ -225,7 +225,9 @@ def fit(
     seconds = 0.0  # in finished epochs' step loops
     if last.is_file():
         state = load(last)
-        if state.get("fingerprint") == fingerprint:
+        # The process count sets the steps per epoch and each rank's data shard: a run
+        # killed under another count is not continued under this one.
+        if state.get("fingerprint") == fingerprint and state.get("processes") == size:
             module.load_state_dict(state["module"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
@@ -236,7 +238,10 @@ def fit(
             if is_main():
                 tqdm.write(f"[{desc}] resuming after epoch {start_epoch} (step {step}) from {last}")
         elif is_main():
-            tqdm.write(f"[{desc}] {last} is from another config or dataset; starting afresh")
+            tqdm.write(
+                f"[{desc}] {last} is from another config, dataset or process count; "
+                "starting afresh"
+            )
 
     def set_lr() -> None:
         for group in optimizer.param_groups:
@@ -292,6 +297,7 @@ def fit(
             save_atomic(
                 {
                     "fingerprint": fingerprint,
+                    "processes": size,
                     "module": module.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),

@@ -36,18 +36,46 @@ def single_process_env() -> dict[str, str]:
     return env
 
 
+# `python -m stages.train ARGV` that exits with 3 right after epoch 0's checkpoint.
+KILLED_AFTER_EPOCH_0 = """
+import sys
+import stages.train
+from drkd import cli
+fit = stages.train.fit
+def fit_then_die(*args, on_epoch, **kwargs):
+    def on_epoch_then_die(epoch, module):
+        on_epoch(epoch, module)
+        sys.exit(3)
+    return fit(*args, on_epoch=on_epoch_then_die, **kwargs)
+stages.train.fit = fit_then_die
+sys.exit(cli.run(stages.train.main, sys.argv[1:]))
+"""
+
+
 def test_train_stage_under_torchrun(tiny_data: Path, tmp_path: Path) -> None:
     params = toy_params(tmp_path / "params.yaml", student={"train": {"warmup_steps": 1}})
     models, plots, work = tmp_path / "models", tmp_path / "plots", tmp_path / "work"
+    # A killed single-process run of the same stage (same code, so the same fingerprint) left
+    # its epoch-0 state in the work dir: 4 steps at one rank's batches and shard, which a
+    # 2-process run must not continue.
+    argv = ["student", "--params", str(params), "--data", str(tiny_data),
+            "--out", str(models / "student.pt"), "--history", str(plots / "student.csv"),
+            "--work-dir", str(work)]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_EPOCH_0, *argv], cwd=ROOT,
+                            env=single_process_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert killed.returncode == 3, killed.stderr[-3000:]
+    assert checkpoint.load(work / "last.pt")["step"] == 4
+
     env = single_process_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-               "-m", "stages.train", "student", "--params", str(params), "--data", str(tiny_data),
-               "--out", str(models / "student.pt"), "--history", str(plots / "student.csv"),
-               "--work-dir", str(work)]
+               "-m", "stages.train", *argv]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "resuming" not in log and "starting afresh" in log
 
     # Each of the 2 ranks takes half of the 8 images: 8 // (2 x 2) = 2 steps, not 4.
     with (plots / "student.csv").open() as fh:
