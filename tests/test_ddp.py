@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,7 +56,7 @@ sys.exit(cli.run(stages.train.main, sys.argv[1:]))
 def test_train_stage_under_torchrun(tiny_data: Path, tmp_path: Path) -> None:
     params = toy_params(tmp_path / "params.yaml", student={"train": {"warmup_steps": 1}})
     models, plots, work = tmp_path / "models", tmp_path / "plots", tmp_path / "work"
-    # A killed single-process run of the same stage (same code, so the same fingerprint) left
+    # A killed single-process run of the same stage left
     # its epoch-0 state in the work dir: 4 steps at one rank's batches and shard, which a
     # 2-process run must not continue.
     argv = ["student", "--params", str(params), "--data", str(tiny_data),
@@ -66,6 +67,15 @@ def test_train_stage_under_torchrun(tiny_data: Path, tmp_path: Path) -> None:
                             timeout=TIMEOUT_S)
     assert killed.returncode == 3, killed.stderr[-3000:]
     assert checkpoint.load(work / "last.pt")["step"] == 4
+    # Its fingerprint is the stage's own: a 1-process run resumes from a copy of it.
+    check = tmp_path / "check"
+    shutil.copytree(work, check / "work")
+    same = subprocess.run(
+        [sys.executable, "-m", "stages.train", "student", "--params", str(params),
+         "--data", str(tiny_data), "--out", str(check / "student.pt"),
+         "--history", str(check / "student.csv"), "--work-dir", str(check / "work")],
+        cwd=ROOT, env=single_process_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert same.returncode == 0 and "resuming after epoch 1" in same.stdout + same.stderr
 
     env = single_process_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
