@@ -37,7 +37,9 @@ def single_process_env() -> dict[str, str]:
     return env
 
 
-# `python -m stages.train ARGV` that exits with 3 right after epoch 0's checkpoint.
+# `python -m stages.train ARGV` that exits with 3 right after epoch 0's checkpoint. A script of
+# its own, not test_engine's in-process kill_after_first_epoch: only the stage's own modules
+# may count in the code digest, so its fingerprint is the one the stage run would write.
 KILLED_AFTER_EPOCH_0 = """
 import sys
 import stages.train
@@ -56,12 +58,14 @@ sys.exit(cli.run(stages.train.main, sys.argv[1:]))
 def test_train_stage_under_torchrun(tiny_data: Path, tmp_path: Path) -> None:
     params = toy_params(tmp_path / "params.yaml", student={"train": {"warmup_steps": 1}})
     models, plots, work = tmp_path / "models", tmp_path / "plots", tmp_path / "work"
-    # A killed single-process run of the same stage left
-    # its epoch-0 state in the work dir: 4 steps at one rank's batches and shard, which a
-    # 2-process run must not continue.
-    argv = ["student", "--params", str(params), "--data", str(tiny_data),
-            "--out", str(models / "student.pt"), "--history", str(plots / "student.csv"),
-            "--work-dir", str(work)]
+
+    def stage_args(out: Path, history: Path, work_dir: Path) -> list[str]:
+        return ["student", "--params", str(params), "--data", str(tiny_data), "--out", str(out),
+                "--history", str(history), "--work-dir", str(work_dir)]
+
+    # A killed single-process run of the same stage left its epoch-0 state in the work dir:
+    # 4 steps at one rank's batches and shard, which a 2-process run must not continue.
+    argv = stage_args(models / "student.pt", plots / "student.csv", work)
     killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_EPOCH_0, *argv], cwd=ROOT,
                             env=single_process_env(), capture_output=True, text=True,
                             timeout=TIMEOUT_S)
@@ -71,9 +75,8 @@ def test_train_stage_under_torchrun(tiny_data: Path, tmp_path: Path) -> None:
     check = tmp_path / "check"
     shutil.copytree(work, check / "work")
     same = subprocess.run(
-        [sys.executable, "-m", "stages.train", "student", "--params", str(params),
-         "--data", str(tiny_data), "--out", str(check / "student.pt"),
-         "--history", str(check / "student.csv"), "--work-dir", str(check / "work")],
+        [sys.executable, "-m", "stages.train",
+         *stage_args(check / "student.pt", check / "student.csv", check / "work")],
         cwd=ROOT, env=single_process_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert same.returncode == 0 and "resuming after epoch 1" in same.stdout + same.stderr
 
