@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,22 @@ def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
     update(document, partial)
     buffer = io.StringIO()
     editor.dump(document, buffer)
+    # ruamel drops a comment inside a flow mapping that spans lines ({a: 1,  # note\n b: 2}):
+    # refuse rather than lose what the user wrote.
+    lost = comments(text) - comments(buffer.getvalue())
+    if lost:
+        line, comment = min((text.count("\n", 0, text.find(c)) + 1, c) for c in lost)
+        raise ConfigError(
+            f"{params_file}:{line}: cannot keep the comment {comment!r} when writing (it sits "
+            "in a {...} mapping over several lines); write that mapping in block style or "
+            "apply by hand: " + flags(partial, add=True)
+        )
     write_text(buffer.getvalue(), params_file)
+
+
+def comments(text: str) -> Counter[str]:
+    """The YAML comments of ``text`` (a `#` at a line's start or after a space), by content."""
+    return Counter(m.group(1) for m in re.finditer(r"(?:^|\s)(#[^\n]*)", text))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from drkd import cli
-from drkd.config import NonFiniteLoss, UserError
+from drkd.config import NonFiniteLoss, UserError, read_yaml
 from stages import prepare, preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,34 @@ def test_unreadable_preset_is_one_line_and_exit_2(
     assert cli.run(preset.main, [str(path), "--params", str(ROOT / "params.yaml")]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ")
+
+
+def test_apply_keeps_every_comment_or_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--apply` rewrites params.yaml through ruamel, which keeps comments in block style but
+    drops one inside a `{...}` mapping spread over lines: such a file is left as it was."""
+    params = tmp_path / "params.yaml"
+    shipped = (ROOT / "params.yaml").read_text()
+    params.write_text(shipped)
+    row = tmp_path / "row.yaml"
+    row.write_text("compare:\n  methods:\n    mgd_tuned: {method: mgd, mgd: {weight: 3.0e-5}}\n")
+    assert preset.main([str(row), "--params", str(params), "--apply"]) == 0
+    text = params.read_text()
+    # Every comment of the shipped file survives, and no wrapped line ends in a space.
+    assert all(line in text for line in shipped.splitlines() if "#" in line)
+    assert not [line for line in text.splitlines() if line != line.rstrip()]
+    assert read_yaml(text)["compare"]["methods"]["mgd_tuned"] == {
+        "method": "mgd", "mgd": {"weight": 3.0e-5}}
+    flow = shipped.replace("  seeds: [0, 1, 2]\n", "  seeds: [0,   # first\n    1, 2]\n")
+    params.write_text(flow)
+    assert cli.run(preset.main, [str(row), "--params", str(params), "--apply"]) == 2
+    line = flow.splitlines().index("  seeds: [0,   # first") + 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"error: {params}:{line}: cannot keep the comment '# first'")
+    assert "-S ++compare.methods.mgd_tuned.method=mgd" in err[0]  # the by-hand way
+    assert params.read_text() == flow
 
 
 def test_user_error_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
