@@ -61,14 +61,14 @@ def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
     update(document, partial)
     buffer = io.StringIO()
     editor.dump(document, buffer)
-    # ruamel drops a comment inside a flow mapping that spans lines ({a: 1,  # note\n b: 2}):
+    # ruamel drops a comment inside a flow collection that spans lines ({a: 1,  # note\n b: 2}):
     # refuse rather than lose what the user wrote.
     lost = comments(text) - comments(buffer.getvalue())
     if lost:
         line, comment = min((text.count("\n", 0, text.find(c)) + 1, c) for c in lost)
         raise ConfigError(
-            f"{params_file}:{line}: cannot keep the comment {comment!r} when writing (it sits "
-            "in a {...} mapping over several lines); write that mapping in block style or "
+            f"{params_file}:{line}: cannot keep the comment {comment!r} when writing (it sits in a "
+            "{...} or [...] over several lines); write that one in block style or "
             "apply by hand: " + flags(partial, add=True)
         )
     write_text(buffer.getvalue(), params_file)
