@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedSeq
 
 from drkd import cli
 from drkd.config import ConfigError, flatten, merge, parse_params, read_yaml_file
@@ -53,8 +54,14 @@ def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
 
     def update(node: Any, values: dict[str, Any]) -> None:
         for key, value in values.items():
-            if isinstance(value, dict) and isinstance(node.get(key), dict):
-                update(node[key], value)
+            old = node.get(key)
+            if isinstance(value, dict) and isinstance(old, dict):
+                update(old, value)
+            elif isinstance(value, list) and isinstance(old, CommentedSeq) and (
+                old.fa.flow_style() or not old  # `[]` is written in flow style either way
+            ):
+                node[key] = CommentedSeq(value)  # [a, b] replaced by [c, d], not by a block
+                node[key].fa.set_flow_style()
             else:
                 node[key] = value
 

@@ -60,11 +60,15 @@ def test_apply_keeps_every_comment_or_writes_nothing(
     shipped = (ROOT / "params.yaml").read_text()
     params.write_text(shipped)
     row = tmp_path / "row.yaml"
-    row.write_text("compare:\n  methods:\n    mgd_tuned: {method: mgd, mgd: {weight: 3.0e-5}}\n")
+    row.write_text("compare:\n  methods:\n    mgd_tuned: {method: mgd, mgd: {weight: 3.0e-5}}\n"
+                   "tune:\n  space:\n    tau: [0.1, 2.0]\n    target: [features]\n")
     assert preset.main([str(row), "--params", str(params), "--apply"]) == 0
     text = params.read_text()
     # Every comment of the shipped file survives, and no wrapped line ends in a space.
-    assert all(line in text for line in shipped.splitlines() if "#" in line)
+    assert all(line in text for line in shipped.splitlines() if "#" in line and "[" not in line)
+    lines = {line.split("#")[0].rstrip(): line for line in text.splitlines()}
+    assert "# for similarity" in lines["    tau: [0.1, 2.0]"]  # a [...] stays one, comment kept
+    assert "# the relation-only" in lines["    target: [features]"]
     assert not [line for line in text.splitlines() if line != line.rstrip()]
     assert read_yaml(text)["compare"]["methods"]["mgd_tuned"] == {
         "method": "mgd", "mgd": {"weight": 3.0e-5}}
