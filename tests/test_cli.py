@@ -55,7 +55,7 @@ def test_apply_keeps_every_comment_or_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`--apply` rewrites params.yaml through ruamel, which keeps comments in block style but
-    drops one inside a `{...}` mapping spread over lines: such a file is left as it was."""
+    drops one inside a `{...}` or `[...]` spread over lines: such a file is left as it was."""
     params = tmp_path / "params.yaml"
     shipped = (ROOT / "params.yaml").read_text()
     params.write_text(shipped)
@@ -64,8 +64,12 @@ def test_apply_keeps_every_comment_or_writes_nothing(
                    "tune:\n  space:\n    tau: [0.1, 2.0]\n    target: [features]\n")
     assert preset.main([str(row), "--params", str(params), "--apply"]) == 0
     text = params.read_text()
-    # Every comment of the shipped file survives, and no wrapped line ends in a space.
-    assert all(line in text for line in shipped.splitlines() if "#" in line and "[" not in line)
+    # Every commented line of the shipped file survives as it was but the two the preset set,
+    # and no wrapped line ends in a space.
+    set_by_preset = ("    tau: [", "    target: [")
+    changed = [line for line in shipped.splitlines() if line.startswith(set_by_preset)]
+    assert len(changed) == 2
+    assert all(line in text for line in shipped.splitlines() if "#" in line and line not in changed)
     lines = {line.split("#")[0].rstrip(): line for line in text.splitlines()}
     assert "# for similarity" in lines["    tau: [0.1, 2.0]"]  # a [...] stays one, comment kept
     assert "# the relation-only" in lines["    target: [features]"]
