@@ -56,8 +56,7 @@ def pair_similarities(
         images = [im.as_subclass(torch.Tensor) for im in images]
         image_list, scaled = part(detector, "transform")(images, targets)
         finest = list(part(detector, "backbone")(image_list.tensors).values())[level]
-        rois, index = instance_rois([t["boxes"] for t in scaled])
-        labels = torch.cat([t["labels"] for t in scaled])
+        rois, index, labels = instance_rois(scaled)
         scale = finest.shape[-1] / image_list.tensors.shape[-1]
         pooled = roi_align(finest.float(), rois, ROI_SIZE, scale, sampling_ratio=2,
                            aligned=True).flatten(1)

@@ -102,6 +102,6 @@ class Distiller(nn.Module):
         batch = tap.images.tensors
         with torch.no_grad():
             teacher_maps = list(part(self.teacher, "backbone")(batch).values())
-        boxes = [t["boxes"] for t in tap.targets]
-        losses.update(self.method(tap.features, teacher_maps, boxes, tuple(batch.shape[-2:])))
+        shape = tuple(batch.shape[-2:])
+        losses.update(self.method(tap.features, teacher_maps, tap.targets, shape))
         return losses

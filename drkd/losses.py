@@ -10,6 +10,7 @@ reduction are meaningless for the other.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from drkd.modules.relation import pair_mask
 
@@ -49,15 +50,36 @@ def related(mask: torch.Tensor) -> torch.Tensor:
 
 
 def instance_relation_loss(
-    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, reduction: str, matrix: bool
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    reduction: str,
+    matrix: bool,
+    self_pairs: bool = True,
 ) -> torch.Tensor:
     """L_IR for one level: relation matrices R (B, n, n) when ``matrix``, else refined
-    features z (B, n, D). Images with 0 or 1 instance contribute exactly 0."""
+    features z (B, n, D). Images with 0 or 1 instance contribute exactly 0. A matrix row
+    counts when it has at least 2 partners (``self_pairs``: the instance itself is one): a
+    row of one partner is 1 on both sides and would only dilute the mean."""
     if matrix:
-        valid = pair_mask(mask) & related(mask)[:, :, None]
+        pairs = pair_mask(mask, self_pairs)
+        valid = pairs & (pairs.sum(-1, keepdim=True) >= 2)
     else:
         valid = (mask & related(mask))[:, :, None]
     return distance(student, teacher, reduction, valid)
+
+
+def relation_filter_loss(
+    scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """What trains the relation filter: binary cross-entropy of its scores (B, n, n) against
+    "i and j are of the same class" (labels (B, n)), over the pairs of distinct instances of
+    an image; 0 without such a pair. It reaches only the filter (the scores are computed from
+    the teacher's detached features)."""
+    pairs = pair_mask(mask, self_pairs=False)
+    same = (labels[:, :, None] == labels[:, None, :]).float()
+    bce = nn.functional.binary_cross_entropy_with_logits(scores, same, reduction="none")
+    return torch.where(pairs, bce, 0.0).sum() / pairs.sum().clamp(min=1)
 
 
 def instance_feature_loss(

@@ -241,9 +241,9 @@ def plot_instance_relations(
     number of rows drawn (a placeholder PNG when 0)."""
     device = student_maps[0].device
     method = cast(DRKD, distiller.method)
-    r_s, r_t, mask = method.relation_matrices(
-        student_maps, teacher_maps, [b.to(device) for b in boxes], padded, level=0
-    )
+    on_device = [{"boxes": b.to(device), "labels": t["labels"].to(device)}
+                 for b, t in zip(boxes, targets, strict=True)]
+    r_s, r_t, mask = method.relation_matrices(student_maps, teacher_maps, on_device, padded, 0)
     rows = []
     for i, box in enumerate(boxes):
         keep = is_instance(box)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -13,12 +14,22 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from conftest import assert_kd_reaches_student_features_only, toy_model
-from drkd.config import DistillConfig, InstanceRelationConfig, PixelRelationConfig
+from drkd.config import (
+    DistillConfig,
+    InstanceRelationConfig,
+    PixelRelationConfig,
+    from_dict,
+    merge,
+    parse_params,
+    read_yaml_file,
+    row_distill,
+)
 from drkd.distiller import Distiller
-from drkd.losses import distance, instance_relation_loss
+from drkd.losses import distance, instance_relation_loss, relation_filter_loss
 from drkd.models import build_detector, count_parameters
 from drkd.modules.glore import GloRe
 from drkd.modules.relation import (
+    FILTER_MIN,
     InstanceRelation,
     RelationFilter,
     pad_instances,
@@ -27,6 +38,7 @@ from drkd.modules.relation import (
 )
 from drkd.taps import capture
 
+ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4  # background + 3
 EMBED, HIDDEN = 32, 8
 # Raw GloRe outputs (the formulas these tests write out); standardised L_PR has its own test.
@@ -76,10 +88,6 @@ def fpn_maps(channels: int, sizes: tuple[int, ...], batch_size: int = 2,
 def box_targets(*boxes: list[list[float]]) -> list[dict[str, torch.Tensor]]:
     return [{"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
              "labels": torch.ones(len(b), dtype=torch.int64)} for b in boxes]
-
-
-def boxes_of(targets: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    return [t["boxes"] for t in targets]
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -210,7 +218,7 @@ def test_identical_features_give_zero_loss(reduction: str, train: bool) -> None:
                           [[0, 0, 16, 16], [20, 24, 60, 50]])
     for target in ("features", "matrix"):
         d.method.cfg = replace(d.method.cfg, instance=replace(d.method.cfg.instance, target=target))
-        losses = d.method(maps, [m.clone() for m in maps], boxes_of(targets), (64, 64))
+        losses = d.method(maps, [m.clone() for m in maps], targets, (64, 64))
         assert abs(losses["loss_pr"].item()) < 1e-6
         assert abs(losses["loss_ins"].item()) < 1e-6
         if target == "features":  # W of z = e + W(R g(e)) starts at 0: z = e on both sides
@@ -221,7 +229,7 @@ def test_identical_features_give_zero_loss(reduction: str, train: bool) -> None:
         for s, t in zip(d.method.relation_s, d.method.relation_t, strict=True):
             s.theta.load_state_dict(t.theta.state_dict())
             s.phi.load_state_dict(t.phi.state_dict())
-    losses = d.method(maps, [m.clone() for m in maps], boxes_of(targets), (64, 64))
+    losses = d.method(maps, [m.clone() for m in maps], targets, (64, 64))
     assert abs(losses["loss_ir"].item()) < 1e-6
 
 
@@ -263,17 +271,23 @@ IMAGE_INDEX = torch.tensor([3, 0, 3, 3, 0, 2, 0, 3, 3])  # interleaved: counts (
 
 
 def reference_relation(block: InstanceRelation, filt: RelationFilter | None, e: torch.Tensor,
-                       tau: float, topk: int) -> torch.Tensor:
-    """One image's R, written out plainly; e: (n, D) -> (n, n)."""
+                       tau: float, topk: int, self_pairs: bool = True) -> torch.Tensor:
+    """One image's R, written out plainly; e: (n, D) -> (n, n). The filter's weight is
+    0.5 + sigmoid(query . key / sqrt(h)); without ``self_pairs`` the diagonal is no pair and
+    a row without any pair is 0."""
     n = len(e)
     logits = block.theta(e) @ block.phi(e).T / math.sqrt(EMBED)
     if filt is not None:
         scores = filt.query(e) @ filt.key(e).T / math.sqrt(HIDDEN)
-        logits = logits * (n * torch.softmax(scores, dim=-1))
+        logits = logits * (0.5 + torch.sigmoid(scores))
     keep = torch.ones(n, n, dtype=torch.bool)
+    if not self_pairs:
+        keep &= ~torch.eye(n, dtype=torch.bool)
+    candidates = logits.masked_fill(~keep, -math.inf)
     if topk and n > topk:
-        keep = logits >= logits.topk(topk, dim=-1).values[:, -1:]
-    return torch.softmax(logits.masked_fill(~keep, -math.inf) / tau, dim=-1)
+        keep &= candidates >= candidates.topk(topk, dim=-1).values[:, -1:]
+    r = torch.softmax(logits.masked_fill(~keep, -math.inf) / tau, dim=-1)
+    return torch.nan_to_num(r, nan=0.0)  # a row without a pair
 
 
 def instance_features(seed: int = 0, dim: int = 12) -> torch.Tensor:
@@ -295,7 +309,9 @@ def test_pad_instances_keeps_order_and_masks() -> None:
 
 @pytest.mark.parametrize("topk", [0, 2])
 @pytest.mark.parametrize("use_filter", [True, False])
-def test_batched_relations_equal_per_image_reference(topk: int, use_filter: bool) -> None:
+@pytest.mark.parametrize("self_pairs", [True, False])
+def test_batched_relations_equal_per_image_reference(topk: int, use_filter: bool,
+                                                     self_pairs: bool) -> None:
     dim = 12
     block, filt = InstanceRelation(dim, EMBED), RelationFilter(dim, HIDDEN)
     with torch.no_grad():
@@ -303,23 +319,27 @@ def test_batched_relations_equal_per_image_reference(topk: int, use_filter: bool
     feats = instance_features(dim=dim)
     e, mask = pad_instances(feats, IMAGE_INDEX, 4)
     weights = filt(e, mask) if use_filter else None
-    r = relation_matrix(block.affinity(e), mask, 0.5, topk, weights)
+    r = relation_matrix(block.affinity(e), mask, 0.5, topk, weights, self_pairs)
     z = block.refine(e, r)
     for i, n in enumerate(COUNTS):
         e_i = feats[IMAGE_INDEX == i]
-        ref = reference_relation(block, filt if use_filter else None, e_i, 0.5, topk)
+        ref = reference_relation(block, filt if use_filter else None, e_i, 0.5, topk, self_pairs)
         torch.testing.assert_close(r[i, :n, :n], ref, atol=1e-5, rtol=0)
         assert r[i, n:].abs().sum() == 0 and r[i, :, n:].abs().sum() == 0
-        if n:
+        partners = n if self_pairs else n - 1
+        if partners:
             torch.testing.assert_close(r[i, :n, :n].sum(-1), torch.ones(n))
-            if topk and n > topk:
+            if topk and partners > topk:
                 assert ((r[i, :n, :n] > 0).sum(-1) == topk).all()
+        if not self_pairs:
+            assert r[i].diagonal().abs().sum() == 0
+        if n:
             z_ref = e_i + block.out(ref @ block.g(e_i))
             torch.testing.assert_close(z[i, :n], z_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("matrix", [True, False])
-def test_relation_loss_batched_equals_per_image(matrix: bool) -> None:
+@pytest.mark.parametrize("matrix, self_pairs", [(True, True), (True, False), (False, True)])
+def test_relation_loss_batched_equals_per_image(matrix: bool, self_pairs: bool) -> None:
     g = torch.Generator().manual_seed(1)
     feats_s, feats_t = torch.randn(9, 12, generator=g), torch.randn(9, 12, generator=g)
     e_s, mask = pad_instances(feats_s, IMAGE_INDEX, 4)
@@ -327,22 +347,29 @@ def test_relation_loss_batched_equals_per_image(matrix: bool) -> None:
     block = InstanceRelation(12, EMBED)
     with torch.no_grad():
         if matrix:
-            s = relation_matrix(block.affinity(e_s), mask, 1.0)
-            t = relation_matrix(block.affinity(e_t), mask, 1.0)
+            s = relation_matrix(block.affinity(e_s), mask, 1.0, self_pairs=self_pairs)
+            t = relation_matrix(block.affinity(e_t), mask, 1.0, self_pairs=self_pairs)
         else:
             s, t = e_s, e_t
-        # Garbage in padded slots must not count.
-        s = s + ~(pair_mask(mask) if matrix else mask[:, :, None]) * 7.0
+        # Garbage in padded slots (and, without self-pairs, on the diagonal) must not count.
+        s = s + ~(pair_mask(mask, self_pairs) if matrix else mask[:, :, None]) * 7.0
         squared, count = 0.0, 0
         for i, n in enumerate(COUNTS):
-            if n < 2:  # no relations in an image with 0 or 1 instance
+            # No relations in an image with 0 or 1 instance; without self-pairs, an image of 2
+            # has rows of one partner (1 on both sides), which do not count either.
+            if n < (2 if self_pairs or not matrix else 3):
                 continue
-            s_i = s[i, :n, :n] if matrix else s[i, :n]
-            t_i = t[i, :n, :n] if matrix else t[i, :n]
+            if matrix:
+                keep = torch.ones(n, n, dtype=torch.bool)
+                if not self_pairs:
+                    keep &= ~torch.eye(n, dtype=torch.bool)
+                s_i, t_i = s[i, :n, :n][keep], t[i, :n, :n][keep]
+            else:
+                s_i, t_i = s[i, :n], t[i, :n]
             squared += float(((s_i - t_i) ** 2).sum())
             count += s_i.numel()
-        norm = instance_relation_loss(s, t, mask, "norm", matrix)
-        mse = instance_relation_loss(s, t, mask, "mse", matrix)
+        norm = instance_relation_loss(s, t, mask, "norm", matrix, self_pairs)
+        mse = instance_relation_loss(s, t, mask, "mse", matrix, self_pairs)
     # The release: one torch.dist over the whole batch, not one per image.
     assert norm.item() == pytest.approx(math.sqrt(squared), rel=1e-5)
     assert mse.item() == pytest.approx(squared / count, rel=1e-5)
@@ -351,15 +378,18 @@ def test_relation_loss_batched_equals_per_image(matrix: bool) -> None:
 # -- (6) the relation filter -----------------------------------------------------------------
 
 
-def test_filter_weights_mean_one_zero_on_invalid() -> None:
+def test_filter_weights_bounded_zero_on_invalid() -> None:
     filt = RelationFilter(12, HIDDEN)
     e, mask = pad_instances(instance_features(), IMAGE_INDEX, 4)
     w = filt(e, mask)
     assert w.shape == (4, 5, 5) and torch.isfinite(w).all()
     for i, n in enumerate(COUNTS):
-        torch.testing.assert_close(w[i, :n, :n].mean(-1), torch.ones(n))
-        assert (w[i, :n, :n] > 0).all()
+        assert ((w[i, :n, :n] > FILTER_MIN) & (w[i, :n, :n] < FILTER_MIN + 1)).all()
         assert w[i, n:].abs().sum() == 0 and w[i, :, n:].abs().sum() == 0
+    with torch.no_grad():  # a zero score is a neutral weight of 1
+        filt.query.weight.zero_()
+        filt.query.bias.zero_()
+    assert torch.equal(filt(e, mask), pair_mask(mask).float())
     one = filt(torch.randn(2, 1, 12), torch.tensor([[False], [True]]))
     assert one.tolist() == [[[0.0]], [[1.0]]]
     assert filt(torch.zeros(3, 0, 12), torch.zeros(3, 0, dtype=torch.bool)).shape == (3, 0, 0)
@@ -376,104 +406,177 @@ def test_filter_changes_relations() -> None:
             assert (with_filter[i] - without[i]).abs().max() > 1e-3, i
 
 
-@pytest.mark.parametrize("target, steps", [("matrix", 1), ("features", 2)])
-def test_filter_is_saved_and_trained(target: str, steps: int) -> None:
+def test_filter_loss_equals_its_formula() -> None:
+    """Binary cross-entropy of the scores against "same class", over the pairs of distinct
+    instances of each image, written out with logs (log sigma(x), log(1 - sigma(x)))."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([1, 2, 1, 3, 1, 2, 2, 1, 3])
+    scores_all = torch.randn(4, 5, 5, generator=g)
+    padded, mask = pad_instances(labels[:, None].float(), IMAGE_INDEX, 4)
+    total, count = 0.0, 0
+    for i, n in enumerate(COUNTS):
+        lab = labels[IMAGE_INDEX == i]
+        for a in range(n):
+            for b in range(n):
+                if a != b:
+                    x = float(scores_all[i, a, b])
+                    p = 1 / (1 + math.exp(-x))
+                    total -= math.log(p) if lab[a] == lab[b] else math.log(1 - p)
+                    count += 1
+    loss = relation_filter_loss(scores_all, padded[..., 0].long(), mask)
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    empty = relation_filter_loss(torch.zeros(2, 1, 1), torch.ones(2, 1, dtype=torch.long),
+                                 torch.ones(2, 1, dtype=torch.bool))
+    assert empty.item() == 0.0
+
+
+@pytest.mark.parametrize("target", ["matrix", "features"])
+def test_filter_is_trained_by_its_own_loss_never_by_the_relation_loss(target: str) -> None:
+    """The filter is saved with the modules; L_IR gives it no gradient (its weights are a
+    constant to L_IR), loss_filter gives it one and reaches nothing else; a few steps of it
+    separate same-class pairs from the others."""
     d = distiller(cfg=config(target))
     keys = [k for k in d.state_dict() if k.startswith("method.filters.")]
     assert {k.split(".", 3)[3] for k in keys} == {"query.weight", "query.bias", "key.weight",
                                                    "key.bias"}
     assert len(keys) == 4 * len(d.method.filters) == 8
-    optimizer = torch.optim.SGD(trainable(d), lr=0.1)
-    before = snapshot(d.method.filters)
     s_maps, t_maps = fpn_maps(16, LEVEL_SIZES["retinanet"]), fpn_maps(24, (8, 4, 2, 1, 1), seed=1)
-    targets = box_targets([[2, 3, 30, 40], [10, 10, 20, 22], [30, 5, 55, 60]],
-                          [[0, 0, 16, 16], [20, 24, 60, 50]])
+    targets = box_targets([[2, 3, 30, 40], [10, 10, 20, 22], [30, 5, 55, 60], [0, 0, 9, 9]],
+                          [[0, 0, 16, 16], [20, 24, 60, 50], [5, 30, 40, 62]])
+    targets[0]["labels"] = torch.tensor([1, 2, 1, 2])
+    targets[1]["labels"] = torch.tensor([3, 3, 1])
     d.train()
-    for step in range(steps):
-        # features target: W in z = e + W(R g(e)) starts at 0, so R (and the filter) gets a
-        # zero gradient on the very first step and a non-zero one from the second on.
-        assert not changed(before, d.method.filters), step
-        loss = d.method(s_maps, t_maps, boxes_of(targets), (64, 64))["loss_ir"]
+    filters = list(d.method.filters.parameters())
+    losses = d.method(s_maps, t_maps, targets, (64, 64))
+    grads = torch.autograd.grad(losses["loss_ir"], filters, allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+    assert losses["loss_filter"].item() > 0.1
+    grads = torch.autograd.grad(losses["loss_filter"], filters)
+    assert all(g.abs().sum() > 0 for g in grads)
+    others = [p for n, p in d.named_parameters() if p.requires_grad and ".filters." not in n]
+    grads = torch.autograd.grad(losses["loss_filter"], others, allow_unused=True)
+    assert all(g is None for g in grads)  # the teacher's features are detached
+
+    optimizer = torch.optim.Adam(filters, lr=1e-2)
+    first = losses["loss_filter"].item()
+    for _ in range(30):
+        loss = d.method(s_maps, t_maps, targets, (64, 64))["loss_filter"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert changed(before, d.method.filters)
+    assert loss.item() < 0.5 * first
 
 
-# -- (7) the anchored matrix target cannot collapse ------------------------------------------
+# -- (7) no trivial solution: the relation terms cannot collapse ------------------------------
 
 
-def fit_relation_modules(d: Distiller, steps: int = 150) -> tuple[list[float], torch.Tensor]:
-    """Adam on every trainable DRKD parameter (never the student's) to minimise one level's
-    L_IR between fixed, unrelated student and teacher instance features (5 per image).
-    Returns the loss history and the teacher's relation matrix R_t (filtered) at the end."""
-    params = [p for n, p in d.named_parameters()
-              if p.requires_grad and not n.startswith(("student.", "teacher."))]
-    optimizer = torch.optim.Adam(params, lr=3e-3)  # 1e-2 oscillates instead of converging
-    g = torch.Generator().manual_seed(1)
-    dim = 24 * 9
-    e_t, e_s = torch.randn(4, 5, dim, generator=g), torch.randn(4, 5, dim, generator=g)
-    mask = torch.ones(4, 5, dtype=torch.bool)
+def relation_configs() -> list[tuple[str, DistillConfig]]:
+    """The DRKD settings with relations (w_ir > 0) that users run: params.yaml's `distill`,
+    its compare rows and every preset's, each as the strict loader resolves it."""
+    base = read_yaml_file(ROOT / "params.yaml")
+    found = []
+    for source in [None, *sorted((ROOT / "presets").glob("*.yaml"))]:
+        merged = base if source is None else merge(base, read_yaml_file(source))
+        params = parse_params(merged)
+        name = "params.yaml" if source is None else source.name
+        rows = {"": merged["distill"]} | {
+            f":{row}": row_distill(merged["distill"], row, overrides)
+            for row, overrides in merged["compare"]["methods"].items()}
+        for row, distill in rows.items():
+            cfg = from_dict(DistillConfig, distill, "distill") if row else params.distill
+            if cfg.method == "drkd" and cfg.w_ir > 0:
+                found.append((name + row, cfg))
+    assert any(n == "params.yaml" for n, _ in found)  # the default relates instances
+    return found
+
+
+def unrelated_instances(seed: int, dim: int) -> torch.Tensor:
+    """(4 images, 6 instances, dim) features with within-image cosines ~0.5: a shared
+    per-image direction plus independent noise of the same norm."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(4, 1, dim, generator=g)
+    return shared + torch.randn(4, 6, dim, generator=g)
+
+
+def fit_relation_modules(d: Distiller, steps: int, labels: torch.Tensor,
+                         only_filters: bool = False) -> tuple[list[float], torch.Tensor | None]:
+    """Adam (lr 3e-3) on every trainable DRKD parameter that is not the student's (the
+    filters and the teacher side; ``only_filters``: the filters alone) to minimise one
+    level's L_IR plus loss_filter, as training does, between fixed, unrelated student and
+    teacher instance features: a student that cannot follow, so only the relation modules
+    could bring L_IR down. Returns the L_IR history and the filter's weights at the end."""
+    frozen = ("student.", "teacher.", "method.relation_s.", "method.instance_adapters.")
+    params = [p for n, p in d.named_parameters() if p.requires_grad
+              and not n.startswith(frozen) and (not only_filters or ".filters." in n)]
+    assert params
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    e_t, e_s = unrelated_instances(1, 24 * 9), unrelated_instances(2, 24 * 9)  # C = 24
+    mask = torch.ones(4, 6, dtype=torch.bool)
     history = []
     for _ in range(steps):
-        loss = d.method.relation_loss(0, e_s, e_t, mask)
+        loss, scores = d.method.relation_loss(0, e_s, e_t, mask)
+        total = loss if scores is None else loss + relation_filter_loss(scores, labels, mask)
         optimizer.zero_grad()
-        loss.backward()
+        total.backward()
         optimizer.step()
         history.append(loss.item())
     with torch.no_grad():
-        weights = d.method.filters[0](e_t, mask)
-        tau = d.method.cfg.instance.tau
-        r_t = relation_matrix(d.method.relation_t[0].affinity(e_t), mask, tau, 0, weights)
-    return history, r_t
+        weights = d.method.filters[0](e_t, mask) if len(d.method.filters) else None
+    return history, weights
 
 
-def test_matrix_target_does_not_collapse() -> None:
-    """method.md, "Beware trivial solutions". With fixed features the student's own relation
-    embeddings legitimately fit the teacher's matrix (seen: 1e-12 of the start), so a student
-    that cannot follow is modelled by freezing them: then only a drifting target could bring
-    the loss to zero."""
-    d = distiller(cfg=config("matrix"))
+CONFIGS = relation_configs()
+
+
+@pytest.mark.parametrize("name, cfg", CONFIGS, ids=[n for n, _ in CONFIGS])
+@pytest.mark.parametrize("labels", ["mixed", "all-different"])
+def test_relation_loss_has_no_trivial_solution(name: str, cfg: DistillConfig,
+                                               labels: str) -> None:
+    """method.md, "Beware trivial solutions", in every relation setting users run: with a
+    student that cannot follow, 300 steps of the relation modules leave L_IR above half its
+    start, no filter row gives one partner (nearly) all of its weight, and an instance is not
+    its own partner (the release's block keeps self-pairs). Pair labels either mixed or all
+    different (the filter then lowers every weight: it still cannot flatten the rows)."""
+    cfg = replace(cfg, w_pr=0.0, w_ins=0.0)  # the relation path alone
+    d = distiller(c_s=24, c_t=24, cfg=cfg)
     d.method.relation_s.requires_grad_(False)
-    history, _ = fit_relation_modules(d)
-    # Seen: the filter alone brings it to ~22% of the start; a drifting target to ~1e-5.
-    assert history[0] > 0 and min(history) > 0.02 * history[0], (history[0], min(history))
+    if labels == "mixed":
+        pair_labels = torch.tensor([[1, 1, 2, 2, 3, 1]] * 4)
+    else:
+        pair_labels = torch.arange(1, 7).repeat(4, 1)
+    # The release trains its teacher-side embeddings (its target drifts, as
+    # test_anchored_target_cannot_collapse_but_a_drifting_one_does shows): there only the filter.
+    if cfg.release and not cfg.instance.filter:
+        pytest.skip("release settings without a filter: only the release's drifting target")
+    history, weights = fit_relation_modules(d, 300, pair_labels, only_filters=cfg.release)
+    assert history[0] > 0 and min(history) > 0.5 * history[0], (history[0], min(history))
+    if weights is not None:
+        partners = pair_mask(torch.ones(4, 6, dtype=torch.bool), self_pairs=False)
+        rows = torch.where(partners, weights, 0.0)
+        top_share = rows.max(-1).values / rows.sum(-1)
+        assert top_share.max() < 0.5, top_share.max()  # uniform: 0.2; one-hot: 1
+    if not cfg.release:
+        e_t = unrelated_instances(1, 24 * 9)
+        _, r_t, _ = d.method.matrices(0, e_t, e_t, torch.ones(4, 6, dtype=torch.bool))
+        assert r_t.diagonal(dim1=1, dim2=2).abs().max() == 0
 
-    # Control: with the teacher's embeddings trainable the target follows the student and the
-    # loss vanishes, so this test does see a collapse.
-    control = distiller(cfg=config("matrix"))
+
+def test_anchored_target_cannot_collapse_but_a_drifting_one_does() -> None:
+    """The learned similarity: the teacher's theta/phi stay as initialised, so L_IR stays up;
+    control: with them trainable the target follows the student and L_IR vanishes, so the
+    check above can fail."""
+    labels = torch.tensor([[1, 1, 2, 2, 3, 1]] * 4)
+    d = distiller(c_s=24, c_t=24, cfg=config("matrix"))
+    d.method.relation_s.requires_grad_(False)
+    frozen = snapshot(d.method.relation_t)
+    history, _ = fit_relation_modules(d, 150, labels)
+    assert not changed(frozen, d.method.relation_t)
+    assert min(history) > 0.5 * history[0], (history[0], min(history))
+    control = distiller(c_s=24, c_t=24, cfg=config("matrix"))
     control.method.relation_s.requires_grad_(False)
     control.method.relation_t.requires_grad_(True)
-    unanchored, _ = fit_relation_modules(control)
+    unanchored, _ = fit_relation_modules(control, 150, labels)
     assert min(unanchored) < 1e-3 * unanchored[0], (unanchored[0], min(unanchored))
-
-
-def test_matrix_target_keeps_its_relations() -> None:
-    """Everything trainable at once: the teacher's embeddings do not move and its filtered
-    matrix does not flatten towards uniform (the filter's weights have row mean 1)."""
-    d = distiller(cfg=config("matrix"))
-    frozen = [p.detach().clone() for p in d.method.relation_t.parameters()]
-    g = torch.Generator().manual_seed(1)
-    e_t = torch.randn(4, 5, 24 * 9, generator=g)
-    mask = torch.ones(4, 5, dtype=torch.bool)
-    with torch.no_grad():
-        weights = d.method.filters[0](e_t, mask)
-        r_before = relation_matrix(d.method.relation_t[0].affinity(e_t), mask, 1.0, 0, weights)
-    history, r_after = fit_relation_modules(d)
-    after = d.method.relation_t.parameters()
-    assert all(torch.equal(a, b) for a, b in zip(frozen, after, strict=True))
-    spread_before = ((r_before - 0.2) ** 2).mean()
-    spread_after = ((r_after - 0.2) ** 2).mean()
-    # Seen: 0.93x of the start; uniform rows would give 0.
-    assert spread_after > 0.25 * spread_before, (spread_before, spread_after)
-    assert min(history) < 0.01 * history[0]  # the student side does learn the target
-    # Control: unanchored, the same fit moves the teacher's embeddings (the check above can fail).
-    control = distiller(cfg=config("matrix"))
-    control.method.relation_t.requires_grad_(True)
-    before = [p.detach().clone() for p in control.method.relation_t.parameters()]
-    fit_relation_modules(control, steps=5)
-    after = control.method.relation_t.parameters()
-    assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 # -- (8) hooks are removed even when the forward raises --------------------------------------
@@ -560,13 +663,13 @@ def built(d: Distiller) -> set[str]:
 def distill_keys(d: Distiller) -> set[str]:
     targets = box_targets([[2, 3, 30, 40], [10, 10, 20, 22]], [])
     s_maps, t_maps = fpn_maps(16, (8, 4, 2, 1, 1)), fpn_maps(24, (8, 4, 2, 1, 1))
-    return set(d.method(s_maps, t_maps, boxes_of(targets), (64, 64))) if d.method else set()
+    return set(d.method(s_maps, t_maps, targets, (64, 64))) if d.method else set()
 
 
 def test_switching_terms_off() -> None:
     d = distiller(cfg=config(w_pr=0.0))
     assert built(d) == {"instance_adapters", "relation_s", "relation_t", "filters"}
-    assert distill_keys(d) == {"loss_ir", "loss_ins"}
+    assert distill_keys(d) == {"loss_ir", "loss_ins", "loss_filter"}
     d = distiller(cfg=config(w_ir=0.0))
     assert built(d) == {"glore_s", "glore_t", "pixel_adapters", "instance_adapters"}
     assert distill_keys(d) == {"loss_pr", "loss_ins"}
@@ -575,6 +678,7 @@ def test_switching_terms_off() -> None:
     assert distill_keys(d) == {"loss_pr"}
     d = distiller(cfg=config(instance={"filter": False}))
     assert "filters" not in built(d) and "relation_s" in built(d)
+    assert "loss_filter" not in distill_keys(d)
     # The release's L_IR alone (presets/paper_retinanet.yaml) relates unadapted features: no
     # instance adapter, which would get no gradient (DDP without find_unused_parameters stops).
     d = distiller(cfg=config(release=True, w_pr=0.0, w_ins=0.0, instance={"filter": False}))
@@ -601,8 +705,8 @@ def test_cosine_similarity_is_parameter_free_and_zero_on_identical_features() ->
                    for b in [*d.method.relation_s, *d.method.relation_t])
     identity_adapters(d)
     maps = fpn_maps(16, LEVEL_SIZES["retinanet"])
-    boxes = boxes_of(box_targets([[2, 3, 30, 40], [10, 10, 20, 22], [30, 5, 55, 60]],
-                                 [[0, 0, 16, 16], [20, 24, 60, 50]]))
+    boxes = box_targets([[2, 3, 30, 40], [10, 10, 20, 22], [30, 5, 55, 60]],
+                        [[0, 0, 16, 16], [20, 24, 60, 50]])
     losses = d.method(maps, [m.clone() for m in maps], boxes, (64, 64))
     assert abs(losses["loss_ir"].item()) < 1e-6
     losses = d.method(maps, fpn_maps(16, LEVEL_SIZES["retinanet"], seed=1), boxes, (64, 64))
@@ -652,7 +756,7 @@ def test_standardized_pixel_loss_equals_its_formula() -> None:
             z.append((v - mean) / (std + 1e-6))
         expected += float(((z[0] - z[1]) ** 2).mean().detach())
     with torch.no_grad():
-        loss = d.method(s_maps, t_maps, [torch.zeros(0, 4)] * 3, (32, 32))["loss_pr"].item()
+        loss = d.method(s_maps, t_maps, box_targets([], [], []), (32, 32))["loss_pr"].item()
     assert loss == pytest.approx(expected, rel=1e-4)
     assert 0.5 < expected / len(sizes) < 4  # standardised: O(1) per level, whatever the scale
 
@@ -668,7 +772,7 @@ def test_release_compares_raw_glore_outputs_even_with_standardize_on() -> None:
                                                  pixel=replace(SMALL_PIXEL,
                                                                standardize=standardize)))
         with torch.no_grad():
-            return d.method(maps_s, maps_t, [torch.zeros(0, 4)] * 2, (64, 64))["loss_pr"].item()
+            return d.method(maps_s, maps_t, box_targets([], []), (64, 64))["loss_pr"].item()
 
     assert loss_pr(True, True) == loss_pr(True, False)
     assert loss_pr(False, True) != pytest.approx(loss_pr(False, False), rel=1e-3)
@@ -750,7 +854,8 @@ def reference_distance(pairs: list[tuple[torch.Tensor, torch.Tensor]], reduction
 def formula_relation(e: torch.Tensor, block: InstanceRelation, weights: torch.Tensor | None,
                      tau: float, topk: int, release: bool = False) -> torch.Tensor:
     """One image (n, D) -> R (n, n) = softmax_j(top-k of a_ij * w_ij) / tau; a_ij scaled by
-    1/sqrt(d) (ours) or not (the release)."""
+    1/sqrt(d) (ours) or not (the release); ours has no self-pairs (R_ii = 0), the release's
+    non-local block does."""
     if hasattr(block, "theta"):
         a = (e @ block.theta.weight.T + block.theta.bias) @ (e @ block.phi.weight.T
                                                               + block.phi.bias).T
@@ -759,6 +864,8 @@ def formula_relation(e: torch.Tensor, block: InstanceRelation, weights: torch.Te
         a = nn.functional.cosine_similarity(e[:, None, :], e[None, :, :], dim=-1)
     if weights is not None:
         a = a * weights
+    if not release:
+        a = a - torch.eye(len(e)) * 1e9
     if topk and a.shape[1] > topk:
         kth = a.sort(dim=1, descending=True).values[:, topk - 1: topk]
         a = torch.where(a >= kth, a, torch.tensor(-1e9))
@@ -766,9 +873,25 @@ def formula_relation(e: torch.Tensor, block: InstanceRelation, weights: torch.Te
 
 
 def formula_filter(e: torch.Tensor, filt: RelationFilter) -> torch.Tensor:
-    """One image (n, D) -> weights (n, n): softmax_j of query.key / sqrt(h), times n."""
+    """One image (n, D) -> weights (n, n): 0.5 + sigmoid(query.key / sqrt(h))."""
     q, k = filt.query(e), filt.key(e)
-    return torch.softmax(q @ k.T / math.sqrt(q.shape[1]), dim=1) * e.shape[0]
+    return 0.5 + torch.sigmoid(q @ k.T / math.sqrt(q.shape[1]))
+
+
+def formula_filter_bce(e: torch.Tensor, labels: torch.Tensor,
+                       filt: RelationFilter) -> tuple[float, int]:
+    """One image: the summed cross-entropy of the filter's same-class logits over the pairs of
+    distinct instances, and the number of pairs."""
+    q, k = filt.query(e), filt.key(e)
+    x = (q @ k.T / math.sqrt(q.shape[1])).double()
+    total, count = 0.0, 0
+    for i in range(len(e)):
+        for j in range(len(e)):
+            if i != j:  # -log sigma(x) = log(1 + e^-x); -log(1 - sigma(x)) = log(1 + e^x)
+                sign = -1 if labels[i] == labels[j] else 1
+                total += math.log1p(math.exp(sign * float(x[i, j])))
+                count += 1
+    return total, count
 
 
 def formula_refine(e: torch.Tensor, r: torch.Tensor, block: InstanceRelation) -> torch.Tensor:
@@ -777,10 +900,11 @@ def formula_refine(e: torch.Tensor, r: torch.Tensor, block: InstanceRelation) ->
 
 
 def reference_drkd(d: Distiller, s_maps: list[torch.Tensor], t_maps: list[torch.Tensor],
-                   boxes: list[torch.Tensor], size: int) -> dict[str, float]:
-    """L_PR, L_INS and L_IR written out per level and image (method.md), weights as trained.
-    With ``release``, the authors' release: RoIAlign aligned=False with adaptive sampling,
-    the student's relation block on its unadapted features and its own adapter after it."""
+                   targets: list[dict[str, torch.Tensor]], size: int) -> dict[str, float]:
+    """L_PR, L_INS, L_IR and the filter's loss written out per level and image (method.md),
+    weights as trained. With ``release``, the authors' release: RoIAlign aligned=False with
+    adaptive sampling, self-pairs kept, the student's relation block on its unadapted
+    features and its own adapter after it."""
     m, cfg = d.method, d.cfg
     release = cfg.release
     sampling, aligned = (-1, False) if release else (2, True)
@@ -791,11 +915,13 @@ def reference_drkd(d: Distiller, s_maps: list[torch.Tensor], t_maps: list[torch.
                   reference_glore(g_t, t[i], release))
                  for i in range(len(s))]
         pr += reference_distance(pairs, cfg.reduction)
-    ins, ir = 0.0, 0.0
+    ins, ir, filter_loss = 0.0, 0.0, 0.0
     for level in range(m.instance_levels):
         scale = s_maps[level].shape[-1] / size
         ins_pairs, ir_pairs = [], []
-        for i, b in enumerate(boxes):
+        bce, pairs_count = 0.0, 0
+        for i, target in enumerate(targets):
+            b = target["boxes"]
             if not len(b):
                 continue
             conv = m.instance_adapters[level]
@@ -808,24 +934,34 @@ def reference_drkd(d: Distiller, s_maps: list[torch.Tensor], t_maps: list[torch.
             if len(b) < 2:
                 continue
             weights = formula_filter(e_t, m.filters[level]) if len(m.filters) else None
+            if len(m.filters):
+                total, count = formula_filter_bce(e_t, target["labels"], m.filters[level])
+                bce, pairs_count = bce + total, pairs_count + count
             inst = cfg.instance
             rel_s = raw_s if release else e_s  # what the student's relation block sees
             r_s = formula_relation(rel_s, m.relation_s[level], weights, inst.tau, inst.topk,
                                    release)
             r_t = formula_relation(e_t, m.relation_t[level], weights, inst.tau, inst.topk,
                                    release)
-            if inst.target in ("matrix", "both"):
-                ir_pairs.append(("matrix", r_s, r_t))
+            # Matrix rows count with >= 2 partners: ours (no self-pairs) needs 3 instances.
+            if inst.target in ("matrix", "both") and (release or len(b) >= 3):
+                off = torch.ones(len(b), len(b), dtype=torch.bool)
+                off = off if release else off & ~torch.eye(len(b), dtype=torch.bool)
+                ir_pairs.append(("matrix", r_s[off], r_t[off]))
             if inst.target in ("features", "both"):
                 z_s = formula_refine(rel_s, r_s, m.relation_s[level])
                 if release:
                     z_s = m.ir_adapters[level](z_s)
                 ir_pairs.append(("features", z_s, formula_refine(e_t, r_t, m.relation_t[level])))
         ins += reference_distance(ins_pairs, cfg.reduction)
+        filter_loss += bce / max(pairs_count, 1)
         for kind in ("matrix", "features"):
             chosen = [(a, b) for k, a, b in ir_pairs if k == kind]
             ir += reference_distance(chosen, cfg.reduction) if chosen else 0.0
-    return {"loss_pr": cfg.w_pr * pr, "loss_ir": cfg.w_ir * ir, "loss_ins": cfg.w_ins * ins}
+    out = {"loss_pr": cfg.w_pr * pr, "loss_ir": cfg.w_ir * ir, "loss_ins": cfg.w_ins * ins}
+    if len(m.filters):
+        out["loss_filter"] = filter_loss
+    return out
 
 
 @pytest.mark.parametrize("reduction, target, topk, release, similarity", [
@@ -853,8 +989,9 @@ def test_losses_equal_an_independent_computation(reduction: str, target: str, to
     d.eval()  # BatchNorm on its running statistics
     sizes = (8, 4, 2, 1, 1)  # a 32 px padded batch
     s_maps, t_maps = fpn_maps(8, sizes, 3, seed=2), fpn_maps(12, sizes, 3, seed=3)
-    boxes = boxes_of(box_targets([[1, 2, 12, 14], [8, 4, 30, 20], [16, 16, 28, 31]],
-                                 [[0, 0, 16, 16], [10, 12, 26, 30]], [[3, 3, 9, 9]]))
+    boxes = box_targets([[1, 2, 12, 14], [8, 4, 30, 20], [16, 16, 28, 31]],
+                        [[0, 0, 16, 16], [10, 12, 26, 30]], [[3, 3, 9, 9]])
+    boxes[0]["labels"] = torch.tensor([1, 2, 1])
     with torch.no_grad():
         losses = {k: v.item() for k, v in d.method(s_maps, t_maps, boxes, (32, 32)).items()}
         expected = reference_drkd(d, s_maps, t_maps, boxes, 32)

@@ -185,7 +185,7 @@ def test_fgd_terms_equal_the_papers_formulas() -> None:
             expected["global"] += ((outs[0] - outs[1]) ** 2).sum().item() / n
     with torch.no_grad():
         got = {k.removeprefix("loss_fgd_"): v.item()
-               for k, v in method(s, t, boxes, (64, 96)).items()}
+               for k, v in method(s, t, [{"boxes": b} for b in boxes], (64, 96)).items()}
     weights = {"fg": 2.0, "bg": 3.0, "att": 5.0, "global": 7.0}
     assert got == pytest.approx({k: weights[k] * v for k, v in expected.items()}, rel=1e-4)
     assert all(v > 0 for v in expected.values())
@@ -205,7 +205,7 @@ def test_identical_maps_give_zero_loss(method: str) -> None:
                 a.bias.zero_()
     s = maps(16, SIZES)
     boxes = [torch.tensor([[4.0, 6.0, 30.0, 40.0]]), torch.zeros(0, 4)]
-    losses = d.method(s, [m.clone() for m in s], boxes, (64, 96))
+    losses = d.method(s, [m.clone() for m in s], [{"boxes": b} for b in boxes], (64, 96))
     assert set(losses) == TERMS[method]
     assert all(abs(v.item()) < 1e-5 for v in losses.values()), losses
 

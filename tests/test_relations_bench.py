@@ -6,6 +6,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "relations.py"
@@ -25,3 +26,36 @@ def test_auc_counts_every_positive_negative_pair_ties_as_half() -> None:
     assert relations.auc(torch.arange(4.0), torch.tensor([False, False, True, True])) == 1.0
     assert relations.auc(torch.ones(4), torch.tensor([False, True, False, True])) == 0.5
     assert math.isnan(relations.auc(torch.ones(3), torch.ones(3, dtype=torch.bool)))  # no negatives
+
+
+def test_relation_filter_statistics_on_a_toy_run() -> None:
+    """benchmarks/relation_filter.py on toy detectors: the filter's top share per row against a
+    count written out here, no self-pairs, and L_IR finite under every filter variant (the
+    trained filter is put back afterwards)."""
+    from test_drkd import LEVEL_SIZES, box_targets, config, distiller, fpn_maps
+
+    from benchmarks.relation_filter import filter_statistics
+    from drkd.methods.drkd import instance_rois
+
+    d = distiller(cfg=config("matrix", instance={"similarity": "cosine", "tau": 0.1,
+                                                 "topk": 4}))
+    s_maps, t_maps = fpn_maps(16, LEVEL_SIZES["retinanet"]), fpn_maps(24, (8, 4, 2, 1, 1), seed=1)
+    targets = box_targets([[2, 3, 30, 40], [10, 10, 20, 22], [30, 5, 55, 60], [0, 0, 9, 9]],
+                          [[0, 0, 16, 16], [20, 24, 60, 50]])
+    targets[0]["labels"] = torch.tensor([1, 2, 1, 3])
+    filters = d.method.filters
+    stats = filter_statistics(d.method, s_maps, t_maps, targets, (64, 64), level=0)
+    assert d.method.filters is filters
+    assert stats["instances"] == 6 and stats["self mass"] == 0.0
+    # Rows with >= 2 partners: the 4 of image 0 (3 partners each); uniform 1/3.
+    assert stats["uniform"] == pytest.approx(1 / 3)
+    rois, index, _ = instance_rois(targets)
+    _, e_t, mask, _ = d.method.instance_features(0, s_maps, t_maps, rois, index, (64, 64))
+    with torch.no_grad():
+        w = filters[0](e_t, mask)[0, :4, :4]
+    shares = [max(w[i, j] for j in range(4) if j != i) / sum(w[i, j] for j in range(4) if j != i)
+              for i in range(4)]
+    assert stats["top share"] == pytest.approx(float(sum(shares) / 4), rel=1e-5)
+    assert all(math.isfinite(stats[k]) for k in
+               ("L_IR trained filter", "L_IR fresh filter", "L_IR no filter"))
+

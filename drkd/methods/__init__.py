@@ -1,12 +1,13 @@
 """Distillation methods: one module each; ``build`` is the one place that picks.
 
 A method is an ``nn.Module`` holding its training-only parts (adapters, generators,
-relation blocks) whose ``forward(student_maps, teacher_maps, boxes, batch_shape)`` returns
+relation blocks) whose ``forward(student_maps, teacher_maps, targets, batch_shape)`` returns
 its weighted loss terms by name:
 
 - ``student_maps``, ``teacher_maps``: the FPN maps, finest first, (B, C_s|C_t, H_l, W_l);
   the teacher's are detached.
-- ``boxes``: per image, the ground-truth boxes (K_i, 4) in padded-batch pixels (x1, y1, x2, y2).
+- ``targets``: per image, the ground truth as the detector's transform left it: ``boxes``
+  (K_i, 4) in padded-batch pixels (x1, y1, x2, y2) and ``labels`` (K_i,).
 - ``batch_shape``: (H, W) of the padded batch the maps were computed from.
 
 The Distiller owns everything else (hooks, the teacher, export): a new method is a new

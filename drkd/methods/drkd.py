@@ -9,7 +9,11 @@
   matrix (optionally filtered); the student imitates the teacher's matrix and/or refined
   features (``instance.target``). The teacher's theta/phi stay as initialised (method.md,
   "Beware trivial solutions"; the release trains them), or the affinity is the
-  parameter-free cosine similarity (``instance.similarity``).
+  parameter-free cosine similarity (``instance.similarity``). An instance is not its own
+  partner (the release's non-local block keeps self-pairs).
+- The relation filter (``instance.filter``) weights both sides' logits alike and is trained by
+  its own term, ``loss_filter`` (same class or not, from the teacher's features), never by
+  L_IR: trained by the loss it weights, it drove L_IR to zero whatever the student did.
 """
 
 from __future__ import annotations
@@ -26,10 +30,17 @@ from drkd.losses import (
     instance_feature_loss,
     instance_relation_loss,
     pixel_relation_loss,
+    relation_filter_loss,
 )
 from drkd.methods.pkd import standardise as standardise_map
 from drkd.modules.glore import GloRe
-from drkd.modules.relation import InstanceRelation, RelationFilter, pad_instances, relation_matrix
+from drkd.modules.relation import (
+    InstanceRelation,
+    RelationFilter,
+    pad_instances,
+    relation_matrix,
+    weights_of,
+)
 
 ROI_SIZE = 3  # method.md: RoIAlign 3x3 of every GT box
 
@@ -98,7 +109,7 @@ class DRKD(nn.Module):
         self,
         student_maps: list[torch.Tensor],
         teacher_maps: list[torch.Tensor],
-        boxes: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
         batch_shape: tuple[int, int],
     ) -> dict[str, torch.Tensor]:
         cfg, out = self.cfg, {}
@@ -114,19 +125,19 @@ class DRKD(nn.Module):
                 s_rel, t_rel = [standardise(x) for x in s_rel], [standardise(x) for x in t_rel]
             out["loss_pr"] = cfg.w_pr * pixel_relation_loss(s_rel, t_rel, cfg.reduction)
         if self.has_instance_terms:
-            out.update(self.instance_losses(student_maps, teacher_maps, boxes, batch_shape))
+            out.update(self.instance_losses(student_maps, teacher_maps, targets, batch_shape))
         return out
 
     def instance_losses(
         self,
         student_maps: list[torch.Tensor],
         teacher_maps: list[torch.Tensor],
-        boxes: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
         batch_shape: tuple[int, int],
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        rois, image_index = instance_rois(boxes)
-        ir, ins = [], []
+        rois, image_index, labels = instance_rois(targets)
+        ir, ins, filter_terms = [], [], []
         for level in range(self.instance_levels):
             e_s, e_t, mask, related_s = self.instance_features(
                 level, student_maps, teacher_maps, rois, image_index, batch_shape
@@ -134,19 +145,25 @@ class DRKD(nn.Module):
             if cfg.w_ins > 0:
                 ins.append(instance_feature_loss(e_s, e_t, mask, cfg.reduction))
             if cfg.w_ir > 0:
-                ir.append(self.relation_loss(level, related_s, e_t, mask))
+                loss, scores = self.relation_loss(level, related_s, e_t, mask)
+                ir.append(loss)
+                if scores is not None:
+                    padded_labels = pad_labels(labels, image_index, len(student_maps[level]))
+                    filter_terms.append(relation_filter_loss(scores, padded_labels, mask))
         out = {}
         if ins:
             out["loss_ins"] = cfg.w_ins * torch.stack(ins).sum()
         if ir:
             out["loss_ir"] = cfg.w_ir * torch.stack(ir).sum()
+        if filter_terms:  # unweighted: it trains the filter alone
+            out["loss_filter"] = torch.stack(filter_terms).sum()
         return out
 
     def relation_matrices(
         self,
         student_maps: list[torch.Tensor],
         teacher_maps: list[torch.Tensor],
-        boxes: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
         batch_shape: tuple[int, int],
         level: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,11 +171,11 @@ class DRKD(nn.Module):
         L_IR computes them (for relation plots). Instances: the non-degenerate boxes, in order."""
         if not len(self.relation_s):
             raise ValueError("no instance relation modules: the distill config has w_ir = 0")
-        rois, image_index = instance_rois(boxes)
+        rois, image_index, _ = instance_rois(targets)
         _, e_t, mask, related_s = self.instance_features(
             level, student_maps, teacher_maps, rois, image_index, batch_shape
         )
-        r_s, r_t = self.matrices(level, related_s, e_t, mask)
+        r_s, r_t, _ = self.matrices(level, related_s, e_t, mask)
         return r_s, r_t, mask
 
     def instance_features(
@@ -198,25 +215,34 @@ class DRKD(nn.Module):
 
     def matrices(
         self, level: int, e_s: torch.Tensor, e_t: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        inst = self.cfg.instance
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """R_s, R_t (B, n, n) of one level and the filter's scores (B, n, n; None without a
+        filter). The filter judges relations on the teacher's features and weights both sides
+        alike; its weights are a constant to L_IR (detached), so L_IR cannot train it."""
+        inst, self_pairs = self.cfg.instance, self.cfg.release
         block_s = cast(InstanceRelation, self.relation_s[level])
         block_t = cast(InstanceRelation, self.relation_t[level])
-        # The filter judges relations on the teacher's features and weights both sides alike.
-        weights = self.filters[level](e_t, mask) if len(self.filters) else None
-        r_s = relation_matrix(block_s.affinity(e_s), mask, inst.tau, inst.topk, weights)
-        r_t = relation_matrix(block_t.affinity(e_t), mask, inst.tau, inst.topk, weights)
-        return r_s, r_t
+        scores, weights = None, None
+        if len(self.filters):
+            scores = cast(RelationFilter, self.filters[level]).scores(e_t)
+            weights = weights_of(scores.detach(), mask)
+        settings = (inst.tau, inst.topk, weights, self_pairs)
+        r_s = relation_matrix(block_s.affinity(e_s), mask, *settings)
+        r_t = relation_matrix(block_t.affinity(e_t), mask, *settings)
+        return r_s, r_t, scores
 
     def relation_loss(
         self, level: int, e_s: torch.Tensor, e_t: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """One level's L_IR; e_s (adapted; release: unadapted), e_t: (B, n, D), mask (B, n)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One level's L_IR and the filter's scores (``matrices``); e_s (adapted; release:
+        unadapted), e_t: (B, n, D), mask (B, n)."""
         inst, reduction = self.cfg.instance, self.cfg.reduction
-        r_s, r_t = self.matrices(level, e_s, e_t, mask)
+        r_s, r_t, scores = self.matrices(level, e_s, e_t, mask)
         loss = e_s.new_zeros((), dtype=torch.float32)
         if inst.target in ("matrix", "both"):
-            loss = loss + instance_relation_loss(r_s, r_t, mask, reduction, matrix=True)
+            loss = loss + instance_relation_loss(
+                r_s, r_t, mask, reduction, matrix=True, self_pairs=self.cfg.release
+            )
         if inst.target in ("features", "both"):
             block_s = cast(InstanceRelation, self.relation_s[level])
             block_t = cast(InstanceRelation, self.relation_t[level])
@@ -224,7 +250,7 @@ class DRKD(nn.Module):
             if len(self.ir_adapters):  # the release adapts after the block
                 z_s = self.ir_adapters[level](z_s)
             loss = loss + instance_relation_loss(z_s, z_t, mask, reduction, matrix=False)
-        return loss
+        return loss, scores
 
 
 def standardise(pixels: torch.Tensor) -> torch.Tensor:
@@ -234,16 +260,26 @@ def standardise(pixels: torch.Tensor) -> torch.Tensor:
     return standardise_map(as_map).squeeze(-1).transpose(1, 2)
 
 
-def instance_rois(boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every non-degenerate GT box of the batch as fp32 RoIAlign rois (K, 5), and its image
-    (K,)."""
+def instance_rois(
+    targets: list[dict[str, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every non-degenerate GT box of the batch as fp32 RoIAlign rois (K, 5), its image (K,)
+    and its label (K,)."""
+    boxes = [t["boxes"] for t in targets]
     image_index = torch.cat(
         [torch.full((len(b),), i, dtype=torch.long, device=b.device) for i, b in enumerate(boxes)]
     )
     boxes_all = torch.cat(boxes).float()
+    labels = torch.cat([t["labels"] for t in targets]).to(image_index.device)
     keep = is_instance(boxes_all)
-    boxes_all, image_index = boxes_all[keep], image_index[keep]
-    return torch.cat([image_index[:, None].float(), boxes_all], dim=1), image_index
+    boxes_all, image_index, labels = boxes_all[keep], image_index[keep], labels[keep]
+    return torch.cat([image_index[:, None].float(), boxes_all], dim=1), image_index, labels
+
+
+def pad_labels(labels: torch.Tensor, image_index: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(K,) labels -> (B, n_max), laid out as ``pad_instances`` lays out the features."""
+    padded, _ = pad_instances(labels[:, None].float(), image_index, batch_size)
+    return padded[..., 0].long()
 
 
 def is_instance(boxes: torch.Tensor) -> torch.Tensor:

@@ -131,11 +131,12 @@ class FGD(nn.Module):
         self,
         student_maps: list[torch.Tensor],
         teacher_maps: list[torch.Tensor],
-        boxes: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
         batch_shape: tuple[int, int],
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         sums: dict[str, list[torch.Tensor]] = {"fg": [], "bg": [], "att": [], "global": []}
+        boxes = [target["boxes"] for target in targets]
         for level, (s, t) in enumerate(zip(student_maps, teacher_maps, strict=True)):
             s = self.adapters[level](s)
             fg, bg = box_masks(boxes, (t.shape[-2], t.shape[-1]), batch_shape)

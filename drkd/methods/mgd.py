@@ -47,7 +47,7 @@ class MGD(nn.Module):
         self,
         student_maps: list[torch.Tensor],
         teacher_maps: list[torch.Tensor],
-        boxes: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
         batch_shape: tuple[int, int],
     ) -> dict[str, torch.Tensor]:
         terms = []

@@ -37,19 +37,30 @@ def pad_instances(
     return padded, mask
 
 
-def pair_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(B, n) instance mask -> (B, n, n) valid (i, j) pairs of the same image."""
-    return mask[:, :, None] & mask[:, None, :]
+def pair_mask(mask: torch.Tensor, self_pairs: bool = True) -> torch.Tensor:
+    """(B, n) instance mask -> (B, n, n) valid (i, j) pairs of the same image; without
+    ``self_pairs`` the diagonal (i, i) is not a pair."""
+    pairs = mask[:, :, None] & mask[:, None, :]
+    if self_pairs:
+        return pairs
+    return pairs & ~torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
+
+
+# The filter's weights lie in [FILTER_MIN, FILTER_MIN + 1]: a neutral 1 at init, never 0, so no
+# training of the filter can flatten an image's relations (weights 0 make every row uniform on
+# both sides) or give one partner all of a row (the old softmax-times-n weights did both).
+FILTER_MIN = 0.5
 
 
 class RelationFilter(nn.Module):
-    """Scores every pair (i, j) of an image and turns the scores into weights on the
-    affinity logits, so the valuable relations stand out.
+    """Scores every pair (i, j) of an image from the teacher's instance features and turns the
+    scores into weights on the affinity logits, so the valuable relations stand out.
 
-    Weights are a softmax over j rescaled to mean 1 over the valid j of each row:
-    the filter can only move emphasis between relations, never shrink them all to
-    zero (which would make every relation matrix uniform and the loss vanish).
-    Defined for any n, including 0 and 1.
+    A score is the logit that i and j are of the same class (``scores``; trained by
+    ``drkd.losses.relation_filter_loss`` on the ground-truth labels, never by the relation
+    loss it weights: a filter trained by that loss learns to hide the pairs the student gets
+    wrong, down to a zero loss). Weights are ``FILTER_MIN + sigmoid(score)``: bounded, 1 at a
+    zero score. Defined for any n, including 0 and 1.
     """
 
     def __init__(self, dim: int, hidden: int) -> None:
@@ -58,12 +69,19 @@ class RelationFilter(nn.Module):
         self.key = nn.Linear(dim, hidden)
         self.scale = 1 / math.sqrt(hidden)
 
+    def scores(self, e: torch.Tensor) -> torch.Tensor:
+        """e: (B, n, D) -> same-class logits (B, n, n), fp32."""
+        return ((self.query(e) @ self.key(e).transpose(1, 2)) * self.scale).float()
+
     def forward(self, e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """e: (B, n, D), mask: (B, n) -> weights (B, n, n), zero on invalid pairs."""
-        valid = pair_mask(mask)
-        scores = (self.query(e) @ self.key(e).transpose(1, 2)) * self.scale
-        weights = torch.softmax(scores.float().masked_fill(~valid, _MASKED), dim=-1)
-        return torch.where(valid, weights * mask.sum(1).clamp(min=1)[:, None, None], 0.0)
+        return weights_of(self.scores(e), mask)
+
+
+def weights_of(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Filter scores (B, n, n) -> weights in (FILTER_MIN, FILTER_MIN + 1), zero on invalid
+    pairs."""
+    return torch.where(pair_mask(mask), FILTER_MIN + torch.sigmoid(scores), 0.0)
 
 
 def relation_matrix(
@@ -72,10 +90,14 @@ def relation_matrix(
     tau: float,
     topk: int = 0,
     weights: torch.Tensor | None = None,
+    self_pairs: bool = True,
 ) -> torch.Tensor:
     """R = softmax_j(filtered logits / tau) over the valid pairs; (B, n, n), rows of invalid
-    instances are 0. ``topk`` > 0 keeps the k strongest filtered relations of each row."""
-    valid = pair_mask(mask)
+    instances are 0. ``topk`` > 0 keeps the k strongest filtered relations of each row.
+    Without ``self_pairs`` an instance is not its own partner (R_ii = 0): a parameter-free
+    cosine gives every self-pair the row's largest logit (1 / tau), which would dominate
+    every row; a row with no partner (an image of one instance) is 0."""
+    valid = pair_mask(mask, self_pairs)
     filtered = logits.float() if weights is None else logits.float() * weights
     filtered = filtered.masked_fill(~valid, _MASKED)
     if topk and filtered.shape[-1] > topk:
