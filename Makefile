@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test lint install tune compare
+.PHONY: repro test test-fast lint install tune compare
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ lint: $(STAMP)
 
 test: lint
 	pytest
+
+# The inner loop: everything but the tests marked slow (real dvc repro, torchrun, studies).
+test-fast: lint
+	pytest -m "not slow"
 
 # Optuna study over the distillation params (not a DVC stage: a study is resumable state, not a
 # function of its inputs). Run it again to continue, or in several shells for several workers:

@@ -1,5 +1,4 @@
-"""Do instance relations carry anything the student lacks? (issue 10, H5/H6; a measurement,
-not a test.)
+"""Do instance relations carry anything the student lacks? (A measurement, not a test.)
 
     python benchmarks/relations.py --teacher models/teacher.pt \
         --students models/student.pt models/student_drkd.pt [--data data/prepared/val.json]

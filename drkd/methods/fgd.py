@@ -11,12 +11,11 @@ Per FPN level, with the student map adapted to the teacher's width:
 - global: lambda |GC_s(F_s) - GC_t(F_t)|^2, a GcBlock per side (context pooling + channel
   transform added back), whose output branch starts at zero.
 
-Every sum is divided by the batch size. Three corrections to the release, which indexes its
-foreground mask with x for rows (every box transposed; mmrazor's port fixes this), scales
-boxes by the unpadded image size and counts a box's last row and column inclusive (a box 4
-cells wide covers 5, each weighing 1/5): here rows are y, boxes go to the map by the padded
-batch size the map was computed from, and a box covers the cells it overlaps, each weighing
-1 / (H_r W_r) as in the paper.
+Every sum is divided by the batch size. Two differences from the release, which scales boxes
+by the unpadded image size and counts a box's last row and column inclusive (a box 4 cells
+wide covers 5, each weighing 1/5): here boxes go to the map by the padded batch size the map
+was computed from, and a box covers the cells it overlaps, each weighing 1 / (H_r W_r) as in
+the paper. (Rows are y, as in the release since its 2022 fix of a transposed mask.)
 """
 
 from __future__ import annotations
