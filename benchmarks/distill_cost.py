@@ -14,7 +14,7 @@ Prints, on the embedded default's models and image size:
 With --methods: the train step of each method (its Distiller with the teacher's forward; none =
 the plain student), timed in turn in one run, as a ratio to the plain student step: the
 side-by-side cost the leaderboard of `make compare` cannot give (its cells run hours apart);
-``--out`` writes it as JSON for ``stages.compare leaderboard --step-times``.
+``--out`` writes it as JSON for ``stages.leaderboard --step-times``.
 Optimizers come from the training loop (drkd.engine.make_optimizer), as in real training.
 """
 

@@ -157,16 +157,16 @@ class PixelRelationConfig:
     nodes: tuple[int, ...] = (64, 32, 16, 8, 4)
     states: tuple[int, ...] = (128, 64, 64, 32, 32)
     # True: the teacher's GloRe units stay as initialised, so the KD loss cannot move the
-    # target (issue 10, H3); trained (the release) they drift toward the student's output.
+    # target; trained (the release) they drift toward the student's output.
     freeze_teacher: bool = False
     # True: both sides' GloRe outputs standardised per channel (over batch and pixels) before
     # the distance, as PKD does to maps, so L_PR is blind to the teacher's feature scale
-    # (issue 10, H2: teacher maps have RMS ~17). Changes the scale of L_PR: retune w_pr.
+    # (teacher maps have RMS ~17). Changes the scale of L_PR: retune w_pr.
     # `release: true` implies False.
     standardize: bool = True
     # True: each unit's output BatchNorm starts at weight 0, so GloRe starts as the identity and
-    # L_PR as plain feature imitation; False: weight 1 (the release), relations from step 0
-    # (issue 10, H4). `release: true` implies False.
+    # L_PR as plain feature imitation; False: weight 1 (the release), relations from step 0.
+    # `release: true` implies False.
     identity_start: bool = True
 
 
@@ -174,7 +174,7 @@ class PixelRelationConfig:
 class InstanceRelationConfig:
     levels: int = field(default=2, metadata=_positive("int"))  # finest levels pooled by RoIAlign
     embed_dim: int = field(default=256, metadata=_positive("int"))
-    # matrix (the default since the issue 10 ablation): L_IR matches the relation matrices
+    # matrix (the default, from the ablation in docs/results.md): L_IR matches the matrices
     # only, a target INS does not already give; features: the refined features z (z = e at
     # init, so L_IR starts as a second L_INS).
     target: Literal["matrix", "features", "both"] = "matrix"
@@ -248,6 +248,10 @@ class DistillConfig:
     """
 
     method: Method = "drkd"
+    # The terms of these methods too, each with its own weights from this section: e.g. MGD's
+    # generation loss plus DRKD's relation-only L_IR is `method: mgd, plus: [drkd], w_pr: 0,
+    # w_ins: 0` (a compare row on top of the strongest feature loss).
+    plus: tuple[Literal["drkd", "mimic", "pkd", "cwd", "mgd", "fgd"], ...] = ()
     reduction: Literal["norm", "mse"] = "mse"
     # DRKD as the authors' release computes it, for every difference the README's table lists:
     # GloRe without /HW (BN eps 1e-4, weight 1), RoIAlign aligned=False with adaptive
@@ -259,7 +263,7 @@ class DistillConfig:
     # w_ins: the best of the 20-trial study at the tuning budget (README, "Tuning"), for `mse`.
     # w_pr: for standardised L_PR (~9.6 unweighted at the start, so ~1/10 of weighted L_INS);
     # the study's 4.3e-3 on raw maps cost 3.4 AP at 4 epochs. w_ir: for the relation-only
-    # target (instance: matrix, cosine, tau 0.1); at 20 it swamps detection (issue 10 ablation).
+    # target (instance: matrix, cosine, tau 0.1); at 20 it swamps detection (docs/results.md).
     w_pr: float = field(default=0.06, metadata=_non_negative("float"))
     w_ir: float = field(default=1.0, metadata=_non_negative("float"))
     w_ins: float = field(default=0.07614447586077995, metadata=_non_negative("float"))
@@ -480,9 +484,21 @@ def row_distill(distill: dict[str, Any], name: str, overrides: dict[str, Any]) -
 
 
 def method_distill(distill: dict[str, Any]) -> dict[str, Any]:
-    """The part of a `distill` section (plain dicts) that its method reads: `method` and the
-    method's ``METHOD_KEYS``."""
-    return {k: distill[k] for k in ("method", *METHOD_KEYS[distill["method"]])}
+    """The part of a `distill` section (plain dicts) that its methods read: `method`, `plus`
+    when it names any, and each method's ``METHOD_KEYS``."""
+    plus = list(distill.get("plus", ()))
+    keys = ["method", *(["plus"] if plus else [])]
+    for method in (distill["method"], *plus):
+        keys += [k for k in METHOD_KEYS[method] if k not in keys]
+    return {k: distill[k] for k in keys}
+
+
+def _check_plus(distill: DistillConfig, where: str) -> None:
+    if distill.plus and distill.method == "none":
+        raise ConfigError(f"{where}.plus: needs a method to add to (method is none)")
+    for i, name in enumerate(distill.plus):
+        if name == distill.method or name in distill.plus[:i]:
+            raise ConfigError(f"{where}.plus[{i}]: {name} is already among the methods")
 
 
 def _check_rows(params: Params) -> None:
@@ -496,10 +512,11 @@ def _check_rows(params: Params) -> None:
                               "stages and files)")
         if "method" not in overrides and name not in typing.get_args(Method):
             raise ConfigError(f"{where}: not a method name, so its overrides need `method`")
-        _build(DistillConfig, row_distill(distill, name, overrides), where)
+        _check_plus(_build(DistillConfig, row_distill(distill, name, overrides), where), where)
 
 
 def _check_whole(params: Params) -> None:
+    _check_plus(params.distill, "distill")
     _check_rows(params)
     s = params.data.synthetic
     if s.min_objects > s.max_objects:

@@ -10,13 +10,16 @@ Only ``distiller.student`` is exported: a plain torchvision detector.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from drkd.checkpoint import load_detector
 from drkd.config import DistillConfig, UserError, to_dict
+from drkd.data.coco import CocoDetection
 from drkd.methods import build
 from drkd.taps import capture, part
 
@@ -105,3 +108,15 @@ class Distiller(nn.Module):
         shape = tuple(batch.shape[-2:])
         losses.update(self.method(tap.features, teacher_maps, tap.targets, shape))
         return losses
+
+
+def load_teacher(path: str | Path, dataset: CocoDetection) -> nn.Module:
+    """The teacher checkpoint, refused (one line) when it was trained on other categories than
+    ``dataset``. Leaves the RNG alone (drkd.checkpoint), so the modules built after it start as
+    a tuning trial's do."""
+    teacher, state = load_detector(path)
+    if state["category_ids"] != dataset.category_ids:
+        data = dataset.annotation_file.parent
+        raise UserError(f"{path}: trained on other categories than {data}")
+    return teacher
+

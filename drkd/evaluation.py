@@ -85,7 +85,9 @@ def coco_metrics(annotation_file: str | Path, detections: list[dict[str, Any]]) 
         empty = {name: 0.0 if present.get(name, True) else -1.0 for name in STAT_NAMES}
         return {**empty, "per_class_AP": {c["name"]: 0.0 for c in gt.cats.values()}}
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(detections)
+        # loadRes adds area, id, iscrowd and a segmentation to each dict it gets: give it
+        # copies, so the caller's detections (and the json written from them) stay as made.
+        dt = gt.loadRes([dict(d) for d in detections])
         ev = COCOeval(gt, dt, iouType="bbox")
         ev.evaluate()
         ev.accumulate()

@@ -11,7 +11,7 @@ and the training-only modules file (``Distiller.modules_checkpoint()``), runs th
   projection onto the graph nodes (N x HW), normalised to [0, 1]. Skipped when w_pr = 0.
 - ``glore_drift.json``: per FPN level, ||GloRe(F) - F|| / ||F|| on those images for the
   teacher's and the student's units: how far the pixel-relation target has moved away from
-  plain feature imitation (0 for a fresh unit of ours; issue 10, H3). Skipped when w_pr = 0.
+  plain feature imitation (0 for a fresh unit of ours). Skipped when w_pr = 0.
 - ``instance_relations.png``: per image with >= 2 instances, the relation matrices R_t and
   R_s of the finest instance level, exactly as L_IR computes them
   (``Distiller.relation_matrices``), on one colour scale. Skipped when w_ir = 0.

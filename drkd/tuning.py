@@ -11,6 +11,7 @@ import fcntl
 import math
 import os
 import socket
+import statistics
 import tempfile
 import time
 import typing
@@ -32,8 +33,11 @@ from drkd.distiller import Distiller
 from drkd.engine import fit, schedule
 from drkd.evaluation import coco_metrics, predict
 from drkd.files import write_text
+from drkd.methods import TERM_WEIGHTS
 from drkd.models import build_detector
 from drkd.plots import save_figure
+from drkd.recipe import shorten
+from drkd.report import DISTILL_TERMS, NOT_LOSSES
 from drkd.tracking import Tracker
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -88,6 +92,19 @@ def partial_params(values: dict[str, Any], method: str = "drkd") -> dict[str, An
     return out
 
 
+def value_of(params: Params, method: str, name: str) -> Any:
+    """The params file's value of search dimension ``name`` of ``method``."""
+    if method == "mimic":
+        return params.distill.w_mimic
+    if method != "drkd":
+        return getattr(getattr(params.distill, method), name)
+    if name == "lr":
+        return params.student.train.lr
+    if name in TOP_LEVEL:
+        return getattr(params.distill, name)
+    return getattr(params.distill.instance, name)
+
+
 def current_values(params: Params, method: str = "drkd") -> dict[str, Any]:
     """The params file's own value of every searched dimension that lies inside the space:
     enqueued as trial 0, so the study measures the defaults at the same budget."""
@@ -96,16 +113,7 @@ def current_values(params: Params, method: str = "drkd") -> dict[str, Any]:
     floats = float_dims(space)
     for field in dataclasses.fields(space):
         choices = getattr(space, field.name)
-        if method == "mimic":
-            value = params.distill.w_mimic
-        elif method != "drkd":
-            value = getattr(getattr(params.distill, method), field.name)
-        elif field.name == "lr":
-            value = params.student.train.lr
-        elif field.name in TOP_LEVEL:
-            value = getattr(params.distill, field.name)
-        else:
-            value = getattr(params.distill.instance, field.name)
+        value = value_of(params, method, field.name)
         if field.name in floats and len(choices) == 2:
             inside = choices[0] <= value <= choices[1]
         else:
@@ -115,6 +123,38 @@ def current_values(params: Params, method: str = "drkd") -> dict[str, Any]:
     return values
 
 
+def calibrate(params: Params, method: str, teacher: nn.Module, train: CocoDetection,
+              steps: int, work_dir: Path) -> list[dict[str, Any]]:
+    """Each loss term of ``method`` against the student's detection loss over the first
+    ``steps`` training steps at the params file's values (the student recipe, seeded as a trial
+    starts). Per term: its weight's search dimension and value, the mean ratio term / detection,
+    the weight range that puts the term between 0.1x and 10x the detection loss (terms are
+    linear in their weights) and the space's range."""
+    cfg = dataclasses.replace(shorten(params.student.train, 1, steps), log_every=1)
+    torch.manual_seed(params.seed)
+    student = build_detector(params.student.model, train.num_classes)
+    method_params = dataclasses.replace(params.distill, method=method)  # type: ignore[arg-type]
+    history = fit(Distiller(student, teacher, method_params), train, cfg, seed=params.seed,
+                  work_dir=work_dir, desc=f"calibrate {method}")
+    not_detection = {"step", "loss", *NOT_LOSSES, *DISTILL_TERMS}
+    space = space_of(params, method)
+    rows = []
+    for term, dim in TERM_WEIGHTS[method].items():
+        ratios = [row[term] / sum(v for k, v in row.items() if k not in not_detection)
+                  for row in history if term in row]
+        if not ratios:
+            continue
+        weight, ratio = value_of(params, method, dim), statistics.mean(ratios)
+        suggested = (weight * 0.1 / ratio, weight * 10 / ratio) if ratio > 0 else None
+        searched = tuple(getattr(space, dim))
+        rows.append({"term": term, "dimension": dim, "weight": weight, "ratio": ratio,
+                     "suggested": suggested, "space": searched,
+                     "covers": bool(suggested and len(searched) == 2
+                                    and searched[0] <= suggested[0]
+                                    and suggested[1] <= searched[1])})
+    return rows
+
+
 def trial_params(params: Params, values: dict[str, Any], method: str = "drkd") -> Params:
     """``params`` with ``method`` and its suggested values applied and the student's recipe
     compressed to `tune`'s budget: fewer epochs, and the warm-up shortened by the same factor
@@ -122,13 +162,7 @@ def trial_params(params: Params, values: dict[str, Any], method: str = "drkd") -
     blind)."""
     partial = merge(partial_params(values, method), {"distill": {"method": method}})
     applied = parse_params(merge(to_dict(params), partial))
-    share = min(1.0, params.tune.epochs / applied.student.train.epochs)
-    train = dataclasses.replace(
-        applied.student.train,
-        epochs=params.tune.epochs,
-        max_steps=params.tune.max_steps,
-        warmup_steps=round(applied.student.train.warmup_steps * share),
-    )
+    train = shorten(applied.student.train, params.tune.epochs, params.tune.max_steps)
     return dataclasses.replace(applied, student=dataclasses.replace(applied.student, train=train))
 
 

@@ -1,14 +1,16 @@
 """DVC stage `distill`: the student of params.yaml distilled from a teacher checkpoint.
 
     python -m stages.distill --teacher models/teacher.pt --out ... --history ... --work-dir ...
+                             [--modules-out models/drkd_modules.pt]
 
-The student trains as `train_student` trains it (recipe, budget, initial weights: one code
-path, stages.train.train), wrapped in a Distiller (params `distill`); only the student is
-saved, plus with ``--modules-out`` the training-only modules (DRKD's relation plots).
+The student trains as `train_student` trains it (``drkd.recipe.train_detector``: recipe,
+budget, initial weights), wrapped in a Distiller (params `distill`); only the student is saved,
+plus with ``--modules-out`` the training-only modules (DRKD's relation plots).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import cast
@@ -16,33 +18,42 @@ from typing import cast
 from torch import nn
 
 from drkd import cli
-from drkd.checkpoint import load_detector, save_atomic
-from drkd.config import UserError, load_params
+from drkd.checkpoint import save_atomic
+from drkd.config import DistillConfig, load_params
 from drkd.data.coco import CocoDetection
-from drkd.distiller import Distiller
-from stages.train import Distillation, arguments, train
+from drkd.distiller import Distiller, load_teacher
+from drkd.recipe import Distillation, train_detector
+
+
+def distillation(cfg: DistillConfig, teacher: Path, modules_out: Path | None) -> Distillation:
+    """The student wrapped in a Distiller with ``teacher`` (checked against the data's
+    categories); rank 0 saves the training-only modules to ``modules_out``."""
+
+    def wrap(student: nn.Module, dataset: CocoDetection) -> nn.Module:
+        return Distiller(student, load_teacher(teacher, dataset), cfg)
+
+    def save(trained: nn.Module) -> None:
+        if modules_out:
+            save_atomic(cast(Distiller, trained).modules_checkpoint(), modules_out)
+
+    return Distillation(teacher, wrap, save)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = arguments(__doc__)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared")
     parser.add_argument("--teacher", required=True, help="teacher checkpoint to distil from")
+    parser.add_argument("--out", required=True, help="model checkpoint to write")
+    parser.add_argument("--history", required=True, help="loss history CSV to write")
+    parser.add_argument("--work-dir", required=True, help="resumable state (not a DVC out)")
     parser.add_argument("--modules-out", help="save the training-only modules (DRKD's relations)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-
-    def wrap(student: nn.Module, dataset: CocoDetection) -> nn.Module:
-        # Loading the teacher leaves the RNG alone (drkd.checkpoint), so the Distiller's
-        # modules start as a tuning trial's do (tests/test_tune.py).
-        teacher, state = load_detector(args.teacher)
-        if state["category_ids"] != dataset.category_ids:
-            raise UserError(f"{args.teacher}: trained on other categories than {args.data}")
-        return Distiller(student, teacher, params.distill)
-
-    def save(trained: nn.Module) -> None:
-        if args.modules_out:
-            save_atomic(cast(Distiller, trained).modules_checkpoint(), args.modules_out)
-
-    return train(args, params, "student", Distillation(Path(args.teacher), wrap, save))
+    modules = Path(args.modules_out) if args.modules_out else None
+    train_detector(params, "student", Path(args.data), Path(args.out), Path(args.history),
+                   Path(args.work_dir), distillation(params.distill, Path(args.teacher), modules))
+    return 0
 
 
 if __name__ == "__main__":

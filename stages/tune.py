@@ -28,19 +28,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import optuna
 
 from drkd import cli
-from drkd.checkpoint import load_detector
 from drkd.config import ConfigError, UserError, flatten, load_params, read_yaml_file
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms, train_transforms
+from drkd.distiller import load_teacher
+from drkd.files import require_files
+from drkd.params_file import apply, check, flags
 from drkd.tracking import parent_run
 from drkd.tuning import (
     DEFAULT_STORAGE,
     Gate,
+    calibrate,
     current_values,
     make_objective,
     open_study,
@@ -48,7 +52,6 @@ from drkd.tuning import (
     trial_params,
     write_outputs,
 )
-from stages.preset import apply, check, flags
 
 
 def tune(args: argparse.Namespace) -> int:
@@ -64,9 +67,7 @@ def tune(args: argparse.Namespace) -> int:
         raise UserError(f"{data / 'train.json'}: not found (dvc repro prepare)")
     train = CocoDetection(data / "train.json", train_transforms(params.student.train.hflip))
     val = CocoDetection(data / "val.json", eval_transforms())
-    teacher, state = load_detector(teacher_path)
-    if state["category_ids"] != train.category_ids:
-        raise UserError(f"{teacher_path}: trained on other categories than {data}")
+    teacher = load_teacher(teacher_path, train)
     trial_params(params, {}, method)  # the budget override must itself be valid params
     url = args.storage or params.tune.storage or DEFAULT_STORAGE
     n_trials = args.n_trials or params.tune.n_trials
@@ -87,6 +88,31 @@ def tune(args: argparse.Namespace) -> int:
         objective = make_objective(params, teacher, train, val, track, method)
         run_study(study, objective, n_trials, params.tune.sampler_seed, gate)
         write_outputs(study, out, track, method)
+    return 0
+
+
+def calibrate_space(args: argparse.Namespace) -> int:
+    """Print each loss term of the method against the detection loss over the first
+    ``--calibrate`` steps, and whether its search range contains the weights that put it
+    between 0.1x and 10x the detection loss."""
+    params = load_params(args.params)
+    method = args.method or params.tune.method or params.distill.method
+    if method == "none":
+        raise UserError("tune: distill.method is none; pick a method (--method or tune.method)")
+    data = Path(args.data)
+    require_files([data / "train.json", Path(args.teacher)])
+    train = CocoDetection(data / "train.json", train_transforms(params.student.train.hflip))
+    teacher = load_teacher(args.teacher, train)
+    with tempfile.TemporaryDirectory() as work:
+        rows = calibrate(params, method, teacher, train, args.calibrate, Path(work))
+    print(f"{method}: each term / the detection loss, mean over steps 1-{args.calibrate}\n")
+    print("| term | weight | value | term / detection | weight for 0.1x..10x | space | covers |")
+    print("|---|---|---:|---:|---|---|---|")
+    for r in rows:
+        low, high = r["suggested"] or (float("nan"), float("nan"))
+        space = "..".join(f"{v:.3g}" for v in r["space"]) if r["space"] else "off"
+        print(f"| {r['term']} | {r['dimension']} | {r['weight']:.3g} | {r['ratio']:.3g} | "
+              f"{low:.3g}..{high:.3g} | {space} | {'yes' if r['covers'] else 'NO'} |")
     return 0
 
 
@@ -169,11 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         help="with --promote: add the tuned values as this compare.methods row, not into distill",
     )
     parser.add_argument("--apply", action="store_true", help="with --promote: edit --params")
+    parser.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="measure each loss term against the detection loss over STEPS training steps and "
+        "check the method's search space (docs/compare-and-tune.md); no study",
+    )
     args = parser.parse_args(argv)
     if args.n_trials < 0:
         parser.error("--n-trials must be positive")
     if (args.apply or args.row) and not args.promote:
         parser.error("--apply and --row go with --promote")
+    if args.calibrate:
+        return calibrate_space(args)
     return promote(args) if args.promote else tune(args)
 
 

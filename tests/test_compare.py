@@ -1,4 +1,4 @@
-"""The comparison's leaderboard (stages/compare.py) from finished cells written by hand, and a
+"""The comparison's leaderboard (drkd/leaderboard.py) from finished cells written by hand, and a
 cell's params: its row's distill section, the seed and the shortened budget it trains with."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from drkd import leaderboard as board_lib
 from drkd.config import FgdConfig, UserError, load_params, to_dict
-from stages import compare
+from stages import compare, leaderboard
 
 
 def write_cell(cells: Path, row: str, seed: int, ap: float, step_s: float, mem: float,
@@ -35,7 +36,7 @@ def test_leaderboard_numbers(tmp_path: Path) -> None:
         write_cell(cells, "pkd", seed, ap_pkd, 0.6 + 0.2 * seed, 1200.0 + seed)
     teacher = tmp_path / "teacher.json"
     teacher.write_text(json.dumps({"AP": 0.41}))
-    assert compare.main(["leaderboard", "--cells", str(cells), "--teacher-metrics", str(teacher),
+    assert leaderboard.main(["--cells", str(cells), "--teacher-metrics", str(teacher),
                          "--out", str(tmp_path)]) == 0
     board = json.loads((tmp_path / "leaderboard.json").read_text())
     pkd, none = board["methods"]["pkd"], board["methods"]["none"]
@@ -52,8 +53,13 @@ def test_leaderboard_numbers(tmp_path: Path) -> None:
     # Paired against the best row (pkd): none - pkd per seed = 10 - 20, 12 - 26.
     assert none["vs_top"]["per_seed"] == {"0": pytest.approx(-10.0), "1": pytest.approx(-14.0)}
     assert pkd["vs_top"] is None
-    assert "| -12.0 (-14.0..-10.0) |" in table
-    assert (tmp_path / "leaderboard.png").stat().st_size > 1000
+    # 95% interval of the mean paired difference: -12 +- t(0.975, 1) * sd / sqrt(2), sd = 2.83
+    # (12.706 * 2.828 / 1.414 = 25.4): it covers 0, so the lead is within noise.
+    low, high = none["vs_top"]["ci95"]
+    assert low == pytest.approx(-12.0 - 25.412, abs=0.01)
+    assert high == pytest.approx(-12.0 + 25.412, abs=0.01)
+    assert none["vs_top"]["within_noise"] is True
+    assert "| -12.0 [-37.4, +13.4], within noise (-14.0..-10.0) |" in table
 
 
 def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
@@ -63,7 +69,7 @@ def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
         write_cell(cells, row, 0, 0.2, step_s, 1000.0, method=method)
     times = tmp_path / "times.json"
     times.write_text(json.dumps({"seconds_per_step": {"none": 0.25, "pkd": 0.3}}))
-    assert compare.main(["leaderboard", "--cells", str(cells), "--step-times", str(times),
+    assert leaderboard.main(["--cells", str(cells), "--step-times", str(times),
                          "--teacher-metrics", str(tmp_path / "no.json"),
                          "--out", str(tmp_path)]) == 0
     board = json.loads((tmp_path / "leaderboard.json").read_text())["methods"]
@@ -74,7 +80,7 @@ def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
     assert "every method timed side by side" in table and "| 1.20x |" in table
     times.write_text(json.dumps({"seconds_per_step": {"pkd": 0.3}}))
     with pytest.raises(UserError, match="times.json: expected seconds_per_step with a `none`"):
-        compare.main(["leaderboard", "--cells", str(cells), "--step-times", str(times),
+        leaderboard.main(["--cells", str(cells), "--step-times", str(times),
                       "--out", str(tmp_path)])
 
 
@@ -85,7 +91,7 @@ def test_params_leave_out_removed_rows_and_seeds(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"compare": {"methods": {"none": {}, "pkd": {}},
                                                   "seeds": [0]}}))
-    assert compare.main(["leaderboard", "--cells", str(cells), "--params", str(params),
+    assert leaderboard.main(["--cells", str(cells), "--params", str(params),
                          "--teacher-metrics", str(tmp_path / "none.json"),
                          "--out", str(tmp_path)]) == 0
     board = json.loads((tmp_path / "leaderboard.json").read_text())
@@ -97,9 +103,12 @@ def test_a_tie_reads_dash(tmp_path: Path) -> None:
     cells = tmp_path / "cells"
     write_cell(cells, "none", 0, 0.30, 0.5, 1.0)
     write_cell(cells, "cwd", 0, 0.32, 0.5, 1.0)
-    summary = compare.summarise(compare.read_cells(cells), {"AP": 0.30})
+    summary = board_lib.summarise(board_lib.read_cells(cells), {"AP": 0.30})
     assert summary["methods"]["cwd"]["gap_closed"] is None
-    assert "| - |" in compare.markdown(summary)
+    cwd_line = next(line for line in board_lib.markdown(summary).splitlines()
+                    if line.startswith("| cwd |"))
+    assert cwd_line.split(" | ")[10] == "+2.0"  # gain
+    assert cwd_line.split(" | ")[11] == "-"  # the gap column reads "-", not 0%
 
 
 def test_cell_params(tmp_path: Path) -> None:
@@ -168,10 +177,10 @@ def test_one_seed_has_no_spread(tmp_path: Path) -> None:
     write_cell(cells, "none", 0, 0.10, 0.5, 1.0)
     write_cell(cells, "none", 1, 0.12, 0.5, 1.0)
     write_cell(cells, "pkd", 0, 0.20, 0.5, 1.0)
-    summary = compare.summarise(compare.read_cells(cells), None)
+    summary = board_lib.summarise(board_lib.read_cells(cells), None)
     assert summary["methods"]["pkd"]["spread"] is None
     assert summary["methods"]["none"]["spread"] == pytest.approx(2.0)
-    assert "| pkd | 1 | **20.0** | 20.0 | - |" in compare.markdown(summary)
+    assert "| pkd | 1 | **20.0** | 20.0 | - |" in board_lib.markdown(summary)
 
 
 @pytest.mark.parametrize("rows, error", [
@@ -192,24 +201,22 @@ def test_variant_rows_are_listed_with_their_overrides(tmp_path: Path) -> None:
     cells = tmp_path / "cells"
     write_cell(cells, "none", 0, 0.10, 0.5, 1.0)
     write_cell(cells, "drkd_ins", 0, 0.20, 0.6, 1.0, "drkd", {"method": "drkd", "w_pr": 0})
-    summary = compare.summarise(compare.read_cells(cells), {"AP": 0.40})
+    summary = board_lib.summarise(board_lib.read_cells(cells), {"AP": 0.40})
     assert summary["methods"]["drkd_ins"]["method"] == "drkd"
     assert summary["methods"]["drkd_ins"]["gain"] == pytest.approx(10.0)
-    table = compare.markdown(summary)
+    table = board_lib.markdown(summary)
     assert "| drkd_ins |" in table and "- drkd_ins: drkd with w_pr=0" in table
 
 
 def test_no_cells_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="no finished cell"):
-        compare.main(["leaderboard", "--cells", str(tmp_path), "--out", str(tmp_path)])
+        leaderboard.main(["--cells", str(tmp_path), "--out", str(tmp_path)])
 
 
 def test_a_failed_training_ends_the_cell_with_its_code(capsys: pytest.CaptureFixture[str]) -> None:
-    import stages.train
-
     with pytest.raises(SystemExit) as ended:
-        compare.launch("python", stages.train, ["no-such-model"])  # argparse: exit code 2
+        compare.launch("python", "stages.train", ["no-such-model"])  # argparse: exit code 2
     assert ended.value.code == 2
     assert "error: stages.train under `python` exited with status 2" in capsys.readouterr().err
 
@@ -222,8 +229,8 @@ def test_a_terminated_cell_terminates_its_training(tmp_path: Path) -> None:
         "pathlib.Path('pid').write_text(str(os.getpid()))\n"
         "time.sleep(60)\n")
     cell = subprocess.Popen(
-        [sys.executable, "-c", "import types; from stages import compare; "
-         "compare.launch('python', types.ModuleType('sleeper'), [])"],
+        [sys.executable, "-c",
+         "from stages import compare; compare.launch('python', 'sleeper', [])"],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
     deadline = time.monotonic() + 60

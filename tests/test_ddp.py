@@ -42,15 +42,16 @@ def single_process_env() -> dict[str, str]:
 # may count in the code digest, so its fingerprint is the one the stage run would write.
 KILLED_AFTER_EPOCH_0 = """
 import sys
+import drkd.recipe
 import stages.train
 from drkd import cli
-fit = stages.train.fit
+fit = drkd.recipe.fit
 def fit_then_die(*args, on_epoch, **kwargs):
     def on_epoch_then_die(epoch, module):
         on_epoch(epoch, module)
         sys.exit(3)
     return fit(*args, on_epoch=on_epoch_then_die, **kwargs)
-stages.train.fit = fit_then_die
+drkd.recipe.fit = fit_then_die
 sys.exit(cli.run(stages.train.main, sys.argv[1:]))
 """
 

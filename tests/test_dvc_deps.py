@@ -12,7 +12,9 @@ Rules of the closure:
 - only files under the repository root count (torch, mlflow, ... are pinned elsewhere);
 - a package's ``__init__.py`` counts only when it has code: an empty one cannot change a
   result, and listing it everywhere would be noise.
-Imports by string (``importlib.import_module``) are not seen; the code has none.
+- a string constant naming a stage module (``"stages.train"``) counts: the code launches it
+  as ``python -m`` (a compare cell runs its training and evaluation that way).
+Imports by ``importlib.import_module`` are not seen; the code has none.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def imported_files(file: Path, root: Path) -> set[Path]:
             found.update(module_files(base, root))
             for alias in node.names:  # `from drkd import cli`: cli is a submodule
                 found.update(module_files(f"{base}.{alias.name}", root))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(
+                r"stages\.\w+", node.value):  # launched: `launch(..., "stages.train", ...)`
+            found.update(module_files(node.value, root))
     return found
 
 
@@ -143,7 +148,10 @@ def test_closure_rules(tmp_path: Path) -> None:
         "app/main.py": (
             "import torch\nfrom pkg.sub import leaf\n"
             "def f() -> None:\n    import pkg.lazy\n"
+            "LAUNCHED = 'stages.run'\n"
         ),
+        "stages/__init__.py": "",
+        "stages/run.py": "",
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -155,4 +163,5 @@ def test_closure_rules(tmp_path: Path) -> None:
         "pkg/sub/leaf.py",
         "pkg/helper.py",
         "pkg/lazy.py",
+        "stages/run.py",
     }

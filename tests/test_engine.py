@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 import conftest
+import drkd.recipe
 import stages.train
 from conftest import toy_model, toy_teacher, toy_train
 from drkd import checkpoint, cli, engine
@@ -403,8 +404,8 @@ def test_code_digest_covers_the_loaded_package_sources(tmp_path: Path,
 
 
 def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """stages.train's fit raises Killed right after epoch 0's checkpoint and callbacks."""
-    real_fit = stages.train.fit
+    """The recipe's fit raises Killed right after epoch 0's checkpoint and callbacks."""
+    real_fit = drkd.recipe.fit
 
     def fit_then_die(*args: Any, on_epoch: engine.EpochCallback, **kwargs: Any) -> Any:
         def on_epoch_then_die(epoch: int, module: nn.Module) -> None:
@@ -413,7 +414,7 @@ def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
 
         return real_fit(*args, on_epoch=on_epoch_then_die, **kwargs)
 
-    monkeypatch.setattr(stages.train, "fit", fit_then_die)
+    monkeypatch.setattr(drkd.recipe, "fit", fit_then_die)
 
 
 def test_train_stage_resumes_a_killed_run_only_under_the_same_code(
@@ -453,7 +454,7 @@ def test_train_stage_resumes_a_killed_run_only_under_the_same_code(
     assert not (tmp_path / "work_resumed" / "last.pt").exists()
 
     # The same run after a code change (another code digest): trained from the start.
-    monkeypatch.setattr(stages.train, "code_digest", lambda: "edited code")
+    monkeypatch.setattr(drkd.recipe, "code_digest", lambda: "edited code")
     weights, log = run("edited")
     assert "resuming" not in log and "starting afresh" in log
     assert_same_state(weights, full)

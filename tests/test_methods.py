@@ -285,7 +285,9 @@ def test_method_keys_are_what_each_method_reads(method: str, cfg: dict[str, obje
     d = Distiller(student, teacher, keys)  # type: ignore[arg-type]
     d.train()
     sum(d(*batch()).values()).backward()
-    expected = {"method", *METHOD_KEYS[method]}
+    # `plus` is read by every method's build and is in a row's file whenever it names a method
+    # (drkd.config.method_distill), so an empty `plus` needs no key of its own.
+    expected = {"method", *(["plus"] if method != "none" else []), *METHOD_KEYS[method]}
     assert keys.read <= expected
     if method != "drkd" or not cfg:  # a switched-off DRKD term reads fewer keys
         assert keys.read == expected
@@ -299,7 +301,7 @@ def test_method_keys_cover_every_method_and_key() -> None:
 
     assert set(METHOD_KEYS) == set(typing.get_args(Method))
     read = {k for keys in METHOD_KEYS.values() for k in keys}
-    assert read == {f.name for f in dataclasses.fields(DistillConfig)} - {"method"}
+    assert read == {f.name for f in dataclasses.fields(DistillConfig)} - {"method", "plus"}
 
 
 @pytest.mark.slow
@@ -348,3 +350,51 @@ def test_portrait_and_landscape_in_one_batch(method: str) -> None:
     expected = TERMS.get(method, {"loss_pr", "loss_ir", "loss_ins"})
     assert all(torch.isfinite(v) for v in losses.values()) and set(losses) >= expected
     sum(losses.values()).backward()
+
+
+# -- several methods' terms at once (distill.plus) --------------------------------------------
+
+
+def test_plus_adds_each_methods_own_terms() -> None:
+    """`method: mgd, plus: [drkd]` with DRKD's PR and INS off: the terms of MGD and of DRKD's
+    relation loss, each exactly what that method alone computes with the same module weights,
+    and the gradient of each reaching the student."""
+    from drkd.methods import Combined
+
+    small = {"pixel": replace(DistillConfig().pixel, nodes=(4,) * 5, states=(8,) * 5)}
+    cfg = dict(w_pr=0.0, w_ins=0.0, **small)
+    both = distiller("mgd", plus=("drkd",), **cfg)
+    assert isinstance(both.method, Combined) and len(both.method.parts) == 2
+    mgd, drkd = distiller("mgd", **cfg), distiller("drkd", **cfg)
+    mgd.method.load_state_dict(both.method.parts[0].state_dict())
+    drkd.method.load_state_dict(both.method.parts[1].state_dict())
+    s, t = maps(16, SIZES), maps(24, SIZES, seed=1)
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0],
+                                        [40.0, 2.0, 90.0, 30.0]]),
+                "labels": torch.tensor([1, 2, 1])}, {"boxes": torch.zeros(0, 4),
+                                                       "labels": torch.zeros(0, dtype=torch.long)}]
+    torch.manual_seed(3)  # MGD's random mask
+    together = both.method(s, t, targets, (64, 96))
+    torch.manual_seed(3)
+    alone = {**mgd.method(s, t, targets, (64, 96)), **drkd.method(s, t, targets, (64, 96))}
+    assert set(together) == {"loss_mgd", "loss_ir", "loss_filter"} == set(alone)
+    for name, value in together.items():
+        assert torch.equal(value, alone[name]), name
+    assert together["loss_mgd"] > 0 and together["loss_ir"] > 0
+
+
+def test_plus_is_validated_and_widens_what_a_row_reads() -> None:
+    from drkd.config import ConfigError, method_distill, parse_params, to_dict
+
+    with pytest.raises(ConfigError, match=r"distill.plus\[0\]: mgd is already among"):
+        parse_params({"distill": {"method": "mgd", "plus": ["mgd"]}})
+    with pytest.raises(ConfigError, match=r"compare.methods.x.plus\[1\]: drkd is already"):
+        parse_params({"compare": {"methods": {"x": {"method": "mgd", "plus": ["drkd", "drkd"]}}}})
+    with pytest.raises(ConfigError, match="plus: needs a method to add to"):
+        parse_params({"distill": {"method": "none", "plus": ["drkd"]}})
+    with pytest.raises(ConfigError, match="distill.plus"):
+        parse_params({"distill": {"plus": ["dkd"]}})
+    distill = to_dict(DistillConfig(method="mgd", plus=("drkd",)))
+    assert list(method_distill(distill)) == ["method", "plus", "mgd", "reduction", "release",
+                                              "w_pr", "w_ir", "w_ins", "pixel", "instance"]
+    assert "plus" not in method_distill(to_dict(DistillConfig(method="mgd")))

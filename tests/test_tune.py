@@ -24,7 +24,15 @@ from torch import nn
 
 from conftest import toy_teacher
 from drkd import tuning
-from drkd.config import NonFiniteLoss, SearchSpace, TrainConfig, load_params, merge, parse_params
+from drkd.config import (
+    NonFiniteLoss,
+    SearchSpace,
+    TrainConfig,
+    load_params,
+    merge,
+    parse_params,
+    to_dict,
+)
 from drkd.tracking import PIPELINE_ENV
 from stages import compare, tune
 
@@ -160,8 +168,8 @@ def test_a_trial_and_the_distill_stage_start_from_the_same_state(
     """Trial 0 (the params file's setting) and `stages.distill` enter the training
     loop with the same Distiller weights (student and DRKD modules) and the same RNG state,
     although the stage loads its teacher after seeding and the study before."""
+    import drkd.recipe
     import stages.distill
-    import stages.train
 
     params = write_params(tmp_path, space={"w_ins": [1e-2]})  # trial 0: exactly the file's
     started: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
@@ -171,7 +179,7 @@ def test_a_trial_and_the_distill_stage_start_from_the_same_state(
         started.append((state, torch.get_rng_state()))
         raise RuntimeError("recorded")
 
-    monkeypatch.setattr(stages.train, "fit", record)
+    monkeypatch.setattr(drkd.recipe, "fit", record)
     monkeypatch.setattr(tuning, "fit", record)
     with pytest.raises(RuntimeError, match="recorded"):
         stages.distill.main([
@@ -458,3 +466,38 @@ def test_any_method_can_be_tuned_in_its_own_study(
     assert tuning.partial_params({"w_mimic": 0.01}, "mimic") == {"distill": {"w_mimic": 0.01}}
     fgd = tuning.trial_params(load_params(params), {"alpha": 0.002}, "fgd")
     assert fgd.distill.method == "fgd" and fgd.distill.fgd.alpha == 0.002
+
+
+def test_calibrate_measures_each_term_against_the_detection_loss(
+    tiny_data: Path, teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--calibrate: every FGD term, its ratio to the detection loss and the weight range for
+    0.1x..10x. At step 1 (no update yet) a term is exactly linear in its weight, so ten times
+    the weight gives ten times the ratio; the range is weight * (0.1, 10) / ratio."""
+    from drkd.data.coco import CocoDetection
+    from drkd.data.transforms import train_transforms
+    from drkd.distiller import load_teacher
+
+    train = CocoDetection(tiny_data / "train.json", train_transforms(0.0))
+    model = load_teacher(teacher, train)
+    params = load_params(write_params(tmp_path))
+    rows = {r["term"]: r for r in tuning.calibrate(params, "fgd", model, train, 1, tmp_path / "a")}
+    assert set(rows) == {"loss_fgd_fg", "loss_fgd_bg", "loss_fgd_att", "loss_fgd_global"}
+    fg = rows["loss_fgd_fg"]
+    assert fg["dimension"] == "alpha" and fg["weight"] == params.distill.fgd.alpha
+    assert fg["ratio"] > 0
+    assert fg["suggested"] == pytest.approx((fg["weight"] * 0.1 / fg["ratio"],
+                                             fg["weight"] * 10 / fg["ratio"]))
+    assert fg["space"] == params.tune.spaces.fgd.alpha
+    alpha = {"distill": {"fgd": {"alpha": 10 * fg["weight"]}}}
+    tenfold = parse_params(merge(to_dict(params), alpha))
+    again = {r["term"]: r
+             for r in tuning.calibrate(tenfold, "fgd", model, train, 1, tmp_path / "b")}
+    assert again["loss_fgd_fg"]["ratio"] == pytest.approx(10 * fg["ratio"], rel=1e-4)
+    assert again["loss_fgd_bg"]["ratio"] == pytest.approx(rows["loss_fgd_bg"]["ratio"], rel=1e-4)
+
+    argv = args(write_params(tmp_path), tiny_data, teacher, tmp_path, "--method", "pkd",
+                "--calibrate", "2")
+    assert tune.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| loss_pkd | weight |" in out and "pkd: each term / the detection loss" in out

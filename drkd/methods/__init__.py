@@ -17,6 +17,9 @@ module here, one entry in ``build``, its params section and name in ``drkd.confi
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
 from drkd.config import DistillConfig
@@ -27,9 +30,42 @@ from drkd.methods.mgd import MGD
 from drkd.methods.mimic import Mimic
 from drkd.methods.pkd import PKD
 
+# Each method's loss terms and the search-space dimension (a `distill` weight) each is linear
+# in: what `python -m stages.tune --calibrate` measures against the detection loss.
+TERM_WEIGHTS: dict[str, dict[str, str]] = {
+    "drkd": {"loss_pr": "w_pr", "loss_ir": "w_ir", "loss_ins": "w_ins"},
+    "mimic": {"loss_mimic": "w_mimic"},
+    "pkd": {"loss_pkd": "weight"},
+    "cwd": {"loss_cwd": "weight"},
+    "mgd": {"loss_mgd": "weight"},
+    "fgd": {"loss_fgd_fg": "alpha", "loss_fgd_bg": "beta", "loss_fgd_att": "gamma",
+            "loss_fgd_global": "lam"},
+}
+
+
+class Combined(nn.Module):
+    """Several methods' terms at once (``distill.plus``): each part sees the same maps and
+    targets and returns its own named terms."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, *inputs: Any) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            terms = part(*inputs)
+            if set(terms) & set(out):  # two parts with one name would hide a term
+                raise ValueError(f"distill.plus: loss terms named twice: {set(terms) & set(out)}")
+            out.update(terms)
+        return out
+
 
 def build(cfg: DistillConfig, levels: int, c_s: int, c_t: int) -> nn.Module | None:
-    """The training-only modules of ``cfg.method`` for a pyramid of ``levels`` maps with
-    C_s student and C_t teacher channels; None for ``none`` (plain training)."""
+    """The training-only modules of ``cfg.method`` (and of ``cfg.plus``) for a pyramid of
+    ``levels`` maps with C_s student and C_t teacher channels; None for ``none``."""
     methods = {"drkd": DRKD, "mimic": Mimic, "pkd": PKD, "cwd": CWD, "mgd": MGD, "fgd": FGD}
-    return methods[cfg.method](cfg, levels, c_s, c_t) if cfg.method in methods else None
+    if cfg.method not in methods:
+        return None
+    parts = [methods[name](cfg, levels, c_s, c_t) for name in (cfg.method, *cfg.plus)]
+    return parts[0] if len(parts) == 1 else Combined(parts)

@@ -1,0 +1,223 @@
+"""The leaderboard of a comparison: every finished compare cell (compare/cells/ROW-sSEED/:
+metrics.json + cost.json) summarised per row, as leaderboard.json (a `dvc metrics` file),
+leaderboard.md and leaderboard.png.
+
+Per row: AP mean and per seed, APs/APm/APl, the seed spread, the paired per-seed difference to
+the best row, the share of the teacher-baseline gap closed, and step time and peak memory
+relative to the baseline student. The cells never import this module, so restyling the board
+reruns only the board (compare/dvc.yaml's `leaderboard` stage).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import scipy.stats
+
+from drkd.config import UserError, flatten, load_params
+from drkd.files import require_files, write_json, write_text
+from drkd.plots import save_figure  # selects the Agg backend
+from drkd.report import gap_closed
+
+STATS = ("AP", "AP50", "APs", "APm", "APl")
+
+
+def read_cells(cells: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """row -> seed -> {metrics..., cost...} of every finished cell."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for cost_file in sorted(cells.glob("*/cost.json")):
+        cost = json.loads(cost_file.read_text())
+        metrics = json.loads((cost_file.parent / "metrics.json").read_text())
+        row = cost.get("row", cost["method"])  # cells written before rows had only a method
+        out.setdefault(row, {})[int(cost["seed"])] = {**metrics, **cost}
+    return out
+
+
+def summarise(cells: dict[str, dict[int, dict[str, Any]]],
+              teacher: dict[str, Any] | None) -> dict[str, Any]:
+    """Per row: per-seed and mean stats (AP points), spread, gap closed, cost ratios."""
+    rows: dict[str, Any] = {}
+    for name, seeds in cells.items():
+        per_seed = {s: {k: 100 * r[k] for k in STATS} for s, r in sorted(seeds.items())}
+        aps = [r["AP"] for r in per_seed.values()]
+        first = seeds[min(seeds)]
+        rows[name] = {
+            "method": first["method"],
+            "overrides": first.get("overrides", {}),
+            "seeds": list(per_seed),
+            "per_seed": per_seed,
+            "mean": {k: statistics.mean(r[k] for r in per_seed.values()) for k in STATS},
+            "spread": max(aps) - min(aps) if len(aps) > 1 else None,  # one seed: no spread
+            "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in seeds.values()),
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in seeds.values()),
+        }
+    # The baseline: the row `none`, else any row that trains the plain student.
+    base = rows.get("none") or next((r for r in rows.values() if r["method"] == "none"), None)
+    for row in rows.values():
+        if base is None:
+            continue
+        row["step_time_vs_baseline"] = row["seconds_per_step"] / base["seconds_per_step"]
+        row["memory_vs_baseline"] = row["peak_memory_mb"] / base["peak_memory_mb"]
+        row["gain"] = row["mean"]["AP"] - base["mean"]["AP"]
+        # None on a teacher-baseline tie: no gap to close (the table prints "-", not 0%).
+        row["gap_closed"] = (
+            gap_closed(row["mean"]["AP"] / 100, base["mean"]["AP"] / 100, teacher["AP"])
+            if teacher else None
+        )
+    # Paired against the best row: same seed = same data order, so a per-seed difference
+    # cancels what the seed does to both; below on every seed says more than the means do.
+    top = max(rows.values(), key=lambda r: r["mean"]["AP"])
+    for row in rows.values():
+        diffs = {s: row["per_seed"][s]["AP"] - top["per_seed"][s]["AP"]
+                 for s in sorted(set(row["per_seed"]) & set(top["per_seed"]))}
+        row["vs_top"] = None
+        if row is not top:
+            row["vs_top"] = {"per_seed": diffs,
+                             "mean": statistics.mean(diffs.values()) if diffs else None,
+                             **paired_interval(list(diffs.values()))}
+    return {"teacher_AP": 100 * teacher["AP"] if teacher else None, "methods": rows}
+
+
+def side_by_side(summary: dict[str, Any], path: Path) -> None:
+    """Step-time ratios from one run that timed every method in turn (benchmarks/distill_cost.py
+    --methods none ... --out FILE) in place of the cells' own, which ran hours apart on a
+    machine whose speed drifts. Per method at that run's settings: a variant row shows its
+    method's; a method not timed there shows none."""
+    require_files([path])
+    times = json.loads(path.read_text()).get("seconds_per_step")
+    if not isinstance(times, dict) or not times.get("none"):
+        raise UserError(f"{path}: expected seconds_per_step with a `none` entry "
+                        "(benchmarks/distill_cost.py --methods none ... --out)")
+    for row in summary["methods"].values():
+        row.pop("step_time_vs_baseline", None)
+        if row["method"] in times:
+            row["step_time_vs_baseline"] = times[row["method"]] / times["none"]
+    summary["step_times"] = str(path)
+
+
+def ratio(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.2f}x" if key in row else "-"
+
+
+def paired_interval(diffs: list[float]) -> dict[str, Any]:
+    """The 95% interval of the mean of paired per-seed differences (Student's t over the seeds:
+    the seed is what a rerun changes, so it is the unit of noise) and whether it covers 0
+    ("within noise"); no interval from fewer than 2 seeds."""
+    if len(diffs) < 2:
+        return {"ci95": None, "within_noise": None}
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = float(scipy.stats.t.ppf(0.975, len(diffs) - 1)) * sd / len(diffs) ** 0.5
+    return {"ci95": [mean - half, mean + half], "within_noise": mean - half <= 0 <= mean + half}
+
+
+def vs_top(row: dict[str, Any]) -> str:
+    """`-0.6 [-1.2, -0.1] (-1.0..-0.2)`: the mean per-seed difference to the best row, its 95%
+    interval ("within noise" when it covers 0) and the range of the differences."""
+    diffs = list(row["vs_top"]["per_seed"].values()) if row["vs_top"] else []
+    if not diffs:
+        return "-"  # the best row itself, or no seed in common with it
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.1f}"
+    low, high = row["vs_top"]["ci95"]
+    noise = ", within noise" if row["vs_top"]["within_noise"] else ""
+    return (f"{row['vs_top']['mean']:+.1f} [{low:+.1f}, {high:+.1f}]{noise} "
+            f"({min(diffs):+.1f}..{max(diffs):+.1f})")
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = ["| row | seeds | AP (mean) | AP per seed | spread | vs best, paired | AP50 | APs | "
+             "APm | APl | gain | gap closed | step time | memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ranked = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]["AP"])
+    for name, row in ranked:
+        m = row["mean"]
+        seeds = ", ".join(f"{r['AP']:.1f}" for r in row["per_seed"].values())
+        gap = "-" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
+        gain = f"{row['gain']:+.1f}" if "gain" in row else "-"
+        spread = "-" if row["spread"] is None else f"{row['spread']:.1f}"
+        lines.append(
+            f"| {name} | {len(row['seeds'])} | **{m['AP']:.1f}** | {seeds} | "
+            f"{spread} | {vs_top(row)} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | "
+            f"{m['APl']:.1f} | {gain} | {gap} | {ratio(row, 'step_time_vs_baseline')} | "
+            f"{ratio(row, 'memory_vs_baseline')} |")
+    teacher = summary["teacher_AP"]
+    head = f"Teacher AP {teacher:.1f}. " if teacher is not None else ""
+    note = (f"{head}AP in points on val; spread = max - min over seeds; vs best, paired = the "
+            "row's AP minus the best row's on the same seed: mean [95% interval, Student's t over "
+            "the seeds both ran; \"within noise\" when it covers 0] (min..max); gain and gap "
+            "closed against "
+            "`none` (the baseline student); step time and peak memory relative to it"
+            + (f" (step time: every method timed side by side, {summary['step_times']}; a "
+               "variant row shows its method's)." if summary.get("step_times") else
+               " (step time: the cells' own, which may have run hours apart)."))
+    variants = [f"- {name}: {row['method']} with " + ", ".join(
+        f"{k}={v}" for k, v in flatten(row["overrides"]).items() if k != "method")
+        for name, row in ranked if set(row["overrides"]) - {"method"}]
+    tail = "\n\nRows with overrides of `distill`:\n" + "\n".join(variants) if variants else ""
+    return note + "\n\n" + "\n".join(lines) + tail + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Three panels, best row first: AP mean (bar) and each seed (dots) with the teacher as a
+    line; mean APs / APm / APl; mean AP against step time relative to the baseline."""
+    import matplotlib.pyplot as plt
+
+    ranked = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]["AP"])
+    names = [name for name, _ in ranked]
+    x = range(len(ranked))
+    fig, (ap, sizes, cost) = plt.subplots(1, 3, figsize=(1.6 * max(len(ranked), 3) + 6, 4.5))
+    for i, (_, row) in enumerate(ranked):
+        ap.bar(i, row["mean"]["AP"], color="tab:gray" if row["method"] == "none" else "tab:blue")
+        ap.scatter([i] * len(row["per_seed"]), [r["AP"] for r in row["per_seed"].values()],
+                   color="black", s=12, zorder=3)
+    if summary["teacher_AP"] is not None:
+        ap.axhline(summary["teacher_AP"], color="tab:red", ls="--", label="teacher")
+        ap.legend()
+    ap.set_title("AP: mean over seeds (bars), each seed (dots)")
+    for offset, key in zip((-0.27, 0.0, 0.27), ("APs", "APm", "APl"), strict=True):
+        sizes.bar([i + offset for i in x], [row["mean"][key] for _, row in ranked], 0.27,
+                  label=key)
+    sizes.legend()
+    sizes.set_title("AP by object size (mean over seeds)")
+    for axis in (ap, sizes):
+        axis.set_xticks(x, names, rotation=30, ha="right")
+        axis.set_ylabel("val AP (points)")
+    timed = [(name, row) for name, row in ranked if "step_time_vs_baseline" in row]
+    for name, row in timed:
+        cost.scatter(row["step_time_vs_baseline"], row["mean"]["AP"], color="tab:blue")
+        cost.annotate(name, (row["step_time_vs_baseline"], row["mean"]["AP"]), fontsize=8,
+                      xytext=(4, 2), textcoords="offset points")
+    cost.set_xlabel("train step time / baseline student's")
+    cost.set_ylabel("mean val AP (points)")
+    cost.set_title("AP against training cost")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write_board(cells_dir: Path, out: Path, params_file: Path | None = None,
+                teacher_metrics: Path | None = None, step_times: Path | None = None) -> str:
+    """Summarise the finished cells under ``cells_dir`` (only those of ``params_file``'s
+    compare.methods x seeds when given) into ``out``/leaderboard.{json,md,png}; returns the
+    markdown."""
+    cells = read_cells(cells_dir)
+    if params_file:  # only the cells params asks for: a removed row or seed keeps its folder
+        wanted = load_params(params_file).compare
+        cells = {row: {seed: cell for seed, cell in seeds.items() if seed in wanted.seeds}
+                 for row, seeds in cells.items() if row in wanted.methods}
+        cells = {row: seeds for row, seeds in cells.items() if seeds}
+    if not cells:
+        raise UserError(f"{cells_dir}: no finished cell (cost.json + metrics.json)")
+    teacher = None
+    if teacher_metrics and teacher_metrics.is_file():
+        teacher = json.loads(teacher_metrics.read_text())
+    summary = summarise(cells, teacher)
+    if step_times:
+        side_by_side(summary, step_times)
+    write_json(summary, out / "leaderboard.json")
+    text = markdown(summary)
+    write_text(text, out / "leaderboard.md")
+    plot(summary, out / "leaderboard.png")
+    return text

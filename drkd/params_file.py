@@ -1,0 +1,79 @@
+"""Editing params files: partial params (presets, tuned values) applied on top of a params
+file, as `dvc exp run -S` flags or merged in place with its comments kept (ruamel round-trip),
+always validated by the strict loader first."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shlex
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedSeq
+
+from drkd.config import ConfigError, flatten, merge, parse_params, read_yaml_file
+from drkd.files import write_text
+
+
+def flags(partial: dict[str, Any], add: bool = False) -> str:
+    """`-S key=value` flags that make `dvc exp run` apply ``partial`` (values as YAML); ``add``:
+    keys params.yaml may not have yet (`++key=value`, Hydra's add-or-override)."""
+    pairs = ((k, v if isinstance(v, str) else json.dumps(v)) for k, v in flatten(partial).items())
+    prefix = "++" if add else ""
+    return " ".join(f"-S {shlex.quote(f'{prefix}{k}={v}')}" for k, v in pairs)
+
+
+def check(params_file: Path, partial: dict[str, Any], source: str) -> None:
+    """Validate ``params_file`` with ``partial`` merged in (errors name ``source``)."""
+    base = read_yaml_file(params_file) or {}
+    try:
+        parse_params(merge(base, partial))
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
+    """Merge ``partial`` into ``params_file`` in place, keeping its comments and layout
+    (ruamel round-trip); validated by the strict loader first, written atomically."""
+    check(params_file, partial, source)
+    text = params_file.read_text()
+    editor = YAML()
+    editor.preserve_quotes = True  # `uri: ""` stays as written
+    document = editor.load(text)
+
+    def update(node: Any, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            old = node.get(key)
+            if isinstance(value, dict) and isinstance(old, dict):
+                update(old, value)
+            elif isinstance(value, list) and isinstance(old, CommentedSeq) and (
+                old.fa.flow_style() or not old  # `[]` is written in flow style either way
+            ):
+                node[key] = CommentedSeq(value)  # [a, b] replaced by [c, d], not by a block
+                node[key].fa.set_flow_style()
+            else:
+                node[key] = value
+
+    update(document, partial)
+    buffer = io.StringIO()
+    editor.dump(document, buffer)
+    # ruamel drops a comment inside a flow collection that spans lines ({a: 1,  # note\n b: 2}):
+    # refuse rather than lose what the user wrote.
+    lost = comments(text) - comments(buffer.getvalue())
+    if lost:
+        line, comment = min((text.count("\n", 0, text.find(c)) + 1, c) for c in lost)
+        raise ConfigError(
+            f"{params_file}:{line}: cannot keep the comment {comment!r} when writing (it sits in a "
+            "{...} or [...] over several lines); write that one in block style or "
+            "apply by hand: " + flags(partial, add=True)
+        )
+    write_text(buffer.getvalue(), params_file)
+
+
+def comments(text: str) -> Counter[str]:
+    """The YAML comments of ``text`` (a `#` at a line's start or after a space), by content."""
+    return Counter(m.group(1) for m in re.finditer(r"(?:^|\s)(#[^\n]*)", text))
