@@ -385,6 +385,9 @@ class TrackingConfig:
     # CPU, memory, disk (and GPU with nvidia-ml-py installed) of the training stages, sampled by
     # MLflow every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) as system/* metrics.
     system_metrics: bool = True
+    # The Model Registry name of the distilled student: each `distill` run registers a new
+    # version and points the alias `candidate` at it (models:/<name>@candidate); "" = off.
+    registered_model: str = "drkd-student"
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,10 @@ def train_detector(
                 distillation.save(trained)
             write_history(history, history_path)
             run.log_artifact(history_path)
-            run.log_model(out.stem, out, model_card(saved))
+            example = dataset.root / dataset.images[0]["file_name"] if len(dataset) else None
+            model_id = run.log_model(out.stem, out, model_card(saved), example)
+            if distillation:  # the newest distilled student is models:/<name>@candidate
+                run.register(model_id, params.tracking.registered_model, "candidate")
             # Finished: nothing is left to resume, so the next run of this stage (DVC reruns
             # it only when something changed) trains from the start.
             (work_dir / "last.pt").unlink(missing_ok=True)

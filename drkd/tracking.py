@@ -1,4 +1,5 @@
-"""MLflow tracking: the only module of ``drkd/`` that imports mlflow.
+"""MLflow tracking: with drkd/serving.py (the model MLflow runs), the only module of ``drkd/``
+that imports mlflow.
 
 Every stage run is one MLflow run in one experiment, tagged with the git commit,
 the DVC stage, the data hash and a pipeline id shared by all stages of one
@@ -9,24 +10,24 @@ What MLflow 3 shows of a run, filled the way its UI expects:
 - the prepared json files a stage reads are run inputs (``mlflow.log_input`` of a
   metadata-only dataset named after the file, digest = the file's md5): the runs
   table's Dataset column;
-- a trained detector is a LoggedModel (``mlflow.initialize_logged_model``) output by
-  its training run, holding the checkpoint (state dict + builder config, loaded
-  with ``weights_only=True``; no pickled code) and its config as json: the Models
-  column. It is tagged with the checkpoint's md5, so the evaluate run of the same
-  file finds it and logs its metrics with ``model_id``: the model page lists them,
-  and a metric leads back to the weights;
+- a trained detector is a pyfunc LoggedModel output by its training run
+  (``drkd.serving``: the checkpoint as its artifact, this package as its code, a
+  signature and an input example): the Models column, `mlflow.pyfunc.load_model` and
+  `mlflow models serve`. It is tagged with the checkpoint's md5, so the evaluate run of
+  the same file finds it and logs its metrics with ``model_id``: the model page lists
+  them, and a metric leads back to the weights; the distilled student is registered in
+  the Model Registry (``tracking.registered_model``, alias ``candidate``);
 - the experiment carries ``mlflow.experimentKind = custom_model_development``
   (model training, not GenAI).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import json
 import os
 import re
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -168,36 +169,46 @@ class StageRun:
         mlflow.log_input(dataset, context=context)
         return dataset
 
-    def log_model(self, name: str, checkpoint: Path, config: dict[str, Any]) -> str | None:
-        """Record ``checkpoint`` as a LoggedModel output by this run; returns its id.
-
-        Its artifacts are the checkpoint file as it is and ``config`` as ``model_config.json``
-        (rebuild with ``drkd.checkpoint.load_detector``); its params are ``config`` flattened.
-        """
+    def log_model(self, name: str, checkpoint: Path, config: dict[str, Any],
+                  example_image: Path | None = None) -> str | None:
+        """Record ``checkpoint`` as a LoggedModel output by this run, an MLflow pyfunc model
+        (``drkd.serving``: `mlflow.pyfunc.load_model` and `mlflow models serve` run it, with
+        this package as its code); returns its id. Its params are ``config`` flattened; with
+        ``example_image`` it carries an input example and the signature inferred from it."""
         if self._mlflow is None:
             return None
-        mlflow = self._mlflow
-        params = {k: str(v)[:500] for k, v in flatten(config).items()}
-        model = mlflow.initialize_logged_model(
+        import pandas as pd
+        import torch
+        import torchvision
+
+        example = None
+        if example_image is not None:  # the `image` column: base64 of an image file's bytes
+            encoded = base64.b64encode(example_image.read_bytes()).decode("ascii")
+            example = pd.DataFrame({"image": [encoded]})
+        info = self._mlflow.pyfunc.log_model(
             name=model_name(name),
-            model_type="detector",
-            params=params,
+            python_model=str(Path(__file__).resolve().parent / "serving.py"),  # from code
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(Path(__file__).resolve().parent)],  # the drkd package
+            # Exactly what runs it; nothing inferred (inference would import the model).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"torchvision=={torchvision.__version__.split('+')[0]}",
+                              "pandas", "pillow", "numpy"],
+            input_example=example,
+            metadata={"model_config": config},
+            params={k: str(v)[:500] for k, v in flatten(config).items()},
             tags={CHECKPOINT_TAG: file_md5(checkpoint)},
+            model_type="detector",
         )
-        try:
-            # A run output: what MLflow's runs table shows in its Models column.
-            mlflow.log_outputs([mlflow.entities.LoggedModelOutput(model.model_id, step=0)])
-            client = mlflow.MlflowClient()
-            client.log_model_artifact(model.model_id, str(checkpoint))
-            with tempfile.TemporaryDirectory() as tmp:
-                config_file = Path(tmp) / "model_config.json"
-                config_file.write_text(json.dumps(config, indent=1, sort_keys=True))
-                client.log_model_artifact(model.model_id, str(config_file))
-        except BaseException:
-            mlflow.finalize_logged_model(model.model_id, "FAILED")
-            raise
-        mlflow.finalize_logged_model(model.model_id, "READY")
-        return str(model.model_id)
+        return str(info.model_id)
+
+    def register(self, model_id: str | None, name: str, alias: str) -> None:
+        """Register a logged model as a new version of ``name`` in the Model Registry and point
+        ``alias`` at it (`models:/<name>@<alias>`)."""
+        if self._mlflow is None or model_id is None or not name:
+            return
+        version = self._mlflow.register_model(f"models:/{model_id}", name)
+        self._mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
 
     def find_model(self, checkpoint: Path) -> str | None:
         """The id of the newest READY LoggedModel of this experiment holding exactly the bytes

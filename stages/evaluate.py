@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         val = run.log_dataset(data / "val.json", "evaluation")
         # The model its training run logged; else (trained untracked, or in another store)
         # this run logs it, so the metrics below still lead to the weights.
+        example = dataset.root / dataset.images[0]["file_name"] if len(dataset) else None
         model_id = run.find_model(Path(args.checkpoint)) or run.log_model(
-            args.name, Path(args.checkpoint), model_card(checkpoint)
+            args.name, Path(args.checkpoint), model_card(checkpoint), example
         )
         detections, batched_ms = predict(model, dataset, params.evaluate.batch_size, device)
         metrics = coco_metrics(data / "val.json", detections)

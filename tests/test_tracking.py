@@ -176,7 +176,10 @@ def test_train_and_evaluate_link_datasets_model_and_metrics(
     assert logged.name == "student" and logged.tags["checkpoint_md5"] == _md5(ckpt)
     assert logged.params["model_config.fpn_channels"] == "24"
     files = {f.path for f in client.list_logged_model_artifacts(output.model_id)}
-    assert files == {"student.pt", "model_config.json"}
+    # A pyfunc model: MLmodel, its code (drkd/serving.py and the package), the checkpoint.
+    assert {"MLmodel", "artifacts", "code", "serving.py"} <= files, files
+    assert {f.path for f in client.list_logged_model_artifacts(output.model_id, "artifacts")} \
+        == {"artifacts/student.pt"}
     assert "system/cpu_utilization_percentage" in trained.data.metrics
 
     assert [(d.dataset.name, d.dataset.digest) for d in evaluated.inputs.dataset_inputs] == [

@@ -1,0 +1,76 @@
+"""A trained detector as an MLflow pyfunc model: what `mlflow.pyfunc.load_model` and
+`mlflow models serve` run.
+
+Input: a DataFrame with one column ``image``, each row an encoded image file (PNG, JPEG, ...)
+as a base64 string (``encode_image``). Output: one row per detection, with the image's row
+index, the dataset's own category id and name, the box as x, y, w, h in the image's pixels,
+and the score: the same detections ``python -m stages.predict`` writes for that image.
+The model's artifact is the checkpoint as training wrote it. MLflow logs this file as the
+model's code ("models from code": nothing pickled) and this package beside it, so a fresh
+process needs only the pinned torch and torchvision. No stage imports this module (tracking
+passes its path), so editing it reruns no DVC stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from drkd.data.transforms import eval_transforms
+
+COLUMNS = ["image", "category_id", "category_name", "x", "y", "w", "h", "score"]
+
+
+def encode_image(path: str | Path) -> str:
+    """An image file's bytes as base64 text: one cell of the model's ``image`` column."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def decode_image(text: str) -> torch.Tensor:
+    """A base64 image -> float (3, H, W) in [0, 1], RGB, as evaluation feeds the detector."""
+    with Image.open(io.BytesIO(base64.b64decode(text))) as image:
+        pixels = tv_tensors.Image(pil_to_tensor(image.convert("RGB")))
+    return eval_transforms()(pixels).as_subclass(torch.Tensor)
+
+
+class DetectorModel(PythonModel):  # type: ignore[misc]
+    """The checkpoint artifact ``checkpoint``, rebuilt by ``drkd.checkpoint.load_detector``."""
+
+    # No type hints on predict: MLflow would read them as a schema; the logged signature (from
+    # the input example) is the schema.
+    def load_context(self, context: Any) -> None:
+        from drkd.checkpoint import load_detector
+
+        self.model, state = load_detector(context.artifacts["checkpoint"])
+        self.model.eval()
+        self.names = dict(zip(state["category_ids"], state["category_names"], strict=True))
+        self.ids = list(state["category_ids"])
+
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        rows = []
+        with torch.no_grad():
+            for index, text in enumerate(model_input["image"]):
+                out = self.model([decode_image(text)])[0]
+                boxes = out["boxes"].clone()
+                boxes[:, 2:] -= boxes[:, :2]  # XYXY -> XYWH
+                for box, score, label in zip(boxes.tolist(), out["scores"].tolist(),
+                                             out["labels"].tolist(), strict=True):
+                    if label == 0:  # RetinaNet/FCOS also score the background slot
+                        continue
+                    category = self.ids[label - 1]
+                    rows.append([index, category, self.names[category],
+                                 *(round(v, 2) for v in box), round(score, 5)])
+        return pd.DataFrame(rows, columns=COLUMNS)
+
+
+set_model(DetectorModel())
