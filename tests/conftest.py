@@ -1,9 +1,10 @@
-"""Shared fixtures: a tiny prepared synthetic dataset and toy detector configs."""
+"""Shared fixtures: a tiny prepared synthetic dataset, toy detector configs, a toy detector
+that detects, fake evaluation metrics and the figures the plotting code saves."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from drkd.config import (
     merge,
 )
 from drkd.data.prepare import prepare
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TINY_DATA = SyntheticConfig(
     num_train=8,
@@ -112,3 +116,47 @@ def toy_teacher(data_dir: Path, path: Path, category_offset: int = 0) -> Path:
     model = build_detector(toy_model(), data.num_classes)
     save_atomic(model_checkpoint(model, toy_model(), ids, data.category_names), path)
     return path
+
+
+def detecting(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (an untrained toy detector) made to detect: its classification bias raised so
+    that every anchor / proposal scores well above ``score_thresh`` (an untrained detector
+    gives no detections above it, and a check over its detections would check nothing).
+    RetinaNet / FCOS: every class logit +2 (sigmoid 0.88); Faster R-CNN: every foreground
+    class +2 and the background -2 (softmax)."""
+    with torch.no_grad():
+        if hasattr(model, "roi_heads"):
+            bias = model.roi_heads.box_predictor.cls_score.bias
+            bias.fill_(2.0)
+            bias[0] = -2.0
+        else:
+            model.head.classification_head.cls_logits.bias.fill_(2.0)
+    return model
+
+
+STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+
+
+def fake_metrics(ap: float, aps: float = -1.0) -> dict[str, Any]:
+    """An ``eval/NAME/metrics.json`` as stages.evaluate writes it: every COCO number ``ap``
+    but APs (``aps``; -1: no small ground truth), one class, 1000 parameters."""
+    return {**{k: ap for k in STAT_KEYS}, "APs": aps, "per_class_AP": {"circle": ap},
+            "parameters": 1000, "inference_ms_per_image": 2.0}
+
+
+@pytest.fixture
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, Figure]:
+    """Every matplotlib figure the code under test saves (drkd.plots.save_figure, the one PNG
+    writer), by file name; the PNGs are still written. A test inspects the axes, not the bytes."""
+    from drkd import leaderboard, plots, relations_plot, tuning
+
+    figures: dict[str, Figure] = {}
+    write = plots.save_figure
+
+    def record(fig: Figure, path: Path) -> None:
+        figures[Path(path).name] = fig
+        write(fig, path)
+
+    for module in (plots, relations_plot, leaderboard, tuning):
+        monkeypatch.setattr(module, "save_figure", record)
+    return figures

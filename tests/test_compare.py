@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -29,7 +30,7 @@ def write_cell(cells: Path, row: str, seed: int, ap: float, step_s: float, mem: 
          "seconds_per_step": step_s, "peak_memory_mb": mem}))
 
 
-def test_leaderboard_numbers(tmp_path: Path) -> None:
+def test_leaderboard_numbers(tmp_path: Path, saved_figures: dict[str, Any]) -> None:
     cells = tmp_path / "cells"
     for seed, (ap_none, ap_pkd) in enumerate([(0.10, 0.20), (0.12, 0.26)]):
         write_cell(cells, "none", seed, ap_none, 0.5, 1000.0)
@@ -60,6 +61,22 @@ def test_leaderboard_numbers(tmp_path: Path) -> None:
     assert high == pytest.approx(-12.0 + 25.412, abs=0.01)
     assert none["vs_top"]["within_noise"] is True
     assert "| -12.0 [-37.4, +13.4], within noise (-14.0..-10.0) |" in table
+    # The plot: AP bars best first with each seed a dot and the teacher a line; APs/APm/APl
+    # bars; mean AP against the step time relative to the baseline.
+    ap, sizes, cost = saved_figures["leaderboard.png"].axes
+    assert [t.get_text() for t in ap.get_xticklabels()] == ["pkd", "none"]
+    assert [bar.get_height() for bar in ap.patches] == pytest.approx([23.0, 11.0])
+    assert [list(dots.get_offsets()[:, 1]) for dots in ap.collections] == [
+        pytest.approx([20.0, 26.0]), pytest.approx([10.0, 12.0])]
+    (teacher_line,) = ap.get_lines()
+    assert list(teacher_line.get_ydata()) == pytest.approx([41.0, 41.0])
+    assert [t.get_text() for t in sizes.get_legend().get_texts()] == ["APs", "APm", "APl"]
+    # Bars by size key, then by row (pkd, none): APs = AP / 2, APm = AP, APl = 1.5 AP.
+    assert [bar.get_height() for bar in sizes.patches] == pytest.approx(
+        [11.5, 5.5, 23.0, 11.0, 34.5, 16.5])
+    points = sorted(tuple(p) for dots in cost.collections for p in dots.get_offsets())
+    assert points == [pytest.approx((1.0, 11.0)), pytest.approx((1.4, 23.0))]
+    assert sorted(t.get_text() for t in cost.texts) == ["none", "pkd"]
 
 
 def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:

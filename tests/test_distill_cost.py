@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from drkd.config import merge
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "distill_cost.py"
 
 
+@pytest.mark.slow  # a subprocess training 3 methods' distillers (smoke preset)
 def test_methods_table_has_a_row_per_method_relative_to_the_plain_student(tmp_path: Path) -> None:
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
                    yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text()))

@@ -1,4 +1,6 @@
-"""COCO metrics sanity, the evaluate stage end to end, and the report stage."""
+"""COCO metrics sanity, the evaluate stage end to end, and the report stage (its summary, gain
+table and plots, the relation plots included). The toy checkpoint is made to detect (its
+classification bias raised), so the detection checks run over real detections."""
 
 from __future__ import annotations
 
@@ -11,18 +13,19 @@ import pytest
 import torch
 from PIL import Image
 from test_dvc_deps import ROOT, dvc_stages
+from test_relations_plot import write_models
 
-from conftest import toy_model, toy_params
+from conftest import STAT_KEYS, detecting, fake_metrics, toy_model, toy_params
 from drkd import cli, plots
 from drkd import report as rep
-from drkd.checkpoint import model_checkpoint, save_atomic
+from drkd.checkpoint import load_detector, model_checkpoint, save_atomic
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
 from drkd.evaluation import coco_metrics, predict
 from drkd.models import build_detector, count_parameters
 from stages import evaluate, report
 
-KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+KEYS = STAT_KEYS
 
 
 def gt_as_detections(val_json: Path, shift: float = 0.0) -> list[dict[str, Any]]:
@@ -63,7 +66,7 @@ def checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     # fpn_channels=24: GroupNorm keeps >= 2 channels per group, so batch-1 timing works on the
     # 1x1 P7 map of a 64 px image (the default 16 gives 1 per group and raises, see report).
     cfg = toy_model(fpn_channels=24)
-    model = build_detector(cfg, dataset.num_classes)
+    model = detecting(build_detector(cfg, dataset.num_classes))
     path = tmp_path_factory.mktemp("models") / "toy.pt"
     save_atomic(model_checkpoint(model, cfg, dataset.category_ids, dataset.category_names), path)
     return path, count_parameters(model)
@@ -81,7 +84,8 @@ def run_evaluate(name: str, ckpt: Path, data: Path, out: Path, params: Path) -> 
 @pytest.fixture(scope="module")
 def evaluated(tiny_data: Path, checkpoint: tuple[Path, int],
               tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same toy checkpoint evaluated as `teacher` and `student`, plus two fake histories."""
+    """The same detecting toy checkpoint evaluated as `teacher` and `student`, plus two fake
+    histories."""
     out = tmp_path_factory.mktemp("run")
     params = write_params(out / "params.yaml", num_vis_images=2, vis_score_thresh=0.0)
     for name in ("teacher", "student"):
@@ -94,7 +98,7 @@ def evaluated(tiny_data: Path, checkpoint: tuple[Path, int],
     return out
 
 
-def test_evaluate_writes_metrics_and_detections(evaluated: Path,
+def test_evaluate_writes_metrics_and_detections(evaluated: Path, tiny_data: Path,
                                                 checkpoint: tuple[Path, int]) -> None:
     metrics = json.loads((evaluated / "eval" / "teacher" / "metrics.json").read_text())
     assert set(metrics) == {*KEYS, "per_class_AP", "parameters", "inference_ms_per_image"}
@@ -104,11 +108,36 @@ def test_evaluate_writes_metrics_and_detections(evaluated: Path,
         assert value == -1 or 0 <= value <= 1
     assert metrics["parameters"] == checkpoint[1]
     assert metrics["inference_ms_per_image"] > 0
+    # The detections are the checkpoint's on val, as scored: predicted again here, they are the
+    # same list, and COCO metrics of the file are the metrics written.
     detections = json.loads((evaluated / "eval" / "teacher" / "detections.json").read_text())
-    assert isinstance(detections, list)
+    val = CocoDetection(tiny_data / "val.json", eval_transforms())
+    model, _ = load_detector(checkpoint[0])
+    again, _ = predict(model, val, 2, torch.device("cpu"), progress=False)
+    assert detections == again
+    assert coco_metrics(tiny_data / "val.json", detections) == {
+        k: v for k, v in metrics.items() if k not in ("parameters", "inference_ms_per_image")}
+    # Every detection is a valid COCO result: a val image, a real category (never the
+    # background slot RetinaNet also scores), a box inside its image, a score above the
+    # threshold; at most detections_per_img per image, and each image has some.
+    images = {info["id"]: info for info in val.images}
+    cfg = toy_model()
+    for d in detections:
+        assert set(d) == {"image_id", "category_id", "bbox", "score"}, d
+        assert d["category_id"] in val.category_ids, d
+        x, y, w, h = d["bbox"]
+        info = images[d["image_id"]]
+        assert x >= 0 and y >= 0 and w >= 0 and h >= 0, d
+        assert x + w <= info["width"] + 0.01 and y + h <= info["height"] + 0.01, (d, info)
+        assert cfg.score_thresh <= d["score"] <= 1, d
+    per_image = {i: sum(d["image_id"] == i for d in detections) for i in images}
+    assert all(0 < n <= cfg.detections_per_img for n in per_image.values()), per_image
+    student = json.loads((evaluated / "eval" / "student" / "detections.json").read_text())
+    assert student == detections  # the same checkpoint under another name
 
 
-def test_report_writes_summary_table_and_plots(evaluated: Path, tiny_data: Path) -> None:
+def test_report_writes_summary_table_and_plots(evaluated: Path, tiny_data: Path,
+                                               saved_figures: dict[str, Any]) -> None:
     plots = evaluated / "reports" / "plots"
     assert report.main([
         "--models", "teacher", "student", "--eval-dir", str(evaluated / "eval"),
@@ -122,21 +151,56 @@ def test_report_writes_summary_table_and_plots(evaluated: Path, tiny_data: Path)
     assert summary["student"]["gap_to_first"]["parameters"] == 0
     table = (evaluated / "summary.md").read_text()
     assert "| metric | teacher | student |" in table and "\n| AP | " in table
-    for name in ("loss_curves.png", "ap_by_size.png", "detections.png"):
+    assert sorted(saved_figures) == ["ap_by_size.png", "detections.png", "loss_curves.png"]
+    for name in saved_figures:  # no relation plots: no --teacher/--distilled/--modules
         with Image.open(plots / name) as image:
             assert image.format == "PNG" and min(image.size) > 100
-        assert (plots / name).stat().st_size > 5000
+
+    # Loss curves: a panel per history, each term and the total, as in the csv.
+    axes = {ax.get_title(): ax for ax in saved_figures["loss_curves.png"].axes if ax.get_title()}
+    assert set(axes) == {"teacher", "student"}
+    lines = {line.get_label(): line for line in axes["student"].get_lines()}
+    assert list(lines) == ["classification", "bbox_regression", "loss (total)"]
+    assert list(lines["classification"].get_xdata()) == [1, 2, 3, 4, 5]
+    assert list(lines["loss (total)"].get_ydata()) == pytest.approx([1.5 / s for s in range(1, 6)])
+
+    # AP by size: one bar per model and size bucket, its height the metric in points.
+    (ax,) = saved_figures["ap_by_size.png"].axes
+    assert ax.get_title() == "AP by object size (val)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["teacher", "student"]
+    metrics = json.loads((evaluated / "eval" / "teacher" / "metrics.json").read_text())
+    expected = [max(100 * metrics[k], 0) for k in rep.SIZE_BUCKETS]
+    heights = [bar.get_height() for bar in ax.patches]
+    assert heights == pytest.approx(expected * 2)  # teacher's bars, then student's (the same)
     rows = list(csv.DictReader((plots / "ap_by_size.csv").open()))
     assert {r["model"] for r in rows} == {"teacher", "student"}
 
+    # Detections: a row per shown val image; ground truth, then each model's detections drawn.
+    figure = saved_figures["detections.png"]
+    assert figure.get_suptitle() == "Validation detections (score >= 0)"
+    grid = [figure.axes[i:i + 3] for i in range(0, len(figure.axes), 3)]
+    assert len(grid) == 2 and all(len(row) == 3 for row in grid)  # num_vis_images: 2
+    assert [ax.get_title() for ax in grid[0]] == ["ground truth", "teacher", "student"]
+    val = CocoDetection(tiny_data / "val.json")
+    assert [row[0].get_ylabel() for row in grid] == [f"image {i['id']}" for i in val.images[:2]]
+    for row in grid:
+        truth, teacher, student = (ax.get_images()[0].get_array() for ax in row)
+        assert (teacher != truth).any()  # its boxes are drawn
+        assert (teacher == student).all()  # the same checkpoint, the same boxes
 
-def test_report_single_model_without_histories(evaluated: Path, tiny_data: Path) -> None:
+
+def test_report_single_model_without_histories(evaluated: Path, tiny_data: Path,
+                                               saved_figures: dict[str, Any]) -> None:
     assert report.main([
         "--models", "student", "--eval-dir", str(evaluated / "eval"), "--data", str(tiny_data),
         "--summary", str(evaluated / "one.json"), "--table", str(evaluated / "one.md"),
         "--plots-dir", str(evaluated / "one"), "--params", str(evaluated / "params.yaml")]) == 0
     assert list(json.loads((evaluated / "one.json").read_text())) == ["student"]
     assert (evaluated / "one" / "loss_curves.png").is_file()
+    (ax,) = saved_figures["loss_curves.png"].axes
+    assert [t.get_text() for t in ax.texts] == ["no training histories given"]
+    titles = [ax.get_title() for ax in saved_figures["detections.png"].axes[:2]]
+    assert titles == ["ground truth", "student"]
 
 
 def test_report_missing_metrics_is_one_line_error(evaluated: Path, tiny_data: Path,
@@ -174,11 +238,6 @@ def test_evaluate_logs_mlflow_run(tiny_data: Path, checkpoint: tuple[Path, int],
 
 
 # -- three models: the gain of the distilled student ------------------------------------------
-
-
-def fake_metrics(ap: float, aps: float = -1.0) -> dict[str, Any]:
-    return {**{k: ap for k in KEYS}, "APs": aps, "per_class_AP": {"circle": ap},
-            "parameters": 1000, "inference_ms_per_image": 2.0}
 
 
 def test_summary_gain_and_gap_closed() -> None:
@@ -247,8 +306,18 @@ def test_dvc_metrics_files_hold_only_headline_numbers(evaluated: Path) -> None:
         "AP_gain", "gap_closed"}
 
 
-def test_report_three_models_table_shows_gain(evaluated: Path, tiny_data: Path,
-                                              tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def relation_models(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """teacher.pt, student_drkd.pt and the DRKD modules of a toy Distiller."""
+    torch.manual_seed(0)
+    return write_models(tiny_data, tmp_path_factory.mktemp("relation_models"))
+
+
+def test_report_three_models_gain_table_and_relation_plots(
+        evaluated: Path, tiny_data: Path, tmp_path: Path, relation_models: dict[str, Path],
+        saved_figures: dict[str, Any]) -> None:
+    """The report as dvc.yaml runs it: teacher, student and the distilled student, the gain
+    table, and the relation plots from the teacher, the distilled student and its modules."""
     for name, ap in (("teacher", 0.4), ("student", 0.2), ("student_drkd", 0.3)):
         (tmp_path / "eval" / name).mkdir(parents=True)
         (tmp_path / "eval" / name / "metrics.json").write_text(json.dumps(fake_metrics(ap)))
@@ -261,13 +330,17 @@ def test_report_three_models_table_shows_gain(evaluated: Path, tiny_data: Path,
                          "loss_pr", "lr"])
         for step in range(1, 6):
             writer.writerow([step, 1 / step, 0, 1.5 / step, 1e-3, 0.0, 2e-4 / step, 1e-3])
+    # 3 images: the third is the first of the tiny val set with 2 instances to relate.
+    params = write_params(tmp_path / "params.yaml", num_vis_images=3)
     assert report.main([
         "--models", "teacher", "student", "student_drkd", "--eval-dir", str(tmp_path / "eval"),
         "--data", str(tiny_data), "--histories", str(evaluated / "train_student.csv"),
         str(history), "--summary", str(tmp_path / "summary.json"),
         "--headline", str(tmp_path / "gain.json"),
         "--table", str(tmp_path / "summary.md"), "--plots-dir", str(tmp_path / "plots"),
-        "--params", str(evaluated / "params.yaml")]) == 0
+        "--params", str(params), "--teacher", str(relation_models["teacher"]),
+        "--distilled", str(relation_models["student_drkd"]),
+        "--modules", str(relation_models["modules"])]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["student_drkd"]["gap_closed"] == 0.5
     assert summary["student_drkd"]["gain_over_student"]["AP"] == pytest.approx(0.1)
@@ -278,13 +351,21 @@ def test_report_three_models_table_shows_gain(evaluated: Path, tiny_data: Path,
     assert "teacher-student AP gap closed |" in table
     assert "| student_drkd | +10.0 | +10.0 | +10.0 | - | +10.0 | +10.0 | +10.0 | 50% |" in table
     assert table.index("## Gain over student") < table.index("## Per-class AP")
-    assert not (tmp_path / "plots" / "pixel_relations.png").exists()  # no relation args
+    assert sorted(saved_figures) == ["ap_by_size.png", "detections.png", "instance_relations.png",
+                                     "loss_curves.png", "pixel_relations.png"]
+    titles = {name: fig.get_suptitle() for name, fig in saved_figures.items()
+              if name.endswith("relations.png")}
+    assert titles == {
+        "pixel_relations.png": "Pixel relations of a query point, finest FPN level",
+        "instance_relations.png": "Instance relation matrices, finest instance level "
+                                  "(rows sum to 1)"}
+    assert (tmp_path / "plots" / "glore_drift.json").is_file()
+    (ax,) = saved_figures["ap_by_size.png"].axes
+    assert len(ax.patches) == 3 * len(rep.SIZE_BUCKETS)
 
 
 def test_loss_curves_put_distillation_terms_on_their_own_subplot(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    figures: list[Any] = []
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+        saved_figures: dict[str, Any], tmp_path: Path) -> None:
     steps = [1.0, 2.0, 3.0]
     plain = {"step": steps, "classification": [1.0, 0.5, 0.4], "loss": [1.0, 0.5, 0.4],
              "lr": [1e-3] * 3, "epoch": [0.0] * 3, "seconds": [0.5, 1.0, 1.5],  # not losses
@@ -292,7 +373,7 @@ def test_loss_curves_put_distillation_terms_on_their_own_subplot(
     drkd = {**plain, "loss_pr": [1e-4, 2e-4, 1e-4], "loss_ir": [0.0, 1e-3, 1e-3],
             "loss_ins": [1e-3, 1e-3, 1e-3]}
     plots.plot_loss_curves({"student": plain, "student_drkd": drkd}, tmp_path / "x.png")
-    axes = {ax.get_title(): ax for ax in figures[0].axes if ax.get_title()}
+    axes = {ax.get_title(): ax for ax in saved_figures["x.png"].axes if ax.get_title()}
     assert set(axes) == {"student", "student_drkd", "student_drkd: distillation terms"}
     labels = {t: [line.get_label() for line in ax.get_lines()] for t, ax in axes.items()}
     assert labels["student_drkd"] == ["classification", "loss (total)"]

@@ -20,6 +20,7 @@ def test_refuses_without_cuda() -> None:
     assert "|" not in done.stdout  # no table of CPU numbers passed off as GPU ones
 
 
+@pytest.mark.slow  # train and distill steps, then a distillation under torchrun
 def test_every_code_path_runs_on_cpu_at_toy_sizes() -> None:
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--cpu-smoke", "--steps", "1"],

@@ -27,6 +27,7 @@ TOY_MODEL = {"fpn_channels": 16, "min_size": 64, "max_size": 64, "weights": "",
 TOY_TRAIN = {"epochs": 1, "max_steps": 1, "batch_size": 2, "num_workers": 0, "warmup_steps": 1}
 
 
+@pytest.mark.slow  # ResNet-50/101 detectors (the papers' backbones), a train and a distill step
 @pytest.mark.parametrize("name", ["paper_faster_rcnn", "paper_retinanet"])
 def test_paper_preset_trains_one_step(name: str, tiny_data: Path, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"

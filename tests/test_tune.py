@@ -203,6 +203,7 @@ def test_study_writes_best_params_trials_and_plots(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    saved_figures: dict[str, Any],
 ) -> None:
     params = write_params(tmp_path, epochs=2)
     (tmp_path / "tmp").mkdir()
@@ -229,8 +230,21 @@ def test_study_writes_best_params_trials_and_plots(
     assert [r["number"] for r in rows] == ["0", "1", "2"]
     assert {r["state"] for r in rows} == {"COMPLETE"} and all(float(r["AP"]) >= 0 for r in rows)
     assert {"duration_s", "fail_reason", "param_w_pr", "param_target"} <= set(rows[0])
-    for name in PNGS:
-        assert (out / f"{name}.png").stat().st_size > 1000, name
+    assert sorted(saved_figures) == sorted(f"{name}.png" for name in PNGS)
+    assert all((out / name).is_file() for name in saved_figures)
+    # The plots show this study: each trial's AP in order, its AP after each epoch, the
+    # searched parameters.
+    (history,) = saved_figures["optimization_history.png"].axes
+    assert history.get_title() == "Optimization History Plot"
+    assert history.collections[0].get_offsets().tolist() == [
+        [float(t.number), t.value] for t in done]
+    (epochs,) = saved_figures["intermediate_values.png"].axes
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in epochs.get_lines()] == [
+        ([0, 1], [t.intermediate_values[0], t.intermediate_values[1]]) for t in done]
+    importances = saved_figures["param_importances.png"].axes[0]
+    assert {t.get_text() for t in importances.get_yticklabels()} <= set(done[0].params)
+    assert saved_figures["parallel_coordinate.png"].axes[0].get_title() == (
+        "Parallel Coordinate Plot")
     assert list((tmp_path / "tmp").iterdir()) == []  # deleted after each trial
     log = capsys.readouterr().out
     assert log.count("[tune] trial ") == 3 and "| best: trial" in log
