@@ -1,6 +1,7 @@
 """The leaderboard of a comparison: every finished compare cell (compare/cells/ROW-sSEED/:
-metrics.json + cost.json) summarised per row, as leaderboard.json (a `dvc metrics` file),
-leaderboard.md and leaderboard.png.
+metrics.json + cost.json) summarised per row, as leaderboard.json, leaderboard.md and
+leaderboard.png, with cells.csv: every cell's metrics and cost in one table (a study's record;
+the board can be rebuilt from it).
 
 Per row: AP mean and per seed, APs/APm/APl, the seed spread, the paired per-seed difference to
 the best row, the share of the teacher-baseline gap closed, and step time and peak memory
@@ -10,6 +11,8 @@ reruns only the board (compare/dvc.yaml's `leaderboard` stage).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import statistics
 from pathlib import Path
@@ -25,15 +28,44 @@ from drkd.report import gap_closed
 STATS = ("AP", "AP50", "APs", "APm", "APl")
 
 
+TABLE = ("row", "seed", "method", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "steps",
+         "train_seconds", "seconds_per_step", "peak_memory_mb", "compare_id", "overrides")
+
+
 def read_cells(cells: Path) -> dict[str, dict[int, dict[str, Any]]]:
-    """row -> seed -> {metrics..., cost...} of every finished cell."""
+    """row -> seed -> {metrics..., cost...} of every finished cell: the cell folders under
+    ``cells`` (metrics.json + cost.json), or a study's compact table (``cells.csv``)."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
+    if cells.suffix == ".csv":
+        require_files([cells])
+        with cells.open() as fh:
+            for line in csv.DictReader(fh):
+                cell: dict[str, Any] = {k: v for k, v in line.items() if v != ""}
+                cell["overrides"] = json.loads(cell.get("overrides", "{}"))
+                for key in set(cell) - {"row", "method", "compare_id", "overrides"}:
+                    text = cell[key]
+                    cell[key] = int(text) if text.lstrip("-").isdigit() else float(text)
+                out.setdefault(line["row"], {})[int(line["seed"])] = cell
+        return out
     for cost_file in sorted(cells.glob("*/cost.json")):
         cost = json.loads(cost_file.read_text())
         metrics = json.loads((cost_file.parent / "metrics.json").read_text())
         row = cost.get("row", cost["method"])  # cells written before rows had only a method
         out.setdefault(row, {})[int(cost["seed"])] = {**metrics, **cost}
     return out
+
+
+def cells_table(cells: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """Every cell's metrics and cost in one CSV (``TABLE``'s columns, a row per cell): what a
+    study keeps in git instead of a folder per cell; ``read_cells`` reads it back."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, TABLE, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row, seeds in cells.items():
+        for seed, cell in sorted(seeds.items()):
+            writer.writerow({**cell, "row": row, "seed": seed,
+                             "overrides": json.dumps(cell.get("overrides", {}), sort_keys=True)})
+    return buffer.getvalue()
 
 
 def summarise(cells: dict[str, dict[int, dict[str, Any]]],
@@ -217,6 +249,7 @@ def write_board(cells_dir: Path, out: Path, params_file: Path | None = None,
     if step_times:
         side_by_side(summary, step_times)
     write_json(summary, out / "leaderboard.json")
+    write_text(cells_table(cells), out / "cells.csv")
     text = markdown(summary)
     write_text(text, out / "leaderboard.md")
     plot(summary, out / "leaderboard.png")

@@ -61,6 +61,13 @@ def test_leaderboard_numbers(tmp_path: Path, saved_figures: dict[str, Any]) -> N
     assert high == pytest.approx(-12.0 + 25.412, abs=0.01)
     assert none["vs_top"]["within_noise"] is True
     assert "| -12.0 [-37.4, +13.4], within noise (-14.0..-10.0) |" in table
+    # The compact table holds every cell and rebuilds the same board.
+    again = tmp_path / "again"
+    assert leaderboard.main(["--cells", str(tmp_path / "cells.csv"), "--teacher-metrics",
+                             str(teacher), "--out", str(again)]) == 0
+    assert json.loads((again / "leaderboard.json").read_text()) == board
+    assert (again / "cells.csv").read_text() == (tmp_path / "cells.csv").read_text()
+    assert len((tmp_path / "cells.csv").read_text().splitlines()) == 1 + 4
     # The plot: AP bars best first with each seed a dot and the teacher a line; APs/APm/APl
     # bars; mean AP against the step time relative to the baseline.
     ap, sizes, cost = saved_figures["leaderboard.png"].axes

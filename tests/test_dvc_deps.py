@@ -165,3 +165,13 @@ def test_closure_rules(tmp_path: Path) -> None:
         "pkg/lazy.py",
         "stages/run.py",
     }
+
+
+def test_compare_cells_do_not_depend_on_the_board() -> None:
+    """Restyling the leaderboard reruns only the board: no cell (and not the rows stage)
+    depends on its code, which the board stage does."""
+    board_code = {"drkd/leaderboard.py", "stages/leaderboard.py"}
+    cell = STAGES["compare/cell"]
+    assert not board_code & set(cell["deps"]), cell["deps"]
+    assert not board_code & set(STAGES["compare/rows"]["deps"])
+    assert board_code <= set(STAGES["compare/leaderboard"]["deps"])

@@ -70,6 +70,7 @@ print(json.dumps(model.predict(pd.DataFrame({"image": [image]})).values.tolist()
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_loaded_by_uri_in_a_fresh_process(logged: dict[str, str], tmp_path: Path) -> None:
     """Both the model's own URI and the registry alias load in a process that never imported
     the project (its code comes with the model), and predict what stages.predict wrote."""
