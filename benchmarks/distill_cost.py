@@ -1,7 +1,7 @@
 """What DRKD costs, measured side by side in one run (a benchmark, not a test).
 
-    python benchmarks/distill_cost.py [--params params.yaml] [--steps 20]
-    python benchmarks/distill_cost.py --methods none mimic drkd pkd cwd mgd fgd [--out F.json]
+    python -m benchmarks.distill_cost [--params params.yaml] [--steps 20]
+    python -m benchmarks.distill_cost --methods none mimic drkd pkd cwd mgd fgd [--out F.json]
 
 Prints, on the embedded default's models and image size:
 1. step-time ratio  distill step / (baseline student step + teacher backbone forward)

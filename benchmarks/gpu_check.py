@@ -1,6 +1,6 @@
 """GPU check: run on a machine with NVIDIA GPUs; prints one table in under 5 minutes.
 
-    python benchmarks/gpu_check.py [--params params.yaml] [--steps 10]
+    python -m benchmarks.gpu_check [--params params.yaml] [--steps 10]
 
 For two settings, the embedded default (the models, image size and batch of ``params``) and
 a COCO-like one (RetinaNet R50-FPN256 student, R101-FPN256 teacher, random weights, 800x1333
@@ -29,13 +29,11 @@ from typing import Any
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_cost import relation_speed, timed, train_step  # noqa: E402
-
-from drkd.checkpoint import load_detector  # noqa: E402
-from drkd.config import ModelConfig, Params, PixelRelationConfig, load_params  # noqa: E402
-from drkd.distiller import Distiller  # noqa: E402
-from drkd.models import build_detector  # noqa: E402
+from benchmarks.distill_cost import relation_speed, timed, train_step
+from drkd.checkpoint import load_detector
+from drkd.config import ModelConfig, Params, PixelRelationConfig, load_params
+from drkd.distiller import Distiller
+from drkd.models import build_detector
 
 REPO = Path(__file__).resolve().parent.parent
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,6 +1,6 @@
 """Do instance relations carry anything the student lacks? (A measurement, not a test.)
 
-    python benchmarks/relations.py --teacher models/teacher.pt \
+    python -m benchmarks.relations --teacher models/teacher.pt \
         --students models/student.pt models/student_drkd.pt [--data data/prepared/val.json]
 
 For every validation image, the RoIAlign 3x3 features of its GT boxes on each of the two finest

@@ -1,7 +1,7 @@
 """Where a training step's time goes on this machine, and what each speed lever buys, measured
 side by side in one run (a benchmark, not a test).
 
-    python benchmarks/speed.py [--params params.yaml] [--old-params FILE] [--data data/prepared]
+    python -m benchmarks.speed [--params params.yaml] [--old-params FILE] [--data data/prepared]
                                [--steps 10] [--compile]
 
 1. Achieved FLOP/s of a student train step (counted by torch.utils.flop_counter) against a
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,15 +29,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_cost import batch, batch_stepper, timed, train_step  # noqa: E402
-
-from drkd.config import DetectorConfig, Params, load_params  # noqa: E402
-from drkd.data.coco import CocoDetection, collate  # noqa: E402
-from drkd.data.transforms import train_transforms  # noqa: E402
-from drkd.distiller import Distiller  # noqa: E402
-from drkd.engine import _loader, make_optimizer, schedule  # noqa: E402
-from drkd.models import build_detector  # noqa: E402
+from benchmarks.distill_cost import batch, batch_stepper, timed, train_step
+from drkd.config import DetectorConfig, Params, load_params
+from drkd.data.coco import CocoDetection, collate
+from drkd.data.transforms import train_transforms
+from drkd.distiller import Distiller
+from drkd.engine import _loader, make_optimizer, schedule
+from drkd.models import build_detector
 
 NUM_CLASSES = 9
 CPU = torch.device("cpu")

@@ -13,7 +13,7 @@ import yaml
 from drkd.config import merge
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "distill_cost.py"
+SCRIPT = "benchmarks.distill_cost"
 
 
 @pytest.mark.slow  # a subprocess training 3 methods' distillers (smoke preset)
@@ -22,7 +22,7 @@ def test_methods_table_has_a_row_per_method_relative_to_the_plain_student(tmp_pa
                    yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text()))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--params", str(tmp_path / "params.yaml"),
+        [sys.executable, "-m", SCRIPT, "--params", str(tmp_path / "params.yaml"),
          "--methods", "none", "drkd", "fgd", "--steps", "1", "--out", str(tmp_path / "t.json")],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -40,7 +40,7 @@ def test_methods_table_has_a_row_per_method_relative_to_the_plain_student(tmp_pa
 
 
 def test_an_unknown_method_is_one_error_line_before_any_work() -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--methods", "none", "drkdx"],
+    done = subprocess.run([sys.executable, "-m", SCRIPT, "--methods", "none", "drkdx"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2
     assert "argument --methods: invalid choice: 'drkdx'" in done.stderr

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = "benchmarks.gpu_check"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_refuses_without_cuda() -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", SCRIPT], capture_output=True, text=True,
+                          cwd=ROOT)
     assert done.returncode == 2
     assert "needs CUDA" in done.stderr
     assert "|" not in done.stdout  # no table of CPU numbers passed off as GPU ones
@@ -23,10 +25,11 @@ def test_refuses_without_cuda() -> None:
 @pytest.mark.slow  # train and distill steps, then a distillation under torchrun
 def test_every_code_path_runs_on_cpu_at_toy_sizes() -> None:
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--cpu-smoke", "--steps", "1"],
+        [sys.executable, "-m", SCRIPT, "--cpu-smoke", "--steps", "1"],
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-1000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| smoke |")]

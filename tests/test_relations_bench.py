@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "relations.py"
-spec = importlib.util.spec_from_file_location("relations_bench", SCRIPT)
-assert spec and spec.loader
-relations = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(relations)
+from benchmarks import relations
 
 
 def test_auc_counts_every_positive_negative_pair_ties_as_half() -> None:
