@@ -1,0 +1,59 @@
+"""Export a trained detector to ONNX and check ONNX Runtime against PyTorch.
+
+The export is torchvision's detector as it is, pre- and post-processing included: its input is
+one float image (3, H, W) in [0, 1], any H and W (the resize to ``min_size``/``max_size``
+happens inside, as in PyTorch); its outputs are ``boxes`` (N, 4) x1, y1, x2, y2 in the input
+image's pixels, ``scores`` (N,) and ``labels`` (N,) (training labels 1..K; the checkpoint's
+``category_ids[label - 1]`` is the dataset's id). It uses PyTorch's TorchScript-based exporter
+(``dynamo=False``), the path torchvision documents for its detection models, at ``OPSET``.
+What torchvision's export does not cover: a batch of several images in one call (the graph is
+traced with one image), and a different score threshold, NMS IoU or detections cap without
+re-exporting (they are constants of the graph).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+OPSET = 17  # torchvision's detection export needs >= 11; 17 is what ONNX Runtime runs natively
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Write ``model`` (eval mode) as ONNX to ``path``, traced on ``example`` (3, H, W)."""
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model, ([example],), str(path), opset_version=OPSET, dynamo=False,
+        input_names=["image"], output_names=["boxes", "scores", "labels"],
+        dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
+                      "scores": {0: "detections"}, "labels": {0: "detections"}},
+    )
+
+
+@torch.no_grad()
+def compare_onnx(model: nn.Module, path: Path, images: list[torch.Tensor]) -> dict[str, Any]:
+    """Run PyTorch and ONNX Runtime (CPU) on each image (3, H, W); returns the number of images
+    whose detection count or labels differ, and the largest box (pixels) and score difference
+    over the others."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model.eval()
+    mismatched, box_diff, score_diff, detections = 0, 0.0, 0.0, 0
+    for image in images:
+        ref = model([image])[0]
+        boxes, scores, labels = session.run(None, {"image": image.numpy()})
+        detections += len(scores)
+        if len(scores) != len(ref["scores"]) or not np.array_equal(labels, ref["labels"].numpy()):
+            mismatched += 1
+            continue
+        if len(scores):
+            box_diff = max(box_diff, float(np.abs(boxes - ref["boxes"].numpy()).max()))
+            score_diff = max(score_diff, float(np.abs(scores - ref["scores"].numpy()).max()))
+    return {"images": len(images), "detections": detections, "mismatched_images": mismatched,
+            "max_box_diff_px": box_diff, "max_score_diff": score_diff}
