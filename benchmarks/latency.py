@@ -91,6 +91,12 @@ def row(name: str, model: nn.Module, model_cfg: ModelConfig, use_onnx: bool,
     return out
 
 
+def label(path: str) -> str:
+    """A checkpoint's name: its stem, or folder/stem for a compare cell's model.pt."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.stem}" if p.stem == "model" else p.stem
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     models: list[tuple[str, nn.Module, ModelConfig]] = []
     for name, path, cfg in [("teacher", args.teacher, params.teacher.model),
-                            *((Path(p).stem, p, params.student.model) for p in args.students)]:
+                            *((label(p), p, params.student.model) for p in args.students)]:
         if Path(path).is_file():
             models.append((name, load_detector(path)[0], cfg))
         else:  # random weights of the params' architecture
