@@ -137,6 +137,8 @@ class DRKD(nn.Module):
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         rois, image_index, labels = instance_rois(targets)
+        # The same layout at every level: padded once, for the filter's loss.
+        padded_labels = pad_labels(labels, image_index, len(targets)) if len(self.filters) else None
         ir, ins, filter_terms = [], [], []
         for level in range(self.instance_levels):
             e_s, e_t, mask, related_s = self.instance_features(
@@ -147,8 +149,7 @@ class DRKD(nn.Module):
             if cfg.w_ir > 0:
                 loss, scores = self.relation_loss(level, related_s, e_t, mask)
                 ir.append(loss)
-                if scores is not None:
-                    padded_labels = pad_labels(labels, image_index, len(student_maps[level]))
+                if scores is not None and padded_labels is not None:
                     filter_terms.append(relation_filter_loss(scores, padded_labels, mask))
         out = {}
         if ins:
