@@ -270,15 +270,23 @@ COUNTS = (3, 0, 1, 5)
 IMAGE_INDEX = torch.tensor([3, 0, 3, 3, 0, 2, 0, 3, 3])  # interleaved: counts (3, 0, 1, 5)
 
 
+def standardise(e: torch.Tensor) -> torch.Tensor:
+    """Each row (n, D) to zero mean and unit (biased) variance, with layer norm's eps 1e-5."""
+    mean = e.mean(dim=1, keepdim=True)
+    var = ((e - mean) ** 2).mean(dim=1, keepdim=True)
+    return (e - mean) / torch.sqrt(var + 1e-5)
+
+
 def reference_relation(block: InstanceRelation, filt: RelationFilter | None, e: torch.Tensor,
                        tau: float, topk: int, self_pairs: bool = True) -> torch.Tensor:
     """One image's R, written out plainly; e: (n, D) -> (n, n). The filter's weight is
-    0.5 + sigmoid(query . key / sqrt(h)); without ``self_pairs`` the diagonal is no pair and
-    a row without any pair is 0."""
+    0.5 + sigmoid(query . key / sqrt(h)) of the standardised features; without ``self_pairs``
+    the diagonal is no pair and a row without any pair is 0."""
     n = len(e)
     logits = block.theta(e) @ block.phi(e).T / math.sqrt(EMBED)
     if filt is not None:
-        scores = filt.query(e) @ filt.key(e).T / math.sqrt(HIDDEN)
+        x = standardise(e)
+        scores = filt.query(x) @ filt.key(x).T / math.sqrt(HIDDEN)
         logits = logits * (0.5 + torch.sigmoid(scores))
     keep = torch.ones(n, n, dtype=torch.bool)
     if not self_pairs:
@@ -428,6 +436,19 @@ def test_filter_loss_equals_its_formula() -> None:
     empty = relation_filter_loss(torch.zeros(2, 1, 1), torch.ones(2, 1, dtype=torch.long),
                                  torch.ones(2, 1, dtype=torch.bool))
     assert empty.item() == 0.0
+
+
+def test_filter_does_not_start_saturated_on_large_features() -> None:
+    """A teacher's raw instance features have norms in the tens; the filter's loss at
+    initialisation stays near log 2 (unsaturated scores) whatever their scale."""
+    torch.manual_seed(0)
+    filt = RelationFilter(12, HIDDEN)
+    labels = torch.tensor([1, 2, 1, 3, 1, 2, 2, 1, 3])
+    padded, mask = pad_instances(labels[:, None].float(), IMAGE_INDEX, 4)
+    for scale in (1.0, 30.0, 300.0):
+        e, _ = pad_instances(instance_features() * scale + scale, IMAGE_INDEX, 4)
+        loss = relation_filter_loss(filt.scores(e), padded[..., 0].long(), mask)
+        assert 0.3 < loss.item() < 1.5, scale
 
 
 @pytest.mark.parametrize("target", ["matrix", "features"])
@@ -875,8 +896,9 @@ def formula_relation(e: torch.Tensor, block: InstanceRelation, weights: torch.Te
 
 
 def formula_filter(e: torch.Tensor, filt: RelationFilter) -> torch.Tensor:
-    """One image (n, D) -> weights (n, n): 0.5 + sigmoid(query.key / sqrt(h))."""
-    q, k = filt.query(e), filt.key(e)
+    """One image (n, D) -> weights (n, n): 0.5 + sigmoid(query.key / sqrt(h)) of the
+    standardised features."""
+    q, k = filt.query(standardise(e)), filt.key(standardise(e))
     return 0.5 + torch.sigmoid(q @ k.T / math.sqrt(q.shape[1]))
 
 
@@ -884,7 +906,7 @@ def formula_filter_bce(e: torch.Tensor, labels: torch.Tensor,
                        filt: RelationFilter) -> tuple[float, int]:
     """One image: the summed cross-entropy of the filter's same-class logits over the pairs of
     distinct instances, and the number of pairs."""
-    q, k = filt.query(e), filt.key(e)
+    q, k = filt.query(standardise(e)), filt.key(standardise(e))
     x = (q @ k.T / math.sqrt(q.shape[1])).double()
     total, count = 0.0, 0
     for i in range(len(e)):
