@@ -28,12 +28,11 @@ import statistics
 import subprocess
 import sys
 import time
-import typing
 from collections.abc import Callable
 
 import torch
 
-from drkd.config import Method, TrainConfig, load_params
+from drkd.config import TrainConfig, load_params, method_names
 from drkd.devices import pick_device
 from drkd.distiller import Distiller
 from drkd.engine import make_optimizer, module_device
@@ -243,7 +242,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--methods", nargs="+", metavar="METHOD", choices=typing.get_args(Method),
+    parser.add_argument("--methods", nargs="+", metavar="METHOD", choices=method_names("none"),
                         help="only time these methods' train steps side by side (none: plain)")
     parser.add_argument("--out", help="with --methods: also write the seconds per step as JSON")
     parser.add_argument("--memory", choices=["student", "distill"], help=argparse.SUPPRESS)

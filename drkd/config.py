@@ -38,15 +38,15 @@ class NonFiniteLoss(RuntimeError):
     """
 
 
-def _positive(kind: str = "number") -> dict[str, Any]:
+def positive(kind: str = "number") -> dict[str, Any]:
     return {"check": lambda v: v > 0, "expect": f"a positive {kind}"}
 
 
-def _non_negative(kind: str = "number") -> dict[str, Any]:
+def non_negative(kind: str = "number") -> dict[str, Any]:
     return {"check": lambda v: v >= 0, "expect": f"a non-negative {kind}"}
 
 
-def _fraction() -> dict[str, Any]:
+def fraction() -> dict[str, Any]:
     return {"check": lambda v: 0 <= v <= 1, "expect": "a float in [0, 1]"}
 
 
@@ -54,14 +54,14 @@ def _fraction() -> dict[str, Any]:
 class SyntheticConfig:
     """The embedded shapes dataset (see drkd/data/synthetic.py)."""
 
-    num_train: int = field(default=2000, metadata=_positive("int"))
-    num_val: int = field(default=300, metadata=_positive("int"))
-    image_size: int = field(default=128, metadata=_positive("int"))
-    min_objects: int = field(default=3, metadata=_positive("int"))
-    max_objects: int = field(default=8, metadata=_positive("int"))
-    min_object_size: int = field(default=10, metadata=_positive("int"))
-    max_object_size: int = field(default=110, metadata=_positive("int"))
-    distractors: int = field(default=6, metadata=_non_negative("int"))
+    num_train: int = field(default=2000, metadata=positive("int"))
+    num_val: int = field(default=300, metadata=positive("int"))
+    image_size: int = field(default=128, metadata=positive("int"))
+    min_objects: int = field(default=3, metadata=positive("int"))
+    max_objects: int = field(default=8, metadata=positive("int"))
+    min_object_size: int = field(default=10, metadata=positive("int"))
+    max_object_size: int = field(default=110, metadata=positive("int"))
+    distractors: int = field(default=6, metadata=non_negative("int"))
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class CocoConfig:
     train_images: str = ""
     val_annotations: str = ""
     val_images: str = ""
-    max_images: int = field(default=0, metadata=_non_negative("int"))  # per split, 0 = all
+    max_images: int = field(default=0, metadata=non_negative("int"))  # per split, 0 = all
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class VocConfig:
     # Category ids 1..K in this order; empty: every class name in the two splits' XMLs, sorted.
     classes: tuple[str, ...] = ()
     ignore_unknown_classes: bool = False  # true: skip (and count) objects of other classes
-    max_images: int = field(default=0, metadata=_non_negative("int"))  # per split, 0 = all
+    max_images: int = field(default=0, metadata=non_negative("int"))  # per split, 0 = all
 
 
 @dataclass(frozen=True)
@@ -106,42 +106,42 @@ class ModelConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"] = (
         "resnet18"
     )
-    fpn_channels: int = field(default=64, metadata=_positive("int"))
-    min_size: int = field(default=128, metadata=_positive("int"))
-    max_size: int = field(default=128, metadata=_positive("int"))
+    fpn_channels: int = field(default=64, metadata=positive("int"))
+    min_size: int = field(default=128, metadata=positive("int"))
+    max_size: int = field(default=128, metadata=positive("int"))
     # Smallest anchor (px) at the finest level; doubles per level.
-    anchor_size: int = field(default=8, metadata=_positive("int"))
-    head_convs: int = field(default=2, metadata=_positive("int"))  # retinanet / fcos head depth
+    anchor_size: int = field(default=8, metadata=positive("int"))
+    head_convs: int = field(default=2, metadata=positive("int"))  # retinanet / fcos head depth
     norm: Literal["batch", "group", "frozen"] = "batch"  # frozen only for pretrained backbones
     weights: str = ""  # local torchvision detector state_dict to start from
     backbone_weights: str = ""  # local ImageNet classifier state_dict for the backbone
-    rpn_pre_nms_top_n: int = field(default=500, metadata=_positive("int"))
-    rpn_post_nms_top_n: int = field(default=250, metadata=_positive("int"))
-    roi_batch_size: int = field(default=128, metadata=_positive("int"))
-    score_thresh: float = field(default=0.05, metadata=_fraction())
-    detections_per_img: int = field(default=100, metadata=_positive("int"))
+    rpn_pre_nms_top_n: int = field(default=500, metadata=positive("int"))
+    rpn_post_nms_top_n: int = field(default=250, metadata=positive("int"))
+    roi_batch_size: int = field(default=128, metadata=positive("int"))
+    score_thresh: float = field(default=0.05, metadata=fraction())
+    detections_per_img: int = field(default=100, metadata=positive("int"))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The shared training loop (see drkd/engine.py)."""
 
-    epochs: int = field(default=12, metadata=_non_negative("int"))  # 0: keep the given weights
-    batch_size: int = field(default=8, metadata=_positive("int"))
+    epochs: int = field(default=12, metadata=non_negative("int"))  # 0: keep the given weights
+    batch_size: int = field(default=8, metadata=positive("int"))
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = field(default=1e-3, metadata=_positive("float"))
-    momentum: float = field(default=0.9, metadata=_fraction())
-    weight_decay: float = field(default=1e-4, metadata=_non_negative("float"))
-    warmup_steps: int = field(default=300, metadata=_non_negative("int"))
+    lr: float = field(default=1e-3, metadata=positive("float"))
+    momentum: float = field(default=0.9, metadata=fraction())
+    weight_decay: float = field(default=1e-4, metadata=non_negative("float"))
+    warmup_steps: int = field(default=300, metadata=non_negative("int"))
     schedule: Literal["cosine", "step"] = "cosine"
     milestones: tuple[int, ...] = ()  # epochs at which the step schedule multiplies by gamma
-    gamma: float = field(default=0.1, metadata=_positive("float"))
-    clip_grad_norm: float = field(default=10.0, metadata=_non_negative("float"))  # 0 = off
+    gamma: float = field(default=0.1, metadata=positive("float"))
+    clip_grad_norm: float = field(default=10.0, metadata=non_negative("float"))  # 0 = off
     amp: Literal["off", "bf16", "fp16"] = "bf16"  # CUDA only; ignored on CPU
-    hflip: float = field(default=0.5, metadata=_fraction())
-    num_workers: int = field(default=1, metadata=_non_negative("int"))
-    max_steps: int = field(default=0, metadata=_non_negative("int"))  # 0 = no cap (smoke runs)
-    log_every: int = field(default=10, metadata=_positive("int"))  # steps per logged loss mean
+    hflip: float = field(default=0.5, metadata=fraction())
+    num_workers: int = field(default=1, metadata=non_negative("int"))
+    max_steps: int = field(default=0, metadata=non_negative("int"))  # 0 = no cap (smoke runs)
+    log_every: int = field(default=10, metadata=positive("int"))  # steps per logged loss mean
 
 
 @dataclass(frozen=True)
@@ -172,8 +172,8 @@ class PixelRelationConfig:
 
 @dataclass(frozen=True)
 class InstanceRelationConfig:
-    levels: int = field(default=2, metadata=_positive("int"))  # finest levels pooled by RoIAlign
-    embed_dim: int = field(default=256, metadata=_positive("int"))
+    levels: int = field(default=2, metadata=positive("int"))  # finest levels pooled by RoIAlign
+    embed_dim: int = field(default=256, metadata=positive("int"))
     # matrix (the default, from the ablation in docs/results.md): L_IR matches the matrices
     # only, a target INS does not already give; features: the refined features z (z = e at
     # init, so L_IR starts as a second L_INS).
@@ -182,59 +182,32 @@ class InstanceRelationConfig:
     # as initialised); cosine: a_ij = cos(e_i, e_j) on both sides, parameter-free, so the
     # teacher's relations are its own features' geometry (set tau for logits in [-1, 1]).
     similarity: Literal["learned", "cosine"] = "cosine"
-    tau: float = field(default=0.1, metadata=_positive("float"))
-    topk: int = field(default=4, metadata=_non_negative("int"))  # 0 = keep all relations
+    tau: float = field(default=0.1, metadata=positive("float"))
+    topk: int = field(default=4, metadata=non_negative("int"))  # 0 = keep all relations
     filter: bool = True
-    filter_hidden: int = field(default=128, metadata=_positive("int"))
+    filter_hidden: int = field(default=128, metadata=positive("int"))
 
 
-@dataclass(frozen=True)
-class PkdConfig:
-    """PKD (Cao et al. 2022): MSE of per-channel standardised FPN maps, halved (mmrazor's
-    configs: weight 10 for RetinaNet, 6 for Faster R-CNN)."""
+def method_names(*extra: str) -> tuple[str, ...]:
+    """The registered methods (drkd.registry) and ``extra`` names (e.g. none, "")."""
+    from drkd import registry  # it imports this module's validators
 
-    weight: float = field(default=10.0, metadata=_non_negative("float"))
-
-
-@dataclass(frozen=True)
-class CwdConfig:
-    """CWD (Shu et al. 2021): per-channel spatial softmax, KL(teacher || student) * tau^2."""
-
-    weight: float = field(default=10.0, metadata=_non_negative("float"))
-    tau: float = field(default=1.0, metadata=_positive("float"))
+    return (*extra, *registry.names())
 
 
-@dataclass(frozen=True)
-class MgdConfig:
-    """MGD (Yang et al. 2022): mask student pixels, generate the teacher map from the rest."""
-
-    weight: float = field(default=2e-5, metadata=_non_negative("float"))  # alpha_mgd
-    mask_ratio: float = field(default=0.65, metadata=_fraction())  # lambda_mgd
+def _method_name(*extra: str) -> dict[str, Any]:
+    return {"check": lambda v: v in method_names(*extra),
+            "expect": lambda: "one of " + ", ".join(map(repr, method_names(*extra)))}
 
 
-@dataclass(frozen=True)
-class FgdConfig:
-    """FGD (Yang et al. 2022): focal (fg/bg) imitation under the teacher's attention, attention
-    imitation and a global (GcBlock) relation loss. Defaults: the RetinaNet configs."""
+def _sections(kind: str) -> Any:
+    """A field holding the registered methods' sections (drkd.registry.sections)."""
+    def defaults() -> dict[str, Any]:
+        from drkd import registry
 
-    temperature: float = field(default=0.5, metadata=_positive("float"))
-    alpha: float = field(default=1e-3, metadata=_non_negative("float"))  # foreground
-    beta: float = field(default=5e-4, metadata=_non_negative("float"))  # background
-    gamma: float = field(default=5e-4, metadata=_non_negative("float"))  # attention
-    lam: float = field(default=5e-6, metadata=_non_negative("float"))  # global relation
+        return {name: cls() for name, cls in registry.sections(kind).items()}
 
-
-Method = Literal["drkd", "mimic", "pkd", "cwd", "mgd", "fgd", "none"]
-
-# The `distill` keys each method reads besides `method` (tests/test_methods.py records what each
-# one reads). A compare cell trains with these only and DVC reruns it only when they change:
-# tuning `distill.pkd` leaves mimic's cells alone, and `none` depends on no `distill` key.
-METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "drkd": ("reduction", "release", "w_pr", "w_ir", "w_ins", "pixel", "instance"),
-    "mimic": ("reduction", "w_mimic"),
-    "pkd": ("pkd",), "cwd": ("cwd",), "mgd": ("mgd",), "fgd": ("fgd",),
-}
+    return field(default_factory=defaults, metadata={"sections": kind})
 
 
 @dataclass(frozen=True)
@@ -247,11 +220,11 @@ class DistillConfig:
     term off (its modules are not built).
     """
 
-    method: Method = "drkd"
+    method: str = field(default="drkd", metadata=_method_name("none"))
     # The terms of these methods too, each with its own weights from this section: e.g. MGD's
     # generation loss plus DRKD's relation-only L_IR is `method: mgd, plus: [drkd], w_pr: 0,
     # w_ins: 0` (a compare row on top of the strongest feature loss).
-    plus: tuple[Literal["drkd", "mimic", "pkd", "cwd", "mgd", "fgd"], ...] = ()
+    plus: tuple[str, ...] = ()
     reduction: Literal["norm", "mse"] = "mse"
     # DRKD as the authors' release computes it, for every difference the README's table lists:
     # GloRe without /HW (BN eps 1e-4, weight 1), RoIAlign aligned=False with adaptive
@@ -264,16 +237,21 @@ class DistillConfig:
     # w_pr: for standardised L_PR (~9.6 unweighted at the start, so ~1/10 of weighted L_INS);
     # the study's 4.3e-3 on raw maps cost 3.4 AP at 4 epochs. w_ir: for the relation-only
     # target (instance: matrix, cosine, tau 0.1); at 20 it swamps detection (docs/results.md).
-    w_pr: float = field(default=0.06, metadata=_non_negative("float"))
-    w_ir: float = field(default=1.0, metadata=_non_negative("float"))
-    w_ins: float = field(default=0.07614447586077995, metadata=_non_negative("float"))
-    w_mimic: float = field(default=0.001, metadata=_non_negative("float"))
+    w_pr: float = field(default=0.06, metadata=non_negative("float"))
+    w_ir: float = field(default=1.0, metadata=non_negative("float"))
+    w_ins: float = field(default=0.07614447586077995, metadata=non_negative("float"))
+    w_mimic: float = field(default=0.001, metadata=non_negative("float"))
     pixel: PixelRelationConfig = PixelRelationConfig()
     instance: InstanceRelationConfig = InstanceRelationConfig()
-    pkd: PkdConfig = PkdConfig()
-    cwd: CwdConfig = CwdConfig()
-    mgd: MgdConfig = MgdConfig()
-    fgd: FgdConfig = FgdConfig()
+    # The other methods' sections, `distill.<method>` in params.yaml (e.g. `cfg.mgd`): one per
+    # registered method with a config (drkd.registry).
+    sections: dict[str, Any] = _sections("config")
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"DistillConfig has no {name!r}")
 
 
 @dataclass(frozen=True)
@@ -294,67 +272,23 @@ class SearchSpace:
 
 
 @dataclass(frozen=True)
-class MimicSpace:
-    w_mimic: tuple[float, ...] = (1e-4, 1e-1)
-
-
-@dataclass(frozen=True)
-class PkdSpace:
-    weight: tuple[float, ...] = (1.0, 30.0)
-
-
-@dataclass(frozen=True)
-class CwdSpace:
-    weight: tuple[float, ...] = (1.0, 30.0)
-    tau: tuple[float, ...] = (0.5, 4.0)
-
-
-@dataclass(frozen=True)
-class MgdSpace:
-    weight: tuple[float, ...] = (2e-6, 2e-4)
-    mask_ratio: tuple[float, ...] = (0.45, 0.65, 0.85)
-
-
-@dataclass(frozen=True)
-class FgdSpace:
-    # Wider than the paper's neighbourhood: T 0.5 presumes mmdet's FPN scale; on the embedded
-    # teacher (mean |F| 3-24) it puts the attention on one channel and the fg term starts at
-    # ~700x the detection loss (docs/results.md): T reaches 16x the paper's, the weights 100x below.
-    temperature: tuple[float, ...] = (0.5, 8.0)
-    alpha: tuple[float, ...] = (1e-5, 1e-2)
-    beta: tuple[float, ...] = (5e-6, 5e-3)
-    gamma: tuple[float, ...] = (5e-6, 5e-3)
-    lam: tuple[float, ...] = (5e-8, 5e-5)
-
-
-@dataclass(frozen=True)
-class MethodSpaces:
-    """Search spaces of the other methods over their own `distill` keys (`distill.<method>`;
-    mimic: `distill.w_mimic`), read like `space`; DRKD's is `tune.space`."""
-
-    mimic: MimicSpace = MimicSpace()
-    pkd: PkdSpace = PkdSpace()
-    cwd: CwdSpace = CwdSpace()
-    mgd: MgdSpace = MgdSpace()
-    fgd: FgdSpace = FgdSpace()
-
-
-@dataclass(frozen=True)
 class TuneConfig:
     """`tune` (not run by plain `dvc repro`): a study whose objective is the validation AP of
     the distilled student after a short budget."""
 
     study_name: str = "drkd"
     storage: str = ""  # any Optuna RDB URL; empty: sqlite:///optuna.db in the repo root
-    n_trials: int = field(default=20, metadata=_positive("int"))  # in total, over all workers
-    sampler_seed: int = field(default=0, metadata=_non_negative("int"))
+    n_trials: int = field(default=20, metadata=positive("int"))  # in total, over all workers
+    sampler_seed: int = field(default=0, metadata=non_negative("int"))
     pruner: Literal["median", "hyperband", "none"] = "median"
-    epochs: int = field(default=2, metadata=_positive("int"))  # per trial
-    max_steps: int = field(default=0, metadata=_non_negative("int"))  # per trial; 0 = no cap
+    epochs: int = field(default=2, metadata=positive("int"))  # per trial
+    max_steps: int = field(default=0, metadata=non_negative("int"))  # per trial; 0 = no cap
     # The method tuned: empty for distill.method (`make tune TUNE_ARGS="--method pkd"` too).
-    method: Literal["", "drkd", "mimic", "pkd", "cwd", "mgd", "fgd"] = ""
-    space: SearchSpace = SearchSpace()
-    spaces: MethodSpaces = MethodSpaces()
+    method: str = field(default="", metadata=_method_name(""))
+    space: SearchSpace = SearchSpace()  # DRKD's
+    # The other methods' spaces over their own `distill` keys (`tune.spaces.<method>`, read
+    # like `space`): one per registered method with a space (drkd.registry).
+    spaces: dict[str, Any] = _sections("space")
 
 
 @dataclass(frozen=True)
@@ -364,17 +298,17 @@ class CompareConfig:
     (``pkd: {}``), or a variant of one (an ablation: ``drkd_ins: {method: drkd, w_pr: 0}``)."""
 
     methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        m: {} for m in ("none", "mimic", "drkd", "pkd", "cwd", "mgd", "fgd")})
+        m: {} for m in method_names("none")})
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = field(default=0, metadata=_non_negative("int"))  # 0: the student recipe's
+    epochs: int = field(default=0, metadata=non_negative("int"))  # 0: the student recipe's
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    batch_size: int = field(default=16, metadata=_positive("int"))
-    num_vis_images: int = field(default=4, metadata=_non_negative("int"))
-    vis_score_thresh: float = field(default=0.3, metadata=_fraction())
-    timing_images: int = field(default=20, metadata=_non_negative("int"))
+    batch_size: int = field(default=16, metadata=positive("int"))
+    num_vis_images: int = field(default=4, metadata=non_negative("int"))
+    vis_score_thresh: float = field(default=0.3, metadata=fraction())
+    timing_images: int = field(default=20, metadata=non_negative("int"))
 
 
 @dataclass(frozen=True)
@@ -392,7 +326,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = field(default=0, metadata=_non_negative("int"))
+    seed: int = field(default=0, metadata=non_negative("int"))
     # How dvc.yaml launches the training stages: `python`, or e.g.
     # `torchrun --nproc_per_node=8` for DDP on a multi-GPU machine.
     launcher: str = field(default="python", metadata={
@@ -400,9 +334,9 @@ class Params:
     data: DataConfig = DataConfig()
     teacher: DetectorConfig = DetectorConfig(ModelConfig(fpn_channels=128), TrainConfig(epochs=20))
     student: DetectorConfig = DetectorConfig(ModelConfig(fpn_channels=64), TrainConfig(epochs=8))
-    distill: DistillConfig = DistillConfig()
-    tune: TuneConfig = TuneConfig()
-    compare: CompareConfig = CompareConfig()
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -441,6 +375,7 @@ def _convert(tp: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) ->
         item = typing.get_args(tp)[0]
         return tuple(_convert(item, v, f"{where}[{i}]", {}) for i, v in enumerate(value))
     expect = meta.get("expect", _describe(tp))
+    expect = expect() if callable(expect) else expect
     if tp is bool:
         if not isinstance(value, bool):
             fail(expect)
@@ -462,14 +397,46 @@ def _convert(tp: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) ->
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
+    # The registered methods' sections: `distill.<method>` sit beside distill's own keys,
+    # `tune.spaces` holds only them.
+    inline = next((f for f in names.values() if f.metadata.get("sections") == "config"), None)
+    section_data = {}
+    if inline:
+        section_data = {k: data[k] for k in data if k in _section_classes("config")}
+        data = {k: v for k, v in data.items() if k not in section_data}
     for key in data:
-        if key not in names:
-            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(names)})".lstrip("."))
+        if key not in names or key == getattr(inline, "name", None):
+            known = [n for n in names if names[n] is not inline]
+            known += list(_section_classes("config")) if inline else []
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(known)})".lstrip("."))
     kwargs = {
-        key: _convert(hints[key], value, f"{where}.{key}" if where else key, names[key].metadata)
+        key: _build_sections(names[key].metadata["sections"], value, f"{where}.{key}".lstrip("."))
+        if "sections" in names[key].metadata
+        else _convert(hints[key], value, f"{where}.{key}" if where else key, names[key].metadata)
         for key, value in data.items()
     }
+    if inline:
+        kwargs[inline.name] = _build_sections("config", section_data, where)
     return cls(**kwargs)
+
+
+def _section_classes(kind: str) -> dict[str, type]:
+    from drkd import registry
+
+    return registry.sections(kind)
+
+
+def _build_sections(kind: str, data: Any, where: str) -> dict[str, Any]:
+    """Every registered method's section of ``kind`` (drkd.registry.sections): from ``data``
+    where it gives one, else its defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    classes = _section_classes(kind)
+    for key in data:
+        if key not in classes:
+            raise ConfigError(f"{where}.{key}: unknown method (known: {', '.join(classes)})")
+    return {name: _convert(cls, data[name], f"{where}.{name}".lstrip("."), {})
+            if name in data else cls() for name, cls in classes.items()}
 
 
 T = typing.TypeVar("T")
@@ -488,11 +455,14 @@ def row_distill(distill: dict[str, Any], name: str, overrides: dict[str, Any]) -
 
 def method_distill(distill: dict[str, Any]) -> dict[str, Any]:
     """The part of a `distill` section (plain dicts) that its methods read: `method`, `plus`
-    when it names any, and each method's ``METHOD_KEYS``."""
+    when it names any, and the keys each method reads (drkd.registry)."""
+    from drkd import registry
+
     plus = list(distill.get("plus", ()))
     keys = ["method", *(["plus"] if plus else [])]
     for method in (distill["method"], *plus):
-        keys += [k for k in METHOD_KEYS[method] if k not in keys]
+        if method != "none":
+            keys += [k for k in registry.METHODS[method].reads() if k not in keys]
     return {k: distill[k] for k in keys}
 
 
@@ -500,6 +470,9 @@ def _check_plus(distill: DistillConfig, where: str) -> None:
     if distill.plus and distill.method == "none":
         raise ConfigError(f"{where}.plus: needs a method to add to (method is none)")
     for i, name in enumerate(distill.plus):
+        if name not in method_names():
+            raise ConfigError(f"{where}.plus[{i}]: expected one of "
+                              f"{', '.join(map(repr, method_names()))}, got {name!r}")
         if name == distill.method or name in distill.plus[:i]:
             raise ConfigError(f"{where}.plus[{i}]: {name} is already among the methods")
 
@@ -513,7 +486,7 @@ def _check_rows(params: Params) -> None:
         if not name or not all(c.isalnum() or c == "_" for c in name):
             raise ConfigError(f"{where}: a row name is letters, digits and _ (it names DVC "
                               "stages and files)")
-        if "method" not in overrides and name not in typing.get_args(Method):
+        if "method" not in overrides and name not in method_names("none"):
             raise ConfigError(f"{where}: not a method name, so its overrides need `method`")
         _check_plus(_build(DistillConfig, row_distill(distill, name, overrides), where), where)
 
@@ -544,12 +517,12 @@ def _check_whole(params: Params) -> None:
                 f"tune.space.{name}: expected [], [value] or [low, high] with "
                 f"0 < low <= high, got {list(values)}"
             )
-    for method in dataclasses.fields(params.tune.spaces):
-        for dim in dataclasses.fields(getattr(params.tune.spaces, method.name)):
-            values = getattr(getattr(params.tune.spaces, method.name), dim.name)
+    for method, method_space in params.tune.spaces.items():
+        for dim in dataclasses.fields(method_space):
+            values = getattr(method_space, dim.name)
             if any(v <= 0 for v in values) or (len(values) == 2 and values[0] > values[1]):
                 raise ConfigError(
-                    f"tune.spaces.{method.name}.{dim.name}: expected positive values, "
+                    f"tune.spaces.{method}.{dim.name}: expected positive values, "
                     f"[low, high] with low <= high, got {list(values)}"
                 )
     if params.data.source == "coco":
@@ -622,16 +595,26 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass as plain dicts/lists (for checkpoints and logging)."""
+    """A dataclass as plain dicts/lists (for checkpoints and logging); the methods' `distill`
+    sections sit beside distill's own keys, as in params.yaml."""
 
     def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            out: dict[str, Any] = {}
+            for f in dataclasses.fields(v):
+                value = plain(getattr(v, f.name))
+                if f.metadata.get("sections") == "config":
+                    out.update(value)
+                else:
+                    out[f.name] = value
+            return out
+        if isinstance(v, tuple | list):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return typing.cast(dict[str, Any], plain(dataclasses.asdict(obj)))
+    return typing.cast(dict[str, Any], plain(obj))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

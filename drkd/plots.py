@@ -21,9 +21,10 @@ import torch  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 from torchvision.utils import draw_bounding_boxes  # noqa: E402
 
+from drkd import registry  # noqa: E402
 from drkd.data.coco import CocoDetection  # noqa: E402
 from drkd.files import atomic_path  # noqa: E402
-from drkd.report import DISTILL_TERMS, NOT_LOSSES, SIZE_BUCKETS  # noqa: E402
+from drkd.report import NOT_LOSSES, SIZE_BUCKETS  # noqa: E402
 
 
 def placeholder(path: Path, text: str) -> None:
@@ -70,7 +71,7 @@ def plot_loss_curves(histories: dict[str, dict[str, list[float]]], path: Path) -
     panels: list[tuple[str, dict[str, list[float]], list[str], bool]] = []
     for title, hist in histories.items():
         terms = [k for k in hist if k not in NOT_LOSSES]
-        distill = [k for k in terms if k in DISTILL_TERMS]
+        distill = [k for k in terms if k in registry.loss_terms()]
         panels.append((title, hist, [k for k in terms if k not in distill], True))
         if distill:
             panels.append((f"{title}: distillation terms", hist, distill, False))

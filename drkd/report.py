@@ -20,10 +20,6 @@ from drkd.tracking import mlflow_name
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")  # fractions 0..1, -1 = no such GT
 SIZE_BUCKETS = {"AP": "all", "APs": "small", "APm": "medium", "APl": "large"}
-# The Distiller's loss terms, every method (drkd.methods).
-DISTILL_TERMS = ("loss_pr", "loss_ir", "loss_ins", "loss_filter", "loss_mimic", "loss_pkd",
-                 "loss_cwd",
-                 "loss_mgd", "loss_fgd_fg", "loss_fgd_bg", "loss_fgd_att", "loss_fgd_global")
 # Loss-history columns that are not loss terms.
 NOT_LOSSES = ("step", "loss", "lr", "epoch", "seconds", "peak_memory_mb")
 

@@ -26,6 +26,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
+from drkd import registry
 from drkd.config import Params, TrainConfig, UserError, merge, parse_params, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.devices import pick_device
@@ -33,17 +34,15 @@ from drkd.distiller import Distiller
 from drkd.engine import fit, schedule
 from drkd.evaluation import coco_metrics, predict
 from drkd.files import write_text
-from drkd.methods import TERM_WEIGHTS
 from drkd.models import build_detector
 from drkd.plots import save_figure
 from drkd.recipe import shorten
-from drkd.report import DISTILL_TERMS, NOT_LOSSES
+from drkd.report import NOT_LOSSES
 from drkd.tracking import Tracker
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 HEARTBEAT_S = 10  # a live worker refreshes its running trial this often
 GRACE_S = 60  # a RUNNING trial whose heartbeat is older belongs to a dead worker: FAIL
-TOP_LEVEL = ("w_pr", "w_ir", "w_ins")  # distill.<name>; lr -> student.train.lr; rest -> instance
 PLOTS: dict[str, Callable[..., Any]] = {
     "optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
     "param_importances": optuna.visualization.matplotlib.plot_param_importances,
@@ -55,7 +54,7 @@ PLOTS: dict[str, Callable[..., Any]] = {
 
 def space_of(params: Params, method: str) -> Any:
     """The search space of ``method``: DRKD's is `tune.space`, the others' `tune.spaces.<m>`."""
-    return params.tune.space if method == "drkd" else getattr(params.tune.spaces, method)
+    return params.tune.space if method == "drkd" else params.tune.spaces[method]
 
 
 def float_dims(space: Any) -> set[str]:
@@ -78,31 +77,25 @@ def suggest(trial: optuna.Trial, space: Any) -> dict[str, Any]:
 
 
 def partial_params(values: dict[str, Any], method: str = "drkd") -> dict[str, Any]:
-    """Suggested values as a partial params file: DRKD's {distill: {..., instance: {...}},
-    student}; mimic's distill.w_mimic; another method's distill.<method>."""
-    if method == "mimic":
-        return {"distill": dict(values)}
-    if method != "drkd":
-        return {"distill": {method: dict(values)}}
-    distill = {k: v for k, v in values.items() if k in TOP_LEVEL}
-    instance = {k: v for k, v in values.items() if k not in TOP_LEVEL and k != "lr"}
-    out: dict[str, Any] = {"distill": {**distill, **({"instance": instance} if instance else {})}}
-    if "lr" in values:
-        out["student"] = {"train": {"lr": values["lr"]}}
+    """Suggested values as a partial params file, each where ``method``'s registration puts
+    it (e.g. DRKD's w_ir -> distill.w_ir, its tau -> distill.instance.tau, lr -> the student's;
+    MGD's weight -> distill.mgd.weight)."""
+    out: dict[str, Any] = {}
+    for dim, value in values.items():
+        *parents, key = registry.METHODS[method].path(dim).split(".")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[key] = value
     return out
 
 
 def value_of(params: Params, method: str, name: str) -> Any:
     """The params file's value of search dimension ``name`` of ``method``."""
-    if method == "mimic":
-        return params.distill.w_mimic
-    if method != "drkd":
-        return getattr(getattr(params.distill, method), name)
-    if name == "lr":
-        return params.student.train.lr
-    if name in TOP_LEVEL:
-        return getattr(params.distill, name)
-    return getattr(params.distill.instance, name)
+    value: Any = params
+    for key in registry.METHODS[method].path(name).split("."):
+        value = getattr(value, key)
+    return value
 
 
 def current_values(params: Params, method: str = "drkd") -> dict[str, Any]:
@@ -136,10 +129,12 @@ def calibrate(params: Params, method: str, teacher: nn.Module, train: CocoDetect
     method_params = dataclasses.replace(params.distill, method=method)  # type: ignore[arg-type]
     history = fit(Distiller(student, teacher, method_params), train, cfg, seed=params.seed,
                   work_dir=work_dir, desc=f"calibrate {method}")
-    not_detection = {"step", "loss", *NOT_LOSSES, *DISTILL_TERMS}
+    not_detection = {"step", "loss", *NOT_LOSSES, *registry.loss_terms()}
     space = space_of(params, method)
     rows = []
-    for term, dim in TERM_WEIGHTS[method].items():
+    for term, dim in registry.METHODS[method].terms.items():
+        if not dim:  # unweighted (DRKD's loss_filter trains its filter alone)
+            continue
         ratios = [row[term] / sum(v for k, v in row.items() if k not in not_detection)
                   for row in history if term in row]
         if not ratios:

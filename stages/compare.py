@@ -10,7 +10,7 @@ overrides of the `distill` section (``drkd.config.row_distill``).
     python -m stages.leaderboard --cells compare/cells --out compare   (its own stage)
 
 ``rows`` writes each row's resolved `distill` settings, only the keys its method reads
-(``drkd.config.METHOD_KEYS``), to ``ROW.json``: a cell depends on its row's file, not on the
+(its ``keys`` in drkd.registry), to ``ROW.json``: a cell depends on its row's file, not on the
 whole `distill` section, so tuning one method reruns only that method's cells and `none` no
 cell's. A cell trains with the student recipe (``compare.epochs`` > 0 shortens it for every
 cell alike), exactly those settings and the given seed, as ``<launcher> -m stages.distill``

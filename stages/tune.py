@@ -34,7 +34,7 @@ from pathlib import Path
 import optuna
 
 from drkd import cli
-from drkd.config import ConfigError, UserError, flatten, load_params, read_yaml_file
+from drkd.config import ConfigError, UserError, flatten, load_params, method_names, read_yaml_file
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms, train_transforms
 from drkd.distiller import load_teacher
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--method",
         default="",
-        choices=["", "drkd", "mimic", "pkd", "cwd", "mgd", "fgd"],
+        choices=method_names(""),
         help="the method to tune (default: tune.method, else distill.method)",
     )
     parser.add_argument(

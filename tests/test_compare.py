@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from drkd import leaderboard as board_lib
-from drkd.config import FgdConfig, UserError, load_params, to_dict
+from drkd.config import UserError, load_params, to_dict
+from drkd.registry import FgdConfig
 from stages import compare, leaderboard
 
 

@@ -14,7 +14,9 @@ Rules of the closure:
   result, and listing it everywhere would be noise.
 - a string constant naming a stage module (``"stages.train"``) counts: the code launches it
   as ``python -m`` (a compare cell runs its training and evaluation that way).
-Imports by ``importlib.import_module`` are not seen; the code has none.
+- the methods' modules, named ``"package.module:Class"`` in drkd/registry.py and imported when
+  a run builds a method, count wherever drkd/methods/__init__.py (``build``) does.
+No other ``importlib.import_module`` is followed; the code has none.
 """
 
 from __future__ import annotations
@@ -76,6 +78,12 @@ def imported_files(file: Path, root: Path) -> set[Path]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(
                 r"stages\.\w+", node.value):  # launched: `launch(..., "stages.train", ...)`
             found.update(module_files(node.value, root))
+    if module_name(file, root) == "drkd.methods":  # build() imports each registered module
+        registry = (root / "drkd" / "registry.py").read_text()
+        for node in ast.walk(ast.parse(registry)):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(
+                    r"[\w.]+:\w+", node.value):
+                found.update(module_files(node.value.split(":")[0], root))
     return found
 
 

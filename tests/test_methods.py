@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import assert_kd_reaches_student_features_only, toy_model
-from drkd.config import CwdConfig, DistillConfig, FgdConfig, MgdConfig, PkdConfig
+from drkd.config import DistillConfig
 from drkd.distiller import Distiller
 from drkd.methods.fgd import box_masks
 from drkd.models import build_detector, count_parameters
+from drkd.registry import CwdConfig, FgdConfig, MgdConfig, PkdConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
@@ -37,10 +38,18 @@ def maps(channels: int, sizes: tuple[tuple[int, int], ...], batch: int = 2,
 SIZES = ((8, 12), (4, 6), (2, 3), (1, 2), (1, 1))  # P3-P7 of a 64 x 96 padded batch
 
 
+def distill_config(method: str, **cfg: object) -> DistillConfig:
+    """DistillConfig with ``cfg``'s fields and method sections (e.g. ``pkd=PkdConfig(...)``)."""
+    sections = {k: v for k, v in cfg.items() if k in DistillConfig().sections}
+    fields = {k: v for k, v in cfg.items() if k not in sections}
+    return DistillConfig(method=method, sections={**DistillConfig().sections, **sections},
+                         **fields)  # type: ignore[arg-type]
+
+
 def distiller(method: str, c_s: int = 16, c_t: int = 24, **cfg: object) -> Distiller:
     student = build_detector(toy_model(fpn_channels=c_s), NUM_CLASSES)
     teacher = build_detector(toy_model(fpn_channels=c_t), NUM_CLASSES)
-    return Distiller(student, teacher, DistillConfig(method=method, **cfg))  # type: ignore[arg-type]
+    return Distiller(student, teacher, distill_config(method, **cfg))
 
 
 def batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -274,12 +283,12 @@ class ReadKeys:
     ("drkd", {"instance": replace(DistillConfig().instance, target="both")}),
     ("drkd", {"release": True}), ("drkd", {"reduction": "norm", "w_pr": 0.0})])
 def test_method_keys_are_what_each_method_reads(method: str, cfg: dict[str, object]) -> None:
-    """METHOD_KEYS (what a compare cell depends on) is exactly the `distill` keys a method
-    reads while it is built and trains a step: a key missing from it would let a cell keep a
-    stale result, an extra one rerun it for nothing."""
-    from drkd.config import METHOD_KEYS
+    """The keys a method's registration says it reads (what a compare cell depends on) are
+    exactly the `distill` keys it reads while it is built and trains a step: a key missing
+    would let a cell keep a stale result, an extra one rerun it for nothing."""
+    from drkd import registry
 
-    keys = ReadKeys(DistillConfig(method=method, **cfg))  # type: ignore[arg-type]
+    keys = ReadKeys(distill_config(method, **cfg))
     student = build_detector(toy_model(fpn_channels=16), NUM_CLASSES)
     teacher = build_detector(toy_model(fpn_channels=24), NUM_CLASSES)
     d = Distiller(student, teacher, keys)  # type: ignore[arg-type]
@@ -287,21 +296,24 @@ def test_method_keys_are_what_each_method_reads(method: str, cfg: dict[str, obje
     sum(d(*batch()).values()).backward()
     # `plus` is read by every method's build and is in a row's file whenever it names a method
     # (drkd.config.method_distill), so an empty `plus` needs no key of its own.
-    expected = {"method", *(["plus"] if method != "none" else []), *METHOD_KEYS[method]}
+    reads = registry.METHODS[method].reads() if method != "none" else ()
+    expected = {"method", *(["plus"] if method != "none" else []), *reads}
     assert keys.read <= expected
     if method != "drkd" or not cfg:  # a switched-off DRKD term reads fewer keys
         assert keys.read == expected
 
 
 def test_method_keys_cover_every_method_and_key() -> None:
+    """Every `distill` key (the sections included) is read by some registered method."""
     import dataclasses
-    import typing
 
-    from drkd.config import METHOD_KEYS, Method
+    from drkd import registry
+    from drkd.config import to_dict
 
-    assert set(METHOD_KEYS) == set(typing.get_args(Method))
-    read = {k for keys in METHOD_KEYS.values() for k in keys}
-    assert read == {f.name for f in dataclasses.fields(DistillConfig)} - {"method", "plus"}
+    read = {k for spec in registry.METHODS.values() for k in spec.reads()}
+    assert read == set(to_dict(DistillConfig())) - {"method", "plus"}
+    assert {f.name for f in dataclasses.fields(DistillConfig)} - read == {
+        "method", "plus", "sections"}
 
 
 @pytest.mark.slow

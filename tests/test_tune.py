@@ -502,7 +502,7 @@ def test_calibrate_measures_each_term_against_the_detection_loss(
     assert fg["ratio"] > 0
     assert fg["suggested"] == pytest.approx((fg["weight"] * 0.1 / fg["ratio"],
                                              fg["weight"] * 10 / fg["ratio"]))
-    assert fg["space"] == params.tune.spaces.fgd.alpha
+    assert fg["space"] == params.tune.spaces["fgd"].alpha
     alpha = {"distill": {"fgd": {"alpha": 10 * fg["weight"]}}}
     tenfold = parse_params(merge(to_dict(params), alpha))
     again = {r["term"]: r

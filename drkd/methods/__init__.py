@@ -10,9 +10,9 @@ its weighted loss terms by name:
   (K_i, 4) in padded-batch pixels (x1, y1, x2, y2) and ``labels`` (K_i,).
 - ``batch_shape``: (H, W) of the padded batch the maps were computed from.
 
-The Distiller owns everything else (hooks, the teacher, export): a new method is a new
-module here, one entry in ``build``, its params section and name in ``drkd.config``
-(``DistillConfig``, ``Method``) and its search space in ``TuneSpaces``.
+The Distiller owns everything else (hooks, the teacher, export). Each method is registered
+once in drkd.registry (its module, `distill` section, search space, loss terms and the keys it
+reads); ``build`` picks from there.
 """
 
 from __future__ import annotations
@@ -22,25 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from drkd import registry
 from drkd.config import DistillConfig
-from drkd.methods.cwd import CWD
-from drkd.methods.drkd import DRKD
-from drkd.methods.fgd import FGD
-from drkd.methods.mgd import MGD
-from drkd.methods.mimic import Mimic
-from drkd.methods.pkd import PKD
-
-# Each method's loss terms and the search-space dimension (a `distill` weight) each is linear
-# in: what `python -m stages.tune --calibrate` measures against the detection loss.
-TERM_WEIGHTS: dict[str, dict[str, str]] = {
-    "drkd": {"loss_pr": "w_pr", "loss_ir": "w_ir", "loss_ins": "w_ins"},
-    "mimic": {"loss_mimic": "w_mimic"},
-    "pkd": {"loss_pkd": "weight"},
-    "cwd": {"loss_cwd": "weight"},
-    "mgd": {"loss_mgd": "weight"},
-    "fgd": {"loss_fgd_fg": "alpha", "loss_fgd_bg": "beta", "loss_fgd_att": "gamma",
-            "loss_fgd_global": "lam"},
-}
 
 
 class Combined(nn.Module):
@@ -64,8 +47,8 @@ class Combined(nn.Module):
 def build(cfg: DistillConfig, levels: int, c_s: int, c_t: int) -> nn.Module | None:
     """The training-only modules of ``cfg.method`` (and of ``cfg.plus``) for a pyramid of
     ``levels`` maps with C_s student and C_t teacher channels; None for ``none``."""
-    methods = {"drkd": DRKD, "mimic": Mimic, "pkd": PKD, "cwd": CWD, "mgd": MGD, "fgd": FGD}
-    if cfg.method not in methods:
+    if cfg.method == "none":
         return None
-    parts = [methods[name](cfg, levels, c_s, c_t) for name in (cfg.method, *cfg.plus)]
+    parts = [registry.build_module(name)(cfg, levels, c_s, c_t)
+             for name in (cfg.method, *cfg.plus)]
     return parts[0] if len(parts) == 1 else Combined(parts)
