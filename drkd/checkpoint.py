@@ -104,3 +104,11 @@ def code_digest(root: Path = REPO) -> str:
             digest.update(f"{path.relative_to(root)}\0".encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def check_categories(checkpoint: str | Path, state: dict[str, Any], dataset: Any) -> None:
+    """A checkpoint trained on another class set than ``dataset`` (a CocoDetection) is refused
+    with one line: its predictions would carry the wrong category ids."""
+    if list(state["category_ids"]) != list(dataset.category_ids):
+        raise UserError(f"{checkpoint}: trained on categories {list(state['category_ids'])}, but "
+                        f"{dataset.annotation_file} has {list(dataset.category_ids)}")

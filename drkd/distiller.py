@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from drkd.checkpoint import load_detector
+from drkd.checkpoint import check_categories, load_detector
 from drkd.config import DistillConfig, UserError, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.methods import build
@@ -115,8 +115,6 @@ def load_teacher(path: str | Path, dataset: CocoDetection) -> nn.Module:
     ``dataset``. Leaves the RNG alone (drkd.checkpoint), so the modules built after it start as
     a tuning trial's do."""
     teacher, state = load_detector(path)
-    if state["category_ids"] != dataset.category_ids:
-        data = dataset.annotation_file.parent
-        raise UserError(f"{path}: trained on other categories than {data}")
+    check_categories(path, state, dataset)
     return teacher
 

@@ -13,6 +13,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
+from torch.utils import benchmark
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -101,3 +102,20 @@ def coco_metrics(annotation_file: str | Path, detections: list[dict[str, Any]]) 
         per_class[gt.cats[cat_id]["name"]] = float(np.mean(valid)) if valid.size else -1.0
     metrics["per_class_AP"] = per_class
     return metrics
+
+
+@torch.no_grad()
+def ms_per_image(model: nn.Module, dataset: CocoDetection, num_images: int,
+                 device: torch.device) -> float:
+    """Latency: mean ms of one forward pass at batch size 1 over the first ``num_images``
+    images, after one untimed warm-up pass (cudnn autotuning, lazy allocations);
+    torch.utils.benchmark's Timer synchronises CUDA and keeps this process's thread count."""
+    model.eval().to(device)
+    images = [dataset[i][0].to(device) for i in range(min(num_images, len(dataset)))]
+    if not images:
+        return 0.0
+    model([images[0]])
+    timer = benchmark.Timer("for image in images: model([image])",
+                            globals={"model": model, "images": images},
+                            num_threads=torch.get_num_threads())
+    return 1000 * timer.timeit(1).mean / len(images)

@@ -22,7 +22,7 @@ import scipy.stats
 
 from drkd.config import UserError, flatten, load_params
 from drkd.files import require_files, write_json, write_text
-from drkd.plots import save_figure  # selects the Agg backend
+from drkd.plots import save_figure, subplots
 from drkd.report import gap_closed
 
 STATS = ("AP", "AP50", "APs", "APm", "APl")
@@ -195,12 +195,11 @@ def markdown(summary: dict[str, Any]) -> str:
 def plot(summary: dict[str, Any], path: Path) -> None:
     """Three panels, best row first: AP mean (bar) and each seed (dots) with the teacher as a
     line; mean APs / APm / APl; mean AP against step time relative to the baseline."""
-    import matplotlib.pyplot as plt
 
     ranked = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]["AP"])
     names = [name for name, _ in ranked]
     x = range(len(ranked))
-    fig, (ap, sizes, cost) = plt.subplots(1, 3, figsize=(1.6 * max(len(ranked), 3) + 6, 4.5))
+    fig, (ap, sizes, cost) = subplots(1, 3, figsize=(1.6 * max(len(ranked), 3) + 6, 4.5))
     for i, (_, row) in enumerate(ranked):
         ap.bar(i, row["mean"]["AP"], color="tab:gray" if row["method"] == "none" else "tab:blue")
         ap.scatter([i] * len(row["per_seed"]), [r["AP"] for r in row["per_seed"].values()],

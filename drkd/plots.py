@@ -1,4 +1,4 @@
-"""The report's plots (PNG through ``save_figure``, matplotlib's Agg backend: no display):
+"""The report's plots (PNG through ``save_figure``; each a Figure of its own, no pyplot state):
 loss curves, AP by object size, detections on validation images; ``save_figure`` is also the
 one PNG writer of the relation plots, the tuning study and the method comparison.
 """
@@ -8,37 +8,43 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
+import matplotlib.colors
+import matplotlib.font_manager
+import matplotlib.ticker
+import torch
+from matplotlib.figure import Figure
+from torchvision.transforms.v2 import functional as F
+from torchvision.utils import draw_bounding_boxes
 
-matplotlib.use("Agg")
-import matplotlib.colors  # noqa: E402
-import matplotlib.font_manager  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import torch  # noqa: E402
-from torchvision.transforms.v2 import functional as F  # noqa: E402
-from torchvision.utils import draw_bounding_boxes  # noqa: E402
+from drkd import registry
+from drkd.data.coco import CocoDetection
+from drkd.files import atomic_path
+from drkd.report import NOT_LOSSES, SIZE_BUCKETS
 
-from drkd import registry  # noqa: E402
-from drkd.data.coco import CocoDetection  # noqa: E402
-from drkd.files import atomic_path  # noqa: E402
-from drkd.report import NOT_LOSSES, SIZE_BUCKETS  # noqa: E402
+
+def subplots(rows: int = 1, cols: int = 1, *, figsize: tuple[float, float],
+             layout: Literal["constrained"] | None = None,
+             squeeze: bool = True) -> tuple[Figure, Any]:
+    """``plt.subplots`` without pyplot's global state: a Figure of its own, which needs no
+    backend switch and nothing closed after ``save_figure``."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
 
 def placeholder(path: Path, text: str) -> None:
-    fig, ax = plt.subplots(figsize=(4, 1.5))
+    fig, ax = subplots(figsize=(4, 1.5))
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center")
     save_figure(fig, path)
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Write ``fig`` as a PNG atomically (a reader never sees half a plot) and close it."""
+    """Write ``fig`` as a PNG atomically (a reader never sees half a plot)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _minor_log_label(value: float, _: int) -> str:
@@ -77,7 +83,7 @@ def plot_loss_curves(histories: dict[str, dict[str, list[float]]], path: Path) -
             panels.append((f"{title}: distillation terms", hist, distill, False))
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False, layout="constrained"
     )
     for ax, (title, hist, terms, with_total) in zip(axes.flat, panels, strict=False):
@@ -122,7 +128,7 @@ def plot_ap_by_size(metrics: dict[str, dict[str, Any]], path: Path) -> None:
     names = list(metrics)
     width = 0.8 / len(names)
     top = max([100 * metrics[n][k] for n in names for k in SIZE_BUCKETS] + [1.0])
-    fig, ax = plt.subplots(figsize=(2 + 1.5 * len(SIZE_BUCKETS) * max(1, len(names) / 2), 4))
+    fig, ax = subplots(figsize=(2 + 1.5 * len(SIZE_BUCKETS) * max(1, len(names) / 2), 4))
     for i, name in enumerate(names):
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(SIZE_BUCKETS))]
         values = [100 * metrics[name][k] for k in SIZE_BUCKETS]
@@ -137,7 +143,7 @@ def plot_ap_by_size(metrics: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def _colors(n: int) -> list[str]:
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
     return [matplotlib.colors.to_hex(cmap(i % cmap.N)) for i in range(n)]
 
 
@@ -189,7 +195,7 @@ def plot_detections(
             if det["score"] >= score_thresh:
                 by_image[model].setdefault(int(det["image_id"]), []).append(det)
     columns = ["ground truth", *detections]
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         count, len(columns), figsize=(3.2 * len(columns), 3.2 * count), squeeze=False
     )
     for row in range(count):

@@ -62,13 +62,6 @@ def split_of_images(files: list[Path], category_ids: list[int], category_names: 
     return annotation_file
 
 
-def check_categories(checkpoint: Path, state: dict[str, Any], split: CocoDetection) -> None:
-    """A checkpoint of another class set than the split is refused."""
-    if list(state["category_ids"]) != split.category_ids:
-        raise UserError(f"{checkpoint}: trained on categories {state['category_ids']}, but "
-                        f"{split.annotation_file} has {split.category_ids}")
-
-
 def named(detections: list[dict[str, Any]], split: CocoDetection) -> list[dict[str, Any]]:
     """Each detection with its image's file name and its category's name beside the ids."""
     files = {im["id"]: im["file_name"] for im in split.images}

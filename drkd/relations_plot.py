@@ -25,23 +25,20 @@ import math
 from pathlib import Path
 from typing import Any, cast
 
-import matplotlib
+import torch
+from matplotlib.patches import Rectangle
+from torch.nn import functional as nnf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch.nn import functional as nnf  # noqa: E402
-
-from drkd.checkpoint import load, load_detector  # noqa: E402
-from drkd.config import ConfigError, DistillConfig, UserError, from_dict  # noqa: E402
-from drkd.data.coco import CocoDetection  # noqa: E402
-from drkd.data.transforms import eval_transforms  # noqa: E402
-from drkd.distiller import Distiller  # noqa: E402
-from drkd.files import write_json  # noqa: E402
-from drkd.methods.drkd import DRKD, is_instance  # noqa: E402
-from drkd.modules.glore import GloRe  # noqa: E402
-from drkd.plots import placeholder, save_figure  # noqa: E402
-from drkd.taps import part  # noqa: E402
+from drkd.checkpoint import load, load_detector
+from drkd.config import ConfigError, DistillConfig, UserError, from_dict
+from drkd.data.coco import CocoDetection
+from drkd.data.transforms import eval_transforms
+from drkd.distiller import Distiller
+from drkd.files import write_json
+from drkd.methods.drkd import DRKD, instances
+from drkd.modules.glore import GloRe
+from drkd.plots import placeholder, save_figure, subplots
+from drkd.taps import part
 
 PIXEL_PNG, INSTANCE_PNG = "pixel_relations.png", "instance_relations.png"
 DRIFT_JSON = "glore_drift.json"
@@ -179,7 +176,7 @@ def plot_pixel_relations(
         ("teacher: GloRe_t[0]", cast(DRKD, distiller.method).glore_t[0], teacher_maps[0]),
         ("student: GloRe_s[0]", cast(DRKD, distiller.method).glore_s[0], student_maps[0]),
     ]
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         len(pictures), 3, figsize=(9.5, 3.2 * len(pictures)), squeeze=False, layout="constrained"
     )
     heat = None
@@ -198,7 +195,7 @@ def plot_pixel_relations(
         ax = axes[row][0]
         ax.imshow(picture.numpy())
         for x0, y0, x1, y1 in box.tolist():
-            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
         ax.set_title(f"image {int(targets[row]['image_id'])}\n{label}", fontsize=9)
         for col, (title, glore, maps) in enumerate(sides, start=1):
             feature = maps[row, :, :valid_h, :valid_w]
@@ -246,17 +243,17 @@ def plot_instance_relations(
     r_s, r_t, mask = method.relation_matrices(student_maps, teacher_maps, on_device, padded, 0)
     rows = []
     for i, box in enumerate(boxes):
-        keep = is_instance(box)
+        keep = instances(box)
         n = int(mask[i].sum())
-        if n != int(keep.sum()):
-            raise RuntimeError(f"image {i}: {n} instances in the mask, {int(keep.sum())} boxes")
+        if n != len(keep):
+            raise RuntimeError(f"image {i}: {n} instances in the mask, {len(keep)} boxes")
         if n >= 2:
             labels = [int(v) for v in targets[i]["labels"][keep]]
             rows.append((i, box[keep], labels, r_t[i, :n, :n].cpu(), r_s[i, :n, :n].cpu()))
     if not rows:
         placeholder(path, "no validation image among those shown has >= 2 instances")
         return 0
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         len(rows), 3, figsize=(11, 3.6 * len(rows)), squeeze=False, layout="constrained"
     )
     for row, (i, box, labels, mat_t, mat_s) in enumerate(rows):
@@ -264,7 +261,7 @@ def plot_instance_relations(
         ax = axes[row][0]
         ax.imshow(pictures[i].numpy())
         for j, (x0, y0, x1, y1) in enumerate(box.tolist()):
-            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
             ax.text(
                 x0,
                 y0,

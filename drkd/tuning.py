@@ -262,13 +262,11 @@ def trial_ap(t: FrozenTrial) -> float | None:
     """The objective value, or a pruned trial's last reported AP."""
     if t.value is not None:
         return t.value
-    return t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+    return t.intermediate_values[t.last_step] if t.last_step is not None else None
 
 
 def seconds(t: FrozenTrial) -> float | None:
-    if t.datetime_start and t.datetime_complete:
-        return (t.datetime_complete - t.datetime_start).total_seconds()
-    return None
+    return t.duration.total_seconds() if t.duration else None
 
 
 def fail_reason(t: FrozenTrial) -> str:
@@ -338,7 +336,7 @@ def write_outputs(study: optuna.Study, out: Path, track: Tracker, method: str = 
         }
     )
 
-    import matplotlib.pyplot as plt  # after drkd.plots, which picks the Agg backend
+    import matplotlib.pyplot as plt  # optuna draws with pyplot (Agg without a display)
 
     for name, plot in PLOTS.items():
         if name == "param_importances" and len(complete) < 2:

@@ -17,44 +17,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from drkd import cli
-from drkd.checkpoint import load_detector, model_card
-from drkd.config import UserError, load_params
+from drkd.checkpoint import check_categories, load_detector, model_card
+from drkd.config import load_params
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
 from drkd.devices import pick_device
-from drkd.evaluation import STAT_NAMES, coco_metrics, predict
+from drkd.evaluation import STAT_NAMES, coco_metrics, ms_per_image, predict
 from drkd.files import require_files, write_json
 from drkd.models import count_parameters
 from drkd.tracking import mlflow_name, stage_run
-
-
-@torch.no_grad()
-def time_inference(
-    model: nn.Module, dataset: CocoDetection, num_images: int, device: torch.device
-) -> float:
-    """Mean ms per image at batch size 1 over the first ``num_images`` images (1 warm-up)."""
-    model.eval().to(device)
-    images = [dataset[i][0].to(device) for i in range(min(num_images, len(dataset)))]
-    if not images:
-        return 0.0
-    model([images[0]])  # warm-up: cudnn autotuning, lazy allocations
-    seconds = 0.0
-    for image in images:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model([image])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
-    return 1000 * seconds / len(images)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,11 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     require_files([data / "val.json"])
     dataset = CocoDetection(data / "val.json", eval_transforms())
     model, checkpoint = load_detector(args.checkpoint)
-    if list(checkpoint["category_ids"]) != dataset.category_ids:
-        raise UserError(
-            f"{args.checkpoint}: trained on categories {checkpoint['category_ids']}, "
-            f"but {data / 'val.json'} has {dataset.category_ids}"
-        )
+    check_categories(args.checkpoint, checkpoint, dataset)
     device = pick_device()
     logged = {
         "name": args.name,
@@ -104,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = coco_metrics(data / "val.json", detections)
         ms = batched_ms
         if params.evaluate.timing_images:
-            ms = time_inference(model, dataset, params.evaluate.timing_images, device)
+            ms = ms_per_image(model, dataset, params.evaluate.timing_images, device)
         metrics["parameters"] = count_parameters(model)
         metrics["inference_ms_per_image"] = round(ms, 3)
         write_json(detections, args.detections)

@@ -17,13 +17,13 @@ import tempfile
 from pathlib import Path
 
 from drkd import cli
-from drkd.checkpoint import load_detector
+from drkd.checkpoint import check_categories, load_detector
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
 from drkd.devices import pick_device
 from drkd.evaluation import predict
 from drkd.files import write_json
-from drkd.predict import check_categories, draw, image_files, named, split_of_images
+from drkd.predict import draw, image_files, named, split_of_images
 
 
 def main(argv: list[str] | None = None) -> int:

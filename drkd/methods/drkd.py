@@ -23,7 +23,7 @@ from typing import cast
 
 import torch
 from torch import nn
-from torchvision.ops import roi_align
+from torchvision.ops import remove_small_boxes, roi_align
 
 from drkd.config import DistillConfig, UserError
 from drkd.losses import (
@@ -272,7 +272,7 @@ def instance_rois(
     )
     boxes_all = torch.cat(boxes).float()
     labels = torch.cat([t["labels"] for t in targets]).to(image_index.device)
-    keep = is_instance(boxes_all)
+    keep = instances(boxes_all)
     boxes_all, image_index, labels = boxes_all[keep], image_index[keep], labels[keep]
     return torch.cat([image_index[:, None].float(), boxes_all], dim=1), image_index, labels
 
@@ -283,7 +283,7 @@ def pad_labels(labels: torch.Tensor, image_index: torch.Tensor, batch_size: int)
     return padded[..., 0].long()
 
 
-def is_instance(boxes: torch.Tensor) -> torch.Tensor:
-    """(K, 4) -> (K,) bool: degenerate boxes (w or h < 1 px) are not instances (method.md,
-    "Pitfalls")."""
-    return ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+def instances(boxes: torch.Tensor) -> torch.Tensor:
+    """(K, 4) -> the indices (K',) of the boxes that are instances: degenerate boxes (w or h
+    < 1 px) are not (method.md, "Pitfalls")."""
+    return remove_small_boxes(boxes, 1.0)
