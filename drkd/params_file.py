@@ -15,7 +15,15 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
-from drkd.config import ConfigError, flatten, merge, parse_params, read_yaml_file
+from drkd.config import (
+    ConfigError,
+    UserError,
+    flatten,
+    load_params,
+    merge,
+    parse_params,
+    read_yaml_file,
+)
 from drkd.files import write_text
 
 
@@ -77,3 +85,44 @@ def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
 def comments(text: str) -> Counter[str]:
     """The YAML comments of ``text`` (a `#` at a line's start or after a space), by content."""
     return Counter(m.group(1) for m in re.finditer(r"(?:^|\s)(#[^\n]*)", text))
+
+
+def promote(params_file: str, method: str, out: Path, row: str, apply_it: bool) -> None:
+    """OUT's best_params.yaml of ``method`` (else tune.method, else distill.method): print the
+    `dvc exp run -S ...` line, or with ``apply_it`` merge it into the params file; with
+    ``row`` as a new compare.methods row instead of into `distill`."""
+    params = load_params(params_file)
+    method = method or params.tune.method or params.distill.method
+    path = out / ("" if method in ("drkd", "none") else method) / "best_params.yaml"
+    if not path.is_file():
+        raise UserError(f"{path}: not found (run python -m stages.tune first)")
+    best = read_yaml_file(path) or {}
+    if not isinstance(best, dict) or not set(best) <= {"distill", "student"}:
+        raise ConfigError(f"{path}: expected a partial params file with distill / student")
+    flat = flatten(best)
+    if row:  # a comparison row beside the method's own: published and tuned on one board
+        if set(best) != {"distill"}:
+            raise UserError(f"{path}: tunes {', '.join(k for k in flat if k[:8] != 'distill.')}"
+                            "; a compare row sets `distill` only (promote without --row)")
+        if row in params.compare.methods:
+            raise UserError(f"{params_file}: compare.methods has a row {row!r} already; "
+                            "pick a new name (or delete that row first)")
+        best = {"compare": {"methods": {row: {"method": method, **best["distill"]}}}}
+        flat = flatten(best)
+    params_path = Path(params_file)
+    if not apply_it:
+        check(params_path, best, str(path))
+        target = "compare/dvc.yaml " if row else ""  # the row runs in `make compare`
+        print(f"dvc exp run {target}{flags(best, add=bool(row))}")
+        return
+    apply(params_path, best, str(path))
+    print(f"[tune] {params_path}: set {', '.join(f'{k}={v!r}' for k, v in flat.items())}")
+    if row:
+        print(f"[tune] `make compare` now runs row {row!r}'s cells")
+        return
+    print("[tune] `dvc repro` now reruns distill and what follows")
+    if "student.train.lr" in flat:
+        print(
+            "[tune] student.train.lr changed: the baseline student (train_student) "
+            "retrains too, so the comparison stays like for like"
+        )

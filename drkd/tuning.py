@@ -1,7 +1,7 @@
 """The Optuna study behind `make tune` (stages/tune.py keeps the command line): the search
 space of each method, the objective (the validation AP of a student distilled for the short
 `tune` budget), the shared study in an RDB with its worker gate, and the outputs
-(best_params.yaml, trials.csv, plots). The one module besides that stage that imports optuna.
+(best_params.yaml, trials.csv, plots). The one module that imports optuna.
 """
 
 from __future__ import annotations
@@ -27,18 +27,19 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from drkd import registry
-from drkd.config import Params, TrainConfig, UserError, merge, parse_params, to_dict
+from drkd.config import Params, TrainConfig, UserError, load_params, merge, parse_params, to_dict
 from drkd.data.coco import CocoDetection
+from drkd.data.transforms import eval_transforms, train_transforms
 from drkd.devices import pick_device
-from drkd.distiller import Distiller
+from drkd.distiller import Distiller, load_teacher
 from drkd.engine import fit, schedule
 from drkd.evaluation import coco_metrics, predict
-from drkd.files import write_text
+from drkd.files import require_files, write_text
 from drkd.models import build_detector
 from drkd.plots import save_figure
 from drkd.recipe import shorten
 from drkd.report import NOT_LOSSES
-from drkd.tracking import Tracker
+from drkd.tracking import Tracker, parent_run
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 HEARTBEAT_S = 10  # a live worker refreshes its running trial this often
@@ -437,3 +438,70 @@ def run_study(
             study.optimize(gated, n_trials=1, catch=(Exception,), callbacks=[progress])
         finally:
             gate.release()
+
+
+def tuned_method(params: Params, given: str) -> str:
+    """The method a study tunes: ``given`` (--method), else tune.method, else distill.method."""
+    method = given or params.tune.method or params.distill.method
+    if method == "none":
+        raise UserError("tune: distill.method is none; pick a method (--method or tune.method)")
+    return method
+
+
+def tune(params_file: str, method: str, data: Path, teacher_path: Path, storage: str,
+         n_trials: int, out: Path) -> None:
+    """Run (or continue) the study of ``method`` (``tuned_method``) until ``n_trials`` (0:
+    tune.n_trials) trials are finished over all workers; write OUT (OUT/<method> for a method
+    other than DRKD)."""
+    params = load_params(params_file)
+    method = tuned_method(params, method)
+    out = out if method == "drkd" else out / method
+    if not teacher_path.is_file():
+        raise UserError(f"{teacher_path}: teacher checkpoint not found (dvc repro train_teacher)")
+    if not (data / "train.json").is_file():
+        raise UserError(f"{data / 'train.json'}: not found (dvc repro prepare)")
+    train = CocoDetection(data / "train.json", train_transforms(params.student.train.hflip))
+    val = CocoDetection(data / "val.json", eval_transforms())
+    teacher = load_teacher(teacher_path, train)
+    trial_params(params, {}, method)  # the budget override must itself be valid params
+    url = storage or params.tune.storage or DEFAULT_STORAGE
+    n_trials = n_trials or params.tune.n_trials
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    gate = Gate(url)
+    gate.acquire()  # two workers creating a fresh sqlite file would race on its tables
+    try:
+        study = open_study(params, url, method)
+        if not study.trials:
+            study.enqueue_trial(current_values(params, method), user_attrs={"from": "params.yaml"})
+    finally:
+        gate.release()
+    print(
+        f"[tune] study '{study.study_name}' in {url}: {len(study.trials)} trials so far, "
+        f"budget {n_trials}"
+    )
+    with parent_run(params, study.study_name, url, n_trials, data) as track:
+        objective = make_objective(params, teacher, train, val, track, method)
+        run_study(study, objective, n_trials, params.tune.sampler_seed, gate)
+        write_outputs(study, out, track, method)
+
+
+def print_calibration(params_file: str, method: str, data: Path, teacher_path: Path,
+                      steps: int) -> None:
+    """Print each loss term of the method against the detection loss over the first
+    ``steps`` steps (``calibrate``), and whether its search range contains the weights that
+    put it between 0.1x and 10x the detection loss."""
+    params = load_params(params_file)
+    method = tuned_method(params, method)
+    require_files([data / "train.json", teacher_path])
+    train = CocoDetection(data / "train.json", train_transforms(params.student.train.hflip))
+    teacher = load_teacher(teacher_path, train)
+    with tempfile.TemporaryDirectory() as work:
+        rows = calibrate(params, method, teacher, train, steps, Path(work))
+    print(f"{method}: each term / the detection loss, mean over steps 1-{steps}\n")
+    print("| term | weight | value | term / detection | weight for 0.1x..10x | space | covers |")
+    print("|---|---|---:|---:|---|---|---|")
+    for r in rows:
+        low, high = r["suggested"] or (float("nan"), float("nan"))
+        space = "..".join(f"{v:.3g}" for v in r["space"]) if r["space"] else "off"
+        print(f"| {r['term']} | {r['dimension']} | {r['weight']:.3g} | {r['ratio']:.3g} | "
+              f"{low:.3g}..{high:.3g} | {space} | {'yes' if r['covers'] else 'NO'} |")

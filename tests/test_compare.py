@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from drkd import leaderboard as board_lib
+from drkd.compare import cell_params, launch
 from drkd.config import UserError, load_params, to_dict
 from drkd.registry import FgdConfig
 from stages import compare, leaderboard
@@ -144,21 +145,21 @@ def test_cell_params(tmp_path: Path) -> None:
         "compare": {"epochs": 2, "methods": {
             "fgd": {}, "drkd_ins": {"method": "drkd", "w_pr": 0, "instance": {"tau": 0.1}}}},
         "tracking": {"enabled": True}}))
-    cell = compare.cell_params(str(params), "fgd", 2)
+    cell = cell_params(str(params), "fgd", 2)
     assert cell["seed"] == 2
     # Only what FGD reads: a change to w_pr must not rerun it (nor reach it).
     assert cell["distill"] == {"method": "fgd", "fgd": to_dict(FgdConfig())}
     train = cell["student"]["train"]
     assert (train["epochs"], train["warmup_steps"]) == (2, 75)
     assert cell["tracking"]["enabled"] is False  # the cell itself is the MLflow run
-    variant = compare.cell_params(str(params), "drkd_ins", 0)["distill"]
+    variant = cell_params(str(params), "drkd_ins", 0)["distill"]
     assert (variant["method"], variant["w_pr"]) == ("drkd", 0)
     assert variant["instance"]["tau"] == 0.1 and variant["instance"]["topk"] == 3  # merged
     assert "fgd" not in variant and "w_mimic" not in variant
     assert load_params(params).distill.w_pr == 0.5  # the cell's file is params.yaml's own
 
     with pytest.raises(UserError, match="no row 'pkd'"):
-        compare.cell_params(str(params), "pkd", 0)
+        cell_params(str(params), "pkd", 0)
 
 
 def test_rows_files_hold_what_each_cell_trains_with(tmp_path: Path) -> None:
@@ -175,7 +176,7 @@ def test_rows_files_hold_what_each_cell_trains_with(tmp_path: Path) -> None:
     before = rows({}, methods)
     assert set(before) == set(methods)
     assert json.loads(before["none"]) == {"method": "none"}
-    assert json.loads(before["ins"]) == compare.cell_params(str(params), "ins", 0)["distill"]
+    assert json.loads(before["ins"]) == cell_params(str(params), "ins", 0)["distill"]
     after = rows({"pkd": {"weight": 3.0}, "w_pr": 0.5}, {**methods, "ins": {
         "method": "drkd", "w_pr": 0.0}})
     changed = sorted(k for k in before if before[k] != after[k])
@@ -241,7 +242,7 @@ def test_no_cells_is_one_line(tmp_path: Path) -> None:
 
 def test_a_failed_training_ends_the_cell_with_its_code(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as ended:
-        compare.launch("python", "stages.train", ["no-such-model"])  # argparse: exit code 2
+        launch("python", "stages.train", ["no-such-model"])  # argparse: exit code 2
     assert ended.value.code == 2
     assert "error: stages.train under `python` exited with status 2" in capsys.readouterr().err
 
@@ -255,7 +256,7 @@ def test_a_terminated_cell_terminates_its_training(tmp_path: Path) -> None:
         "time.sleep(60)\n")
     cell = subprocess.Popen(
         [sys.executable, "-c",
-         "from stages import compare; compare.launch('python', 'sleeper', [])"],
+         "from drkd.compare import launch; launch('python', 'sleeper', [])"],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
     deadline = time.monotonic() + 60

@@ -24,6 +24,7 @@ from torch import nn
 
 from conftest import toy_teacher
 from drkd import tuning
+from drkd.compare import cell_params
 from drkd.config import (
     NonFiniteLoss,
     SearchSpace,
@@ -34,7 +35,7 @@ from drkd.config import (
     to_dict,
 )
 from drkd.tracking import PIPELINE_ENV
-from stages import compare, tune
+from stages import tune
 
 ROOT = Path(__file__).resolve().parents[1]
 PNGS = ["optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"]
@@ -418,7 +419,7 @@ def test_promote_as_a_compare_row(tmp_path: Path, capsys: pytest.CaptureFixture[
     after = yaml.safe_load(params.read_text())
     assert after["compare"]["methods"] == {**before["compare"]["methods"], "mgd_tuned": row}
     assert after["distill"] == before["distill"]  # the published mgd row is untouched
-    assert compare.cell_params(str(params), "mgd_tuned", 0)["distill"]["mgd"] == {
+    assert cell_params(str(params), "mgd_tuned", 0)["distill"]["mgd"] == {
         **before["distill"]["mgd"], **row["mgd"]}
     # A row of that name exists now: promoting onto it would merge into (or replace) a row.
     assert tune.cli.run(tune.main, base) == 2

@@ -1,0 +1,152 @@
+"""`make compare`'s cells (see stages/compare.py): each row's resolved `distill` settings, one
+cell's params, training and evaluation, launched as the main pipeline launches them."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from drkd.config import (
+    DistillConfig,
+    TrainConfig,
+    UserError,
+    from_dict,
+    load_params,
+    method_distill,
+    parse_params,
+    row_distill,
+    to_dict,
+)
+from drkd.files import require_files, write_json, write_text
+from drkd.recipe import shorten
+from drkd.tracking import stage_run
+
+STATS = ("AP", "AP50", "APs", "APm", "APl")  # logged to the cell's MLflow run
+
+
+def resolved_rows(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Row name -> the `distill` settings its cells train with: params.yaml's `distill` with the
+    row's overrides, every value in its canonical type (0 and 0.0 are one setting), only the
+    keys the row's method reads."""
+    return {
+        name: method_distill(to_dict(from_dict(
+            DistillConfig, row_distill(params["distill"], name, overrides), "distill")))
+        for name, overrides in params["compare"]["methods"].items()
+    }
+
+
+def cell_params(params_file: str, row: str, seed: int) -> dict[str, Any]:
+    """params.yaml as one cell trains it: its seed and its row's `distill` (``resolved_rows``;
+    the keys its method does not read take their defaults); its own tracking off (the cell is
+    the MLflow run)."""
+    params = to_dict(load_params(params_file))
+    rows = params["compare"]["methods"]
+    if row not in rows:
+        raise UserError(f"{params_file}: compare.methods has no row {row!r} "
+                        f"(rows: {', '.join(rows)})")
+    params["seed"] = seed
+    params["distill"] = resolved_rows(params)[row]
+    epochs = params["compare"]["epochs"]
+    if epochs:
+        recipe = from_dict(TrainConfig, params["student"]["train"], "student.train")
+        train = to_dict(shorten(recipe, epochs, recipe.max_steps))
+        params["student"]["train"] = train
+    params["tracking"]["enabled"] = False
+    parse_params(params)
+    return params
+
+
+def compare_id(params: dict[str, Any], data: Path, teacher: Path) -> str:
+    """What every cell of one comparison shares (not the method, its params or the seed)."""
+    digest = hashlib.md5((data / "train.json").read_bytes())
+    digest.update(teacher.read_bytes())
+    # The launcher too: its process count divides the steps (one batch per process).
+    digest.update(json.dumps([params["student"], params["compare"]["epochs"],
+                              params["launcher"]], sort_keys=True).encode())
+    return digest.hexdigest()[:12]
+
+
+def launch(launcher: str, stage: str, argv: list[str]) -> None:
+    """``<launcher> -m <stage> argv``, as dvc.yaml runs the training stages (torchrun: DDP); the
+    launcher's ``python`` is this interpreter, the one DVC found on the PATH. A SIGTERM to the
+    cell (a DVC queue kill) reaches the training too; a failed training ends the cell with its
+    exit code (1: diverged, 2: bad input), after its own error line."""
+    command = shlex.split(launcher)
+    if command[0] == "python":
+        command[0] = sys.executable
+    child = subprocess.Popen([*command, "-m", stage, *argv])
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code:
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        print(f"error: {stage} under `{launcher}` {how}", file=sys.stderr)
+        raise SystemExit(max(code, 1))
+
+
+def run_cell(params_file: str, row: str, seed: int, out: Path, data: Path, teacher: Path,
+             row_file: Path | None = None) -> None:
+    """Train and evaluate row ``row`` at ``seed`` into ``out`` (the files the stage's docstring
+    lists); ``row_file``, the cell's DVC dependency, must hold what the cell trains with."""
+    params = cell_params(params_file, row, seed)
+    if row_file:
+        require_files([row_file])
+        if json.loads(row_file.read_text()) != params["distill"]:
+            raise UserError(f"{row_file}: stale, not row {row!r} of {params_file} "
+                            "(run `dvc repro compare/dvc.yaml:rows` first)")
+    require_files([data / "train.json", data / "val.json", teacher])
+    method = params["distill"]["method"]
+    cell_id = compare_id(params, data, teacher)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(json.dumps(params, indent=1) + "\n", out / "params.yaml")  # JSON is YAML
+    common = ["--params", str(out / "params.yaml"), "--data", str(data)]
+    work = Path("work/compare") / out.name
+    train = [*common, "--out", str(out / "model.pt"),
+             "--history", str(out / "history.csv"), "--work-dir", str(work)]
+    user = load_params(params_file)  # the params file as given: its tracking and launcher
+    tags = {"row": row, "method": method, "seed": str(seed), "compare_id": cell_id}
+    with stage_run(user.tracking, f"compare_{out.name}", params, [data / "train.json"]) as run:
+        run.set_tags(tags)
+        if method == "none":
+            launch(user.launcher, "stages.train", ["student", *train])
+        else:
+            # DRKD's trained modules too: what its relation filter learned is measurable
+            # (benchmarks/relation_filter.py).
+            modules = ["--modules-out", str(out / "modules.pt")] if method == "drkd" else []
+            launch(user.launcher, "stages.distill",
+                   [*train, "--teacher", str(teacher), *modules])
+        with (out / "history.csv").open() as fh:
+            history = list(csv.DictReader(fh))
+        # The step loops' time, summed over a killed run's parts, and the training's peak
+        # memory over those parts (rank 0's under DDP), as drkd.engine.fit records them.
+        steps, seconds = int(history[-1]["step"]), float(history[-1]["seconds"])
+        cost = {"train_seconds": round(seconds, 2), "steps": steps,
+                "seconds_per_step": seconds / steps,
+                "peak_memory_mb": max(float(row["peak_memory_mb"]) for row in history)}
+        launch("python", "stages.evaluate",
+               ["compare", *common, "--checkpoint", str(out / "model.pt"),
+                "--metrics", str(out / "metrics.json"),
+                "--detections", str(out / "detections.json")])
+        metrics = json.loads((out / "metrics.json").read_text())
+        overrides = params["compare"]["methods"][row]
+        write_json({**cost, **tags, "overrides": overrides}, out / "cost.json")
+        run.log_metrics({**{k: metrics[k] for k in STATS},
+                         **{k: float(v) for k, v in cost.items()}})
+        run.log_artifact(out / "history.csv")
+
+
+def write_rows(params_file: str, out: Path) -> None:
+    """ROW.json per row of ``compare.methods``: its resolved `distill` settings."""
+    for name, distill in resolved_rows(to_dict(load_params(params_file))).items():
+        write_json(distill, out / f"{name}.json")
+
+
