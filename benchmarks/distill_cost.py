@@ -58,10 +58,11 @@ def batch(size: int, count: int, device: torch.device) -> tuple[list[torch.Tenso
     return images, targets
 
 
-def timed(fns: dict[str, Callable[[], None]], steps: int, device: torch.device) -> dict[str, float]:
+def timed(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
+          warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each function, called in turn (A, B, C, A, B, C, ...) after
-    3 warm-up rounds, so that a slow spell of the machine hits every function alike."""
-    for _ in range(3):
+    ``warmup`` rounds, so that a slow spell of the machine hits every function alike."""
+    for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}

@@ -9,6 +9,8 @@ student train steps/s, teacher backbone forwards/s, distill steps/s, whether eve
 stayed finite, and the peak memory of a distill step (``torch.cuda.max_memory_allocated``).
 Then the batched-vs-per-image instance-relation speed-up on CUDA, and a 2-step distillation
 under ``torchrun --nproc_per_node=<all GPUs>`` (NCCL) whose checkpoint rank 0 must write.
+Between them, the tables of benchmarks.paper_scale (every method at the paper presets' sizes,
+and the instance paths against the boxes per image) on CUDA.
 
 Without CUDA it stops at once with an error: its numbers mean nothing on a CPU.
 ``--cpu-smoke`` runs every code path on the CPU at toy sizes; it exists for the test suite.
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 import yaml
 
+from benchmarks import paper_scale
 from benchmarks.distill_cost import relation_speed, timed, train_step
 from drkd.checkpoint import load_detector
 from drkd.config import ModelConfig, Params, PixelRelationConfig, load_params
@@ -227,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                            device=device)
     print(f"instance relations, batched vs per-image loop: {speed['speedup']:.2f}x "
           f"(range {speed['speedup_min']:.2f}-{speed['speedup_max']:.2f})")
+    # The CPU benchmark's own configurations (docs/speed.md), so the two tables line up.
+    smoke = ["--smoke", "--steps", "1", "--arch", "retinanet"] if args.cpu_smoke else []
+    paper_scale.main(smoke or ["--steps", "5"])
+    paper_scale.main([*smoke, "--instances", *(["1", "12"] if smoke else
+                                               ["1", "10", "50", "100", "300"])])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     wrote = torchrun_distill(args.params, max(gpus, 1), args.cpu_smoke)
     print(f"torchrun x {max(gpus, 1)} ({'gloo' if args.cpu_smoke else 'nccl'}), 2 distill "

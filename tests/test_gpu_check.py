@@ -36,3 +36,5 @@ def test_every_code_path_runs_on_cpu_at_toy_sizes() -> None:
     assert [row.split("|")[2].strip() for row in rows] == ["fp32", "bf16", "fp16"]
     assert all("| yes |" in row for row in rows)
     assert "rank 0 wrote the student" in done.stdout
+    assert "| drkd (paper preset, release) |" in done.stdout  # benchmarks.paper_scale's rows
+    assert "| drkd IR learned |" in done.stdout

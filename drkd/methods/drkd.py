@@ -23,6 +23,7 @@ from typing import cast
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torchvision.ops import remove_small_boxes, roi_align
 
 from drkd.config import DistillConfig, UserError
@@ -112,21 +113,26 @@ class DRKD(nn.Module):
         targets: list[dict[str, torch.Tensor]],
         batch_shape: tuple[int, int],
     ) -> dict[str, torch.Tensor]:
-        cfg, out = self.cfg, {}
+        out: dict[str, torch.Tensor] = {}
         if len(self.glore_s):
-            glore_s = cast(list[GloRe], self.glore_s)
-            glore_t = cast(list[GloRe], self.glore_t)
-            s_rel = [
-                a(g.pixels(s))
-                for a, g, s in zip(self.pixel_adapters, glore_s, student_maps, strict=False)
-            ]
-            t_rel = [g.pixels(t) for g, t in zip(glore_t, teacher_maps, strict=False)]
-            if cfg.pixel.standardize and not cfg.release:  # the release compares raw outputs
-                s_rel, t_rel = [standardise(x) for x in s_rel], [standardise(x) for x in t_rel]
-            out["loss_pr"] = cfg.w_pr * pixel_relation_loss(s_rel, t_rel, cfg.reduction)
+            with record_function("drkd.pixel"):
+                out["loss_pr"] = self.pixel_loss(student_maps, teacher_maps)
         if self.has_instance_terms:
             out.update(self.instance_losses(student_maps, teacher_maps, targets, batch_shape))
         return out
+
+    def pixel_loss(self, student_maps: list[torch.Tensor],
+                   teacher_maps: list[torch.Tensor]) -> torch.Tensor:
+        """w_pr * L_PR over the levels (GloRe's pixel features of both sides)."""
+        cfg = self.cfg
+        glore_s = cast(list[GloRe], self.glore_s)
+        glore_t = cast(list[GloRe], self.glore_t)
+        s_rel = [a(g.pixels(s))
+                 for a, g, s in zip(self.pixel_adapters, glore_s, student_maps, strict=False)]
+        t_rel = [g.pixels(t) for g, t in zip(glore_t, teacher_maps, strict=False)]
+        if cfg.pixel.standardize and not cfg.release:  # the release compares raw outputs
+            s_rel, t_rel = [standardise(x) for x in s_rel], [standardise(x) for x in t_rel]
+        return cfg.w_pr * pixel_relation_loss(s_rel, t_rel, cfg.reduction)
 
     def instance_losses(
         self,
@@ -203,9 +209,10 @@ class DRKD(nn.Module):
         # The release: aligned=False, adaptive sampling (pooled features differ by 21-55%).
         align = {"sampling_ratio": -1, "aligned": False} if self.cfg.release else {
             "sampling_ratio": 2, "aligned": True}
-        raw = roi_align(s_map.float(), rois, ROI_SIZE, scale, **align)
+        with record_function("drkd.roi_align"):
+            raw = roi_align(s_map.float(), rois, ROI_SIZE, scale, **align)
+            pooled_t = roi_align(t_map.float(), rois, ROI_SIZE, scale, **align)
         pooled_s = self.instance_adapters[level](raw) if len(self.instance_adapters) else raw
-        pooled_t = roi_align(t_map.float(), rois, ROI_SIZE, scale, **align)
         batch = s_map.shape[0]
         e_s, mask = pad_instances(pooled_s.flatten(1), image_index, batch)
         e_t, _ = pad_instances(pooled_t.flatten(1), image_index, batch)
@@ -225,11 +232,13 @@ class DRKD(nn.Module):
         block_t = cast(InstanceRelation, self.relation_t[level])
         scores, weights = None, None
         if len(self.filters):
-            scores = cast(RelationFilter, self.filters[level]).scores(e_t)
-            weights = weights_of(scores.detach(), mask)
+            with record_function("drkd.filter"):
+                scores = cast(RelationFilter, self.filters[level]).scores(e_t)
+                weights = weights_of(scores.detach(), mask)
         settings = (inst.tau, inst.topk, weights, self_pairs)
-        r_s = relation_matrix(block_s.affinity(e_s), mask, *settings)
-        r_t = relation_matrix(block_t.affinity(e_t), mask, *settings)
+        with record_function("drkd.relation_matrices"):
+            r_s = relation_matrix(block_s.affinity(e_s), mask, *settings)
+            r_t = relation_matrix(block_t.affinity(e_t), mask, *settings)
         return r_s, r_t, scores
 
     def relation_loss(

@@ -1,0 +1,302 @@
+"""Every method at the paper's scale, side by side (a benchmark, not a test).
+
+    python -m benchmarks.paper_scale [--arch retinanet faster_rcnn] [--steps 2] [--out F.json]
+    python -m benchmarks.paper_scale --instances 1 10 50 100 300 [--arch retinanet]
+    python -m benchmarks.paper_scale --smoke        (toy sizes, every code path: for the tests)
+
+The paper presets' detectors as they are (presets/paper_<arch>.yaml: R101-FPN256 teacher,
+R50-FPN256 student, min/max size 800/1333, batch 2; random weights, nothing downloaded) on
+BCCD images (640x480, which the detectors resize to 800x1067) with their boxes (without the
+shared data folder: random images of that size).
+
+Methods: one train step each, timed in turn (interleaved, one warm-up round, the median of
+``--steps``) beside the baseline student's step and the teacher's backbone forward: DRKD as the
+paper preset sets it (``release: true``), DRKD as params.yaml sets it, MGD, CWD, PKD and FGD
+(their params.yaml sections). Per row: seconds per step, the ratio to the baseline step and to
+(baseline + teacher forward), whether every loss stayed finite, the peak memory of one step (a
+fresh process each: peak RSS above the imports on a CPU, the allocator's peak on CUDA), and
+from one profiled step the forward time of each labelled part (``distill.teacher``,
+``distill.method``; DRKD's ``drkd.pixel`` (GloRe of every level), ``drkd.roi_align``,
+``drkd.filter``, ``drkd.relation_matrices``).
+
+--instances: the same images with K random boxes each (K = 1, 10, 50, ...; 8-96 px) and the
+instance paths alone, on fixed FPN maps (forward + backward of the method, not the detector,
+whose cost does not depend on K): DRKD's INS, its IR with the cosine similarity, the filter and
+top-k (the default), its IR with the learned similarity, and FGD's masks; seconds and the peak
+RSS growth of one call (in this process) per K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from benchmarks.distill_cost import resident_mib, timed, train_step
+from drkd.config import (
+    DistillConfig,
+    ModelConfig,
+    Params,
+    load_params,
+    merge,
+    parse_params,
+    read_yaml_file,
+    to_dict,
+)
+from drkd.data.voc import read_annotation, read_split, split_file
+from drkd.devices import pick_device
+from drkd.distiller import Distiller
+from drkd.files import write_json
+from drkd.models import build_detector
+
+REPO = Path(__file__).resolve().parent.parent
+BCCD = REPO.parent / "shared" / "data" / "bccd" / "BCCD"
+CLASSES = ("RBC", "WBC", "Platelets")
+PARTS = ("distill.teacher", "distill.method", "drkd.pixel", "drkd.roi_align", "drkd.filter",
+         "drkd.relation_matrices")
+
+
+def paper_params(arch: str, smoke: bool) -> Params:
+    """params.yaml with presets/paper_<arch>.yaml on top, the weights paths cleared (random
+    init); --smoke: the same detectors shrunk to toy sizes."""
+    raw = merge(to_dict(load_params(REPO / "params.yaml")),
+                read_yaml_file(REPO / "presets" / f"paper_{arch}.yaml"))
+    for side in ("teacher", "student"):
+        raw[side]["model"].update(weights="", backbone_weights="")
+        if smoke:
+            raw[side]["model"].update(backbone="resnet18", fpn_channels=16, min_size=64,
+                                      max_size=96, norm="batch")
+    return parse_params(raw)
+
+
+def bccd_batch(count: int, size: int | None, device: torch.device,
+               boxes_per_image: int = 0) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """The first ``count`` BCCD training images ([0, 1], optionally resized so the long side is
+    ``size``) with their boxes, or ``boxes_per_image`` random ones (8-96 px, seeded). Without
+    BCCD (a machine without the shared data folder): random 640x480 images, 12 random boxes."""
+    g = torch.Generator().manual_seed(0)
+    if BCCD.is_dir():
+        names = read_split(split_file(BCCD, "train"))[:count]
+        annotations = [read_annotation(BCCD / "Annotations" / f"{n}.xml") for n in names]
+        pictures = [F.to_dtype(F.pil_to_tensor(Image.open(BCCD / "JPEGImages" / a.filename)
+                                               .convert("RGB")), torch.float32, scale=True)
+                    for a in annotations]
+    else:
+        annotations, pictures = [], [torch.rand(3, 480, 640, generator=g) for _ in range(count)]
+        boxes_per_image = boxes_per_image or 12
+    images, targets = [], []
+    for k, image in enumerate(pictures):
+        h, w = image.shape[-2:]
+        if boxes_per_image:
+            xy = torch.rand(boxes_per_image, 2, generator=g) * torch.tensor([w - 96, h - 96])
+            wh = 8 + torch.rand(boxes_per_image, 2, generator=g) * 88
+            boxes = torch.cat([xy, xy + wh], 1)
+            labels = torch.randint(1, len(CLASSES) + 1, (boxes_per_image,), generator=g)
+        else:
+            objects = annotations[k].objects
+            boxes = torch.tensor([o.box for o in objects], dtype=torch.float32)
+            labels = torch.tensor([CLASSES.index(o.name) + 1 for o in objects])
+        if size:
+            factor = size / max(h, w)
+            image = F.resize(image, [round(h * factor), round(w * factor)], antialias=True)
+            boxes = boxes * factor
+        images.append(image.to(device))
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+def method_configs(paper: Params) -> dict[str, DistillConfig]:
+    """The rows: DRKD of the paper preset and of params.yaml, and each peer method."""
+    default = load_params(REPO / "params.yaml").distill
+    rows = {"drkd (paper preset, release)": paper.distill, "drkd (params.yaml)": default}
+    rows.update({m: dataclasses.replace(default, method=m) for m in ("mgd", "cwd", "pkd", "fgd")})
+    return rows
+
+
+def module_for(row: str, student: ModelConfig, teacher: torch.nn.Module, paper: Params,
+               classes: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_detector(student, classes)
+    return model if row == "none" else Distiller(model, teacher, method_configs(paper)[row])
+
+
+def parts_ms(step: Any) -> dict[str, float]:
+    """Forward milliseconds of each labelled part in one profiled step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    found = {e.key: e.cpu_time_total / 1000 for e in prof.key_averages() if e.key in PARTS}
+    return {k: round(found[k], 1) for k in PARTS if k in found}
+
+
+def peak_mib(arch: str, row: str, smoke: bool) -> float:
+    """Peak memory of one train step of ``row``, in this (fresh) process, above the imports."""
+    device = pick_device()
+    imports = resident_mib("VmRSS")
+    paper = paper_params(arch, smoke)
+    teacher = build_detector(paper.teacher.model, len(CLASSES) + 1).to(device)
+    module = module_for(row, paper.student.model, teacher, paper, len(CLASSES) + 1).to(device)
+    images, targets = bccd_batch(2, 96 if smoke else None, device)
+    train_step(module, images, targets, paper.student.train)()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resident_mib("VmHWM") - imports
+
+
+def methods_table(arch: str, steps: int, smoke: bool, memory: bool) -> dict[str, Any]:
+    device = pick_device()
+    paper = paper_params(arch, smoke)
+    classes = len(CLASSES) + 1
+    teacher = build_detector(paper.teacher.model, classes).to(device).eval()
+    images, targets = bccd_batch(2, 96 if smoke else None, device)
+    rows = ["none", *method_configs(paper)]
+    finite: dict[str, bool] = {}
+
+    def stepper(row: str) -> Any:
+        module = module_for(row, paper.student.model, teacher, paper, classes).to(device)
+        step = train_step(module, images, targets, paper.student.train)
+
+        def checked() -> None:
+            losses = step()
+            finite[row] = finite.get(row, True) and all(map(math.isfinite, losses.values()))
+
+        return checked
+
+    steppers = {row: stepper(row) for row in rows}
+    transform = build_detector(paper.student.model, classes).transform.eval()
+    batch = transform(images)[0].tensors
+
+    def teacher_forward() -> None:
+        with torch.no_grad():
+            teacher.backbone(batch)
+
+    seconds = timed({**steppers, "teacher forward": teacher_forward}, steps, device, warmup=1)
+    base, floor = seconds["none"], seconds["none"] + seconds["teacher forward"]
+    table = {}
+    for row in rows:
+        table[row] = {"s_per_step": seconds[row], "vs_baseline": seconds[row] / base,
+                      "vs_baseline_plus_teacher": seconds[row] / floor,
+                      "finite": finite[row], "parts_ms": parts_ms(steppers[row])}
+        if device.type == "cuda":  # the allocator's own peak, per row in this process
+            torch.cuda.reset_peak_memory_stats()
+            steppers[row]()
+            table[row]["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        elif memory:
+            table[row]["peak_mib"] = json.loads(subprocess.run(
+                [sys.executable, "-m", "benchmarks.paper_scale", "--peak", arch, row,
+                 *(["--smoke"] if smoke else [])],
+                cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    return {"arch": arch, "batch": list(batch.shape), "teacher_forward_s":
+            seconds["teacher forward"], "rows": table}
+
+
+def method_step(method: torch.nn.Module, s_maps: list[torch.Tensor],
+                t_maps: list[torch.Tensor], targets: list[dict[str, Any]],
+                shape: tuple[int, ...]) -> None:
+    """One forward + backward of a method's terms on fixed maps."""
+    method.zero_grad(set_to_none=True)
+    sum(method(s_maps, t_maps, targets, shape).values()).backward()
+
+
+def instance_scaling(arch: str, counts: list[int], steps: int, smoke: bool) -> dict[str, Any]:
+    """Seconds and peak RSS growth of the instance paths' forward + backward against K."""
+    device = pick_device()
+    paper = paper_params(arch, smoke)
+    default = load_params(REPO / "params.yaml").distill
+    inst = default.instance
+    rows = {
+        "drkd INS": dataclasses.replace(default, w_pr=0.0, w_ir=0.0),
+        "drkd IR cosine + filter + top-k": dataclasses.replace(default, w_pr=0.0, w_ins=0.0),
+        "drkd IR learned": dataclasses.replace(default, w_pr=0.0, w_ins=0.0, instance=(
+            dataclasses.replace(inst, similarity="learned", filter=False, topk=0, tau=1.0))),
+        "fgd": dataclasses.replace(default, method="fgd"),
+    }
+    classes = len(CLASSES) + 1
+    student = build_detector(paper.student.model, classes).to(device)
+    teacher = build_detector(paper.teacher.model, classes).to(device).eval()
+    out: dict[str, Any] = {}
+    for count in counts:
+        images, targets = bccd_batch(2, 96 if smoke else None, device, boxes_per_image=count)
+        tensors, targets = student.transform(images, targets)
+        with torch.no_grad():
+            s_maps = [m.detach() for m in student.backbone(tensors.tensors).values()]
+            t_maps = list(teacher.backbone(tensors.tensors).values())
+        shape = tuple(tensors.tensors.shape[-2:])
+        for name, cfg in rows.items():
+            method = Distiller(student, teacher, cfg).method
+            assert method is not None
+            method.to(device)
+            leaves = [m.clone().requires_grad_() for m in s_maps]
+            call = functools.partial(method_step, method, leaves, t_maps, targets, shape)
+            call()  # warm-up
+            rss = resident_mib("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
+            call()
+            grown = resident_mib("VmHWM") - rss
+            seconds = timed({name: call}, steps, device, warmup=0)[name]
+            out.setdefault(name, {})[count] = {"s": seconds, "peak_growth_mib": grown}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", default=["retinanet", "faster_rcnn"],
+                        choices=["retinanet", "faster_rcnn"])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--instances", nargs="+", type=int, metavar="K")
+    parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peaks")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", help="write the results as JSON too")
+    parser.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)  # child: ARCH ROW
+    args = parser.parse_args(argv)
+    if args.peak:
+        print(json.dumps(peak_mib(*args.peak, args.smoke)))
+        return 0
+    device = pick_device()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "?")
+    print(f"device: {device} ({cpu}), threads: {torch.get_num_threads()}, "
+          f"median of {args.steps} steps, images: {'BCCD' if BCCD.is_dir() else 'random'}")
+    results: dict[str, Any] = {"device": str(device), "cpu": cpu,
+                               "threads": torch.get_num_threads(), "steps": args.steps}
+    for arch in args.arch:
+        if args.instances:
+            scaling = instance_scaling(arch, args.instances, args.steps, args.smoke)
+            results[f"{arch} instances"] = scaling
+            print(f"\n{arch}: instance paths (forward + backward on fixed maps) against boxes "
+                  "per image\n\n| path | " + " | ".join(f"K={k}" for k in args.instances)
+                  + " |\n|---|" + "---:|" * len(args.instances))
+            for name, by_count in scaling.items():
+                print(f"| {name} | " + " | ".join(
+                    f"{1000 * v['s']:.0f} ms, +{v['peak_growth_mib']:.0f} MiB"
+                    for v in by_count.values()) + " |")
+            continue
+        table = methods_table(arch, args.steps, args.smoke, not args.no_memory)
+        results[arch] = table
+        print(f"\n{arch}: padded batch {table['batch']}, teacher forward "
+              f"{table['teacher_forward_s']:.2f} s\n\n| method | s/step | vs baseline | "
+              "vs baseline + teacher | peak MiB | finite | forward parts (ms) |\n"
+              "|---|---:|---:|---:|---:|---|---|")
+        for row, r in table["rows"].items():
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in r["parts_ms"].items())
+            peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+            print(f"| {row} | {r['s_per_step']:.2f} | {r['vs_baseline']:.2f}x | "
+                  f"{r['vs_baseline_plus_teacher']:.2f}x | {peak} | "
+                  f"{'yes' if r['finite'] else 'NO'} | {parts} |")
+    if args.out:
+        write_json(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""benchmarks.paper_scale runs every code path at toy sizes (--smoke); its numbers are only
+meaningful at the paper's sizes (docs/speed.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import paper_scale
+
+
+@pytest.mark.slow
+def test_every_method_steps_with_finite_losses_and_named_parts(tmp_path: Path) -> None:
+    out = tmp_path / "methods.json"
+    assert paper_scale.main(["--smoke", "--steps", "1", "--arch", "retinanet",
+                             "--no-memory", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["retinanet"]["rows"]
+    assert set(rows) == {"none", "drkd (paper preset, release)", "drkd (params.yaml)",
+                         "mgd", "cwd", "pkd", "fgd"}
+    assert all(r["finite"] and r["s_per_step"] > 0 for r in rows.values())
+    assert rows["none"]["vs_baseline"] == 1.0
+    default = rows["drkd (params.yaml)"]["parts_ms"]
+    assert {"distill.teacher", "distill.method", "drkd.pixel", "drkd.roi_align",
+            "drkd.filter", "drkd.relation_matrices"} <= set(default)
+    assert "drkd.filter" not in rows["drkd (paper preset, release)"]["parts_ms"]  # no filter
+    assert "drkd.roi_align" not in rows["mgd"]["parts_ms"]
+
+
+def test_instance_scaling_covers_each_path_and_count(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paper_scale, "BCCD", tmp_path / "absent")  # random images then
+    out = tmp_path / "instances.json"
+    assert paper_scale.main(["--smoke", "--steps", "1", "--arch", "retinanet",
+                             "--instances", "1", "12", "--out", str(out)]) == 0
+    scaling = json.loads(out.read_text())["retinanet instances"]
+    assert set(scaling) == {"drkd INS", "drkd IR cosine + filter + top-k", "drkd IR learned",
+                            "fgd"}
+    assert all(set(by_count) == {"1", "12"} and all(v["s"] > 0 for v in by_count.values())
+               for by_count in scaling.values())
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_step_in_a_fresh_process() -> None:
+    """As the benchmark measures it: a child process per row, peak RSS above its imports."""
+    peaks = [json.loads(subprocess.run(
+        [sys.executable, "-m", "benchmarks.paper_scale", "--peak", "retinanet", row, "--smoke"],
+        cwd=paper_scale.REPO, capture_output=True, text=True, check=True).stdout)
+        for row in ("none", "drkd (params.yaml)")]
+    assert 0 < peaks[0] < peaks[1] < 4096
