@@ -26,3 +26,11 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated(pick_device()) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def thread_share(workers: int) -> int:
+    """This process's cores split among ``workers`` processes running at once, at least 1 each:
+    what each should take. Threads beyond the cores do not add speed, they subtract it: libgomp's
+    threads spin while they wait, so two 2-thread trainings on 2 cores run several times slower
+    than one after the other."""
+    return max(1, len(os.sched_getaffinity(0)) // workers)

@@ -10,8 +10,11 @@ import dataclasses
 import fcntl
 import math
 import os
+import signal
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import typing
@@ -30,7 +33,7 @@ from drkd import registry
 from drkd.config import Params, TrainConfig, UserError, load_params, merge, parse_params, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms, train_transforms
-from drkd.devices import pick_device
+from drkd.devices import pick_device, thread_share
 from drkd.distiller import Distiller, load_teacher
 from drkd.engine import fit, schedule
 from drkd.evaluation import coco_metrics, predict
@@ -217,6 +220,7 @@ def make_objective(
 ) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("threads", torch.get_num_threads())
         track.start_trial(trial.number)
         state, reason, start = "FAIL", "", time.perf_counter()
 
@@ -505,3 +509,29 @@ def print_calibration(params_file: str, method: str, data: Path, teacher_path: P
         space = "..".join(f"{v:.3g}" for v in r["space"]) if r["space"] else "off"
         print(f"| {r['term']} | {r['dimension']} | {r['weight']:.3g} | {r['ratio']:.3g} | "
               f"{low:.3g}..{high:.3g} | {space} | {'yes' if r['covers'] else 'NO'} |")
+
+
+def run_workers(argv: list[str], workers: int) -> None:
+    """``workers`` processes of ``python -m stages.tune argv`` on this machine, sharing one
+    study, each with its share of the cores (``OMP_NUM_THREADS``, unless it is set already);
+    waits for all, and fails when one fails. Ctrl-C or SIGTERM stops them all."""
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(thread_share(workers)))
+    print(f"[tune] {workers} workers, {env['OMP_NUM_THREADS']} thread(s) each")
+    children = [subprocess.Popen([sys.executable, "-m", "stages.tune", *argv], env=env)
+                for _ in range(workers)]
+
+    def stop(*_: Any) -> None:
+        for child in children:
+            child.terminate()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        codes = [child.wait() for child in children]
+    except KeyboardInterrupt:
+        stop()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if any(codes):
+        raise SystemExit(max(abs(c) for c in codes))

@@ -33,7 +33,7 @@ from pathlib import Path
 from drkd import cli
 from drkd.config import method_names
 from drkd.params_file import promote
-from drkd.tuning import DEFAULT_STORAGE, print_calibration, tune
+from drkd.tuning import DEFAULT_STORAGE, print_calibration, run_workers, tune
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     add("--row", default="",
         help="with --promote: add the tuned values as this compare.methods row, not into distill")
     add("--apply", action="store_true", help="with --promote: edit --params")
+    add("--workers", type=int, default=1,
+        help="run this many workers of the study on this machine, each with its share of the "
+        "cores (OMP_NUM_THREADS when set)")
     add("--calibrate", type=int, default=0, metavar="STEPS",
         help="measure each loss term against the detection loss over STEPS training steps and "
         "check the method's search space (docs/compare-and-tune.md); no study")
@@ -64,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--n-trials must be positive")
     if (args.apply or args.row) and not args.promote:
         parser.error("--apply and --row go with --promote")
-    if args.calibrate:
+    if args.workers < 1:
+        parser.error("--workers must be positive")
+    if args.workers > 1 and not (args.promote or args.calibrate):
+        run_workers(["--params", args.params, "--data", args.data, "--teacher", args.teacher,
+                     "--storage", args.storage, "--n-trials", str(args.n_trials),
+                     "--method", args.method, "--out", args.out], args.workers)
+    elif args.calibrate:
         print_calibration(args.params, args.method, Path(args.data), Path(args.teacher),
                           args.calibrate)
     elif args.promote:

@@ -34,6 +34,7 @@ from drkd.config import (
     parse_params,
     to_dict,
 )
+from drkd.devices import thread_share
 from drkd.tracking import PIPELINE_ENV
 from stages import tune
 
@@ -346,21 +347,23 @@ def test_resume_fails_the_stale_trial_of_a_killed_worker(
 
 @pytest.mark.slow
 def test_two_workers_share_one_study(tiny_data: Path, teacher: Path, tmp_path: Path) -> None:
+    """`--workers 2`: two processes, each with its share of the cores, one study."""
     params = write_params(tmp_path, n_trials=5, epochs=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "stages.tune", *args(params, tiny_data, teacher, tmp_path)]
-    workers = [
-        subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for _ in range(2)
-    ]
-    logs = [w.communicate(timeout=300)[0].decode() for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], "\n".join(logs)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    cmd = [sys.executable, "-m", "stages.tune", *args(params, tiny_data, teacher, tmp_path),
+           "--workers", "2"]
+    done_run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = done_run.stdout + done_run.stderr
+    assert done_run.returncode == 0, log
+    share = thread_share(2)
+    assert f"[tune] 2 workers, {share} thread(s) each" in log
     done = trials(tmp_path)
     assert [t.number for t in done] == list(range(5))
     assert all(t.state == TrialState.COMPLETE for t in done)
     by_worker = Counter(t.user_attrs["worker"] for t in done)
     assert len(by_worker) == 2, by_worker  # both ran trials, none lost or run twice
-    assert sum(log.count("[tune] trial ") for log in logs) == 5
+    assert {t.user_attrs["threads"] for t in done} == {share}
+    assert log.count("[tune] trial ") == 5
 
 
 def test_promote_prints_the_dvc_line_and_applies_only_distill(
