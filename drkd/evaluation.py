@@ -17,7 +17,7 @@ from torch.utils import benchmark
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from drkd.data.coco import CocoDetection, collate
+from drkd.data.coco import CocoDetection, coco_detections, collate
 
 # COCOeval.stats indices of the numbers we report.
 STAT_NAMES = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
@@ -53,21 +53,8 @@ def predict(
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
         for target, out in zip(targets, outputs, strict=True):
-            boxes = out["boxes"].cpu()
-            boxes[:, 2:] -= boxes[:, :2]  # XYXY -> XYWH
-            for box, score, label in zip(
-                boxes.tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True
-            ):
-                if label == 0:  # RetinaNet/FCOS also score the background slot
-                    continue
-                results.append(
-                    {
-                        "image_id": int(target["image_id"]),
-                        "category_id": dataset.category_ids[label - 1],
-                        "bbox": [round(v, 2) for v in box],
-                        "score": round(score, 5),
-                    }
-                )
+            results += [{"image_id": int(target["image_id"]), **d}
+                        for d in coco_detections(out, dataset.category_ids)]
     return results, 1000 * seconds / max(len(dataset), 1)
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from drkd.data.coco import coco_detections
 from drkd.data.transforms import eval_transforms
 
 COLUMNS = ["image", "category_id", "category_name", "x", "y", "w", "h", "score"]
@@ -61,15 +62,8 @@ class DetectorModel(PythonModel):  # type: ignore[misc]
         with torch.no_grad():
             for index, text in enumerate(model_input["image"]):
                 out = self.model([decode_image(text)])[0]
-                boxes = out["boxes"].clone()
-                boxes[:, 2:] -= boxes[:, :2]  # XYXY -> XYWH
-                for box, score, label in zip(boxes.tolist(), out["scores"].tolist(),
-                                             out["labels"].tolist(), strict=True):
-                    if label == 0:  # RetinaNet/FCOS also score the background slot
-                        continue
-                    category = self.ids[label - 1]
-                    rows.append([index, category, self.names[category],
-                                 *(round(v, 2) for v in box), round(score, 5)])
+                rows += [[index, d["category_id"], self.names[d["category_id"]], *d["bbox"],
+                          d["score"]] for d in coco_detections(out, self.ids)]
         return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -95,3 +95,17 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any]]]):
 def collate(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
     images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
+
+
+def coco_detections(output: dict[str, torch.Tensor],
+                    category_ids: list[int]) -> list[dict[str, Any]]:
+    """One image's detector output (boxes (K, 4) XYXY, scores (K,), labels (K,): 1..C, the
+    dataset's categories in order) -> COCO results without the image id: the dataset's
+    ``category_id``, ``bbox`` [x, y, w, h] and ``score``, rounded as the json keeps them."""
+    boxes = output["boxes"].detach().cpu().clone()
+    boxes[:, 2:] -= boxes[:, :2]  # XYXY -> XYWH
+    return [{"category_id": category_ids[label - 1], "bbox": [round(v, 2) for v in box],
+             "score": round(score, 5)}
+            for box, score, label in zip(boxes.tolist(), output["scores"].tolist(),
+                                         output["labels"].tolist(), strict=True)
+            if label != 0]  # RetinaNet/FCOS also score the background slot
