@@ -281,6 +281,9 @@ class TuneConfig:
     n_trials: int = field(default=20, metadata=positive("int"))  # in total, over all workers
     sampler_seed: int = field(default=0, metadata=non_negative("int"))
     pruner: Literal["median", "hyperband", "none"] = "median"
+    # A RUNNING trial whose worker has not refreshed its heartbeat (every grace_s / 6) for this
+    # long belongs to a dead worker and is failed, so the study goes on without it.
+    grace_s: int = field(default=60, metadata=positive("int"))
     epochs: int = field(default=2, metadata=positive("int"))  # per trial
     max_steps: int = field(default=0, metadata=non_negative("int"))  # per trial; 0 = no cap
     # The method tuned: empty for distill.method (`make tune TUNE_ARGS="--method pkd"` too).

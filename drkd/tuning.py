@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import optuna
+import sqlalchemy
 import torch
 import yaml
 from optuna.trial import FrozenTrial, TrialState
@@ -45,8 +46,6 @@ from drkd.report import NOT_LOSSES
 from drkd.tracking import Tracker, parent_run
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-HEARTBEAT_S = 10  # a live worker refreshes its running trial this often
-GRACE_S = 60  # a RUNNING trial whose heartbeat is older belongs to a dead worker: FAIL
 PLOTS: dict[str, Callable[..., Any]] = {
     "optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
     "param_importances": optuna.visualization.matplotlib.plot_param_importances,
@@ -373,8 +372,8 @@ def open_study(params: Params, url: str, method: str = "drkd") -> optuna.Study:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
-            )
+                url, engine_kwargs=engine, grace_period=params.tune.grace_s,
+                heartbeat_interval=max(1, params.tune.grace_s // 6))
     except Exception as err:  # bad URL, unreachable server: one line
         raise UserError(f"storage {url}: {type(err).__name__}: {err}") from None
     tune = params.tune
@@ -393,25 +392,39 @@ def open_study(params: Params, url: str, method: str = "drkd") -> optuna.Study:
 
 
 class Gate:
-    """Makes "count the trials, then create one" a single step for all workers on one sqlite
-    file (an flock on <db>.lock), so that the study ends with exactly n_trials. Server RDBs
-    get no lock: two workers that count at the same moment may then each add a trial."""
+    """Makes "count the trials, then create one" a single step for all workers of a storage, so
+    that the study ends with exactly n_trials: an flock on <db>.lock for a sqlite file, a
+    session advisory lock on PostgreSQL; both are released if the worker dies. Other server
+    RDBs get no lock: two workers that count at the same moment may then each add a trial."""
+
+    POSTGRES_KEY = 0x6472_6B64  # "drkd": one advisory lock key for every study
 
     def __init__(self, url: str) -> None:
         db = url.removeprefix("sqlite:///")
         self.path = Path(f"{db}.lock") if db != url and db not in ("", ":memory:") else None
         self.handle: IO[str] | None = None
+        self.engine = sqlalchemy.create_engine(url) if url.startswith("postgresql") else None
+        self.connection: sqlalchemy.Connection | None = None
 
     def acquire(self) -> None:
         if self.path is not None:
             self.handle = self.path.open("a")
             fcntl.flock(self.handle, fcntl.LOCK_EX)  # released by the OS if this worker dies
+        elif self.engine is not None:
+            self.connection = self.engine.connect()
+            self.connection.execute(
+                sqlalchemy.text(f"SELECT pg_advisory_lock({self.POSTGRES_KEY})"))
 
     def release(self) -> None:
         if self.handle is not None:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None
+        if self.connection is not None:
+            self.connection.execute(
+                sqlalchemy.text(f"SELECT pg_advisory_unlock({self.POSTGRES_KEY})"))
+            self.connection.close()
+            self.connection = None
 
 
 def run_study(

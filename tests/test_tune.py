@@ -325,9 +325,7 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
 def test_resume_fails_the_stale_trial_of_a_killed_worker(
     tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tuning, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(tuning, "GRACE_S", 1)
-    params = write_params(tmp_path, n_trials=3)
+    params = write_params(tmp_path, n_trials=3, grace_s=1)
     fake_ap(monkeypatch, [0.1, 0.2, 0.3])
     # A worker killed mid-trial: trial 0 RUNNING, its heartbeat no longer refreshed.
     storage = optuna.storages.RDBStorage(
