@@ -130,3 +130,60 @@ def test_compare_cell_trains_under_the_launcher(tiny_data: Path, tmp_path: Path)
     assert cost["steps"] == 2 and cost["peak_memory_mb"] == float(rows[-1]["peak_memory_mb"]) > 0
     assert sorted(p.name for p in out.iterdir()) == [
         "cost.json", "detections.json", "history.csv", "metrics.json", "model.pt", "params.yaml"]
+
+
+KILLED_DISTILL_AFTER_EPOCH_0 = KILLED_AFTER_EPOCH_0.replace("stages.train", "stages.distill")
+
+
+def test_two_nodes_match_one_node_and_resume(tiny_data: Path, tmp_path: Path) -> None:
+    """`torchrun --nnodes=2` (two launchers on this machine, c10d rendezvous on 127.0.0.1,
+    gloo, 1 process each) distils as one node with 2 processes does, weight for weight; a
+    run killed after epoch 0 on both nodes resumes from rank 0's checkpoint; only rank 0
+    writes."""
+    params = toy_params(tmp_path / "params.yaml", distill={"method": "pkd"},
+                        student={"train": {"warmup_steps": 1, "epochs": 2}})
+    teacher = toy_teacher(tiny_data, tmp_path / "teacher.pt")
+
+    def stage_args(folder: Path) -> list[str]:
+        return ["--params", str(params), "--data", str(tiny_data), "--teacher", str(teacher),
+                "--out", str(folder / "student.pt"), "--history", str(folder / "history.csv"),
+                "--work-dir", str(folder / "work")]
+
+    def two_nodes(target: list[str]) -> list[subprocess.CompletedProcess[str]]:
+        rdzv = [f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d",
+                "--rdzv-id=drkd-test", "--nnodes=2", "--nproc-per-node=1"]
+        nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rdzv,
+                                   *target], cwd=ROOT, text=True,
+                                  env={**single_process_env(), "PYTHONPATH": str(ROOT)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for _ in range(2)]
+        return [subprocess.CompletedProcess(n.args, n.wait(TIMEOUT_S), n.communicate()[0], "")
+                for n in nodes]
+
+    one = tmp_path / "one"
+    single = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+         "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "stages.distill",
+         *stage_args(one)], cwd=ROOT, env=single_process_env(), capture_output=True, text=True,
+        timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    two = tmp_path / "two"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_DISTILL_AFTER_EPOCH_0)
+    killed = two_nodes([str(script), *stage_args(two)])
+    assert all(k.returncode != 0 for k in killed), [k.stdout[-2000:] for k in killed]
+    assert (two / "work" / "last.pt").is_file(), killed[0].stdout[-3000:]
+    assert checkpoint.load(two / "work" / "last.pt")["step"] == 2  # epoch 0 of 2 ranks
+    resumed = two_nodes(["-m", "stages.distill", *stage_args(two)])
+    assert all(r.returncode == 0 for r in resumed), [r.stdout[-3000:] for r in resumed]
+    assert sum("resuming after epoch 1" in r.stdout for r in resumed) == 1  # rank 0 logs
+
+    assert sorted(p.name for p in two.iterdir()) == ["history.csv", "student.pt", "work"]
+    assert list((two / "work").iterdir()) == []
+    with (two / "history.csv").open() as a, (one / "history.csv").open() as b:
+        steps = [[(r["step"], r["loss"]) for r in csv.DictReader(f)] for f in (a, b)]
+    assert steps[0] == steps[1] and [s for s, _ in steps[0]] == ["1", "2", "3", "4"]
+    weights = [checkpoint.load(f / "student.pt")["model"] for f in (one, two)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
