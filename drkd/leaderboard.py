@@ -29,7 +29,8 @@ STATS = ("AP", "AP50", "APs", "APm", "APl")
 
 
 TABLE = ("row", "seed", "method", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "steps",
-         "train_seconds", "seconds_per_step", "peak_memory_mb", "compare_id", "overrides")
+         "train_seconds", "seconds_per_step", "peak_memory_mb", "threads", "compare_id",
+         "overrides")
 
 
 def read_cells(cells: Path) -> dict[str, dict[int, dict[str, Any]]]:

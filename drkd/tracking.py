@@ -24,6 +24,8 @@ What MLflow 3 shows of a run, filled the way its UI expects:
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -242,10 +244,17 @@ def open_experiment(cfg: TrackingConfig) -> Any:
     (unless it already has a kind); returns the mlflow module."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    experiment = mlflow.set_experiment(cfg.experiment)
-    if EXPERIMENT_KIND_TAG not in experiment.tags:
-        mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    # Two processes opening a new sqlite store at once (compare cells side by side) would both
+    # create its tables, and one would fail: the first creates them under a lock.
+    db = uri.removeprefix("sqlite:///")
+    with open(f"{db}.lock", "a") if db != uri else contextlib.nullcontext() as lock:
+        if lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when the process dies
+        experiment = mlflow.set_experiment(cfg.experiment)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return mlflow
 
 

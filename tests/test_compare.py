@@ -269,3 +269,38 @@ def test_a_terminated_cell_terminates_its_training(tmp_path: Path) -> None:
     assert "error: sleeper under `python` was killed by signal 15" in err
     with pytest.raises(ProcessLookupError):
         os.kill(training, 0)  # gone (and reaped by the cell)
+
+
+@pytest.mark.slow
+def test_two_cells_at_once_each_with_its_share_of_the_cores(tmp_path: Path) -> None:
+    """Cells run side by side (as `dvc queue start -j 2` runs them, or two machines would) with
+    one thread each: both finish with their records, the thread count in each, and one MLflow
+    run each in the shared store."""
+    from conftest import TINY_DATA, toy_params, toy_teacher
+    from drkd.config import DataConfig
+    from drkd.data.prepare import prepare
+
+    data = tmp_path / "data"
+    prepare(DataConfig(source="synthetic", synthetic=TINY_DATA), seed=0, out_dir=data)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = toy_params(tmp_path / "params.yaml", compare={"methods": {"none": {}, "pkd": {}}},
+                        tracking={"enabled": True, "uri": store, "system_metrics": False})
+    teacher = toy_teacher(data, tmp_path / "teacher.pt")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cells = [subprocess.Popen(
+        [sys.executable, "-m", "stages.compare", "cell", row, "0", "--params", str(params),
+         "--out", str(tmp_path / "cells" / f"{row}-s0"), "--data", str(data),
+         "--teacher", str(teacher)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+        for row in ("none", "pkd")]
+    errors = [cell.communicate(timeout=600)[1] for cell in cells]
+    assert [cell.returncode for cell in cells] == [0, 0], [e[-2000:] for e in errors]
+    for row in ("none", "pkd"):
+        cost = json.loads((tmp_path / "cells" / f"{row}-s0" / "cost.json").read_text())
+        assert cost["threads"] == 1 and cost["row"] == row
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.search_runs(experiment_names=["drkd"], output_format="list")
+    assert sorted(r.data.tags["row"] for r in runs if "row" in r.data.tags) == ["none", "pkd"]
+    assert all(r.data.metrics["threads"] == 1 for r in runs if "row" in r.data.tags)
