@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from drkd.config import (
     DistillConfig,
     TrainConfig,
@@ -131,13 +129,12 @@ def run_cell(params_file: str, row: str, seed: int, out: Path, data: Path, teach
         # The step loops' time, summed over a killed run's parts, and the training's peak
         # memory over those parts (rank 0's under DDP), as drkd.engine.fit records them.
         steps, seconds = int(history[-1]["step"]), float(history[-1]["seconds"])
-        # The threads its training took (the cell's own count: the training inherits its
-        # environment): cells run side by side should each take their share of the cores,
-        # and CPU results can differ in the last bits between thread counts.
+        # And the threads it took (rank 0's): cells run side by side should each take their
+        # share of the cores, and CPU results can differ in the last bits between counts.
         cost = {"train_seconds": round(seconds, 2), "steps": steps,
                 "seconds_per_step": seconds / steps,
                 "peak_memory_mb": max(float(row["peak_memory_mb"]) for row in history),
-                "threads": torch.get_num_threads()}
+                "threads": int(float(history[-1]["threads"]))}
         launch("python", "stages.evaluate",
                ["compare", *common, "--checkpoint", str(out / "model.pt"),
                 "--metrics", str(out / "metrics.json"),

@@ -188,16 +188,20 @@ class InstanceRelationConfig:
     filter_hidden: int = field(default=128, metadata=positive("int"))
 
 
-def method_names(*extra: str) -> tuple[str, ...]:
-    """The registered methods (drkd.registry) and ``extra`` names (e.g. none, "")."""
+def method_names(*extra: str, tunable: bool = False) -> tuple[str, ...]:
+    """The registered methods (drkd.registry; ``tunable``: those with a search space) and
+    ``extra`` names (e.g. none, "")."""
     from drkd import registry  # it imports this module's validators
 
-    return (*extra, *registry.names())
+    return (*extra, *(registry.tunable() if tunable else registry.names()))
 
 
-def _method_name(*extra: str) -> dict[str, Any]:
-    return {"check": lambda v: v in method_names(*extra),
-            "expect": lambda: "one of " + ", ".join(map(repr, method_names(*extra)))}
+def _method_name(*extra: str, tunable: bool = False) -> dict[str, Any]:
+    def names() -> tuple[str, ...]:
+        return method_names(*extra, tunable=tunable)
+
+    return {"check": lambda v: v in names(),
+            "expect": lambda: "one of " + ", ".join(map(repr, names()))}
 
 
 def _sections(kind: str) -> Any:
@@ -207,7 +211,8 @@ def _sections(kind: str) -> Any:
 
         return {name: cls() for name, cls in registry.sections(kind).items()}
 
-    return field(default_factory=defaults, metadata={"sections": kind})
+    # hash=False: a dict is unhashable, and the config stays usable as a key without it.
+    return field(default_factory=defaults, metadata={"sections": kind}, hash=False)
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,14 @@ class DistillConfig:
     # registered method with a config (drkd.registry).
     sections: dict[str, Any] = _sections("config")
 
+    def __post_init__(self) -> None:  # sections given in part: the others at their defaults
+        from drkd import registry
+
+        missing = {n: c() for n, c in registry.sections("config").items()
+                   if n not in self.sections}
+        if missing:
+            object.__setattr__(self, "sections", {**self.sections, **missing})
+
     def __getattr__(self, name: str) -> Any:  # only for names that are not fields
         sections = self.__dict__.get("sections", {})
         if name in sections:
@@ -283,11 +296,12 @@ class TuneConfig:
     pruner: Literal["median", "hyperband", "none"] = "median"
     # A RUNNING trial whose worker has not refreshed its heartbeat (every grace_s / 6) for this
     # long belongs to a dead worker and is failed, so the study goes on without it.
-    grace_s: int = field(default=60, metadata=positive("int"))
+    grace_s: int = field(default=60, metadata={
+        "check": lambda v: v >= 3, "expect": "an int >= 3 (3 heartbeats at the least)"})
     epochs: int = field(default=2, metadata=positive("int"))  # per trial
     max_steps: int = field(default=0, metadata=non_negative("int"))  # per trial; 0 = no cap
     # The method tuned: empty for distill.method (`make tune TUNE_ARGS="--method pkd"` too).
-    method: str = field(default="", metadata=_method_name(""))
+    method: str = field(default="", metadata=_method_name("", tunable=True))
     space: SearchSpace = SearchSpace()  # DRKD's
     # The other methods' spaces over their own `distill` keys (`tune.spaces.<method>`, read
     # like `space`): one per registered method with a space (drkd.registry).

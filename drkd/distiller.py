@@ -54,7 +54,8 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> tuple[int, int, 
         was = student.training, teacher.training
         student.eval()
         teacher.eval()
-        fs, ft = part(student, "backbone")(probe), part(teacher, "backbone")(probe)
+        fs, ft = (part(m, "backbone")(probe.to(next(m.parameters()).device))
+                  for m in (student, teacher))
         student.train(was[0])
         teacher.train(was[1])
     s_shapes = [tuple(f.shape[-2:]) for f in fs.values()]

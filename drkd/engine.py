@@ -196,7 +196,8 @@ def fit(
     """Train ``module`` in place; return the logged loss history (one row per ``log_every`` steps;
     its ``seconds`` column: wall time of the epochs' step loops so far, with their data loading
     and ``on_step`` calls, summed over a resumed run's parts; setup, checkpoints and
-    ``on_epoch`` not; ``peak_memory_mb``: this process's peak so far, ``drkd.devices``).
+    ``on_epoch`` not; ``peak_memory_mb``: this process's peak so far, ``drkd.devices``;
+    ``threads``: its intra-op thread count).
 
     ``work_dir/last.pt`` holds the state after the last finished epoch; a run with
     the same ``fingerprint`` (config + data hash) and process count resumes from it, any
@@ -287,6 +288,7 @@ def fit(
                 row["epoch"] = float(epoch)
                 row["seconds"] = seconds + time.perf_counter() - epoch_start
                 row["peak_memory_mb"] = peak_memory_mb()
+                row["threads"] = float(torch.get_num_threads())
                 bar.set_postfix(loss=f"{row['loss']:.3f}", epoch=epoch)
                 history.append({"step": float(step), **row})
                 if on_step is not None and rank == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -95,14 +96,13 @@ def coco_metrics(annotation_file: str | Path, detections: list[dict[str, Any]]) 
 def ms_per_image(model: nn.Module, dataset: CocoDetection, num_images: int,
                  device: torch.device) -> float:
     """Latency: mean ms of one forward pass at batch size 1 over the first ``num_images``
-    images, after one untimed warm-up pass (cudnn autotuning, lazy allocations);
-    torch.utils.benchmark's Timer synchronises CUDA and keeps this process's thread count."""
+    images, each once, after torch.utils.benchmark's Timer's own two untimed passes (cudnn
+    autotuning, lazy allocations); the Timer synchronises CUDA and keeps this process's
+    thread count."""
     model.eval().to(device)
     images = [dataset[i][0].to(device) for i in range(min(num_images, len(dataset)))]
     if not images:
         return 0.0
-    model([images[0]])
-    timer = benchmark.Timer("for image in images: model([image])",
-                            globals={"model": model, "images": images},
-                            num_threads=torch.get_num_threads())
-    return 1000 * timer.timeit(1).mean / len(images)
+    timer = benchmark.Timer("model([next(images)])", num_threads=torch.get_num_threads(),
+                            globals={"model": model, "images": itertools.cycle(images)})
+    return 1000 * timer.timeit(len(images)).mean

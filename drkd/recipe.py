@@ -114,7 +114,7 @@ def train_detector(
         def on_epoch(epoch: int, _: object) -> None:
             """Per-epoch means of every loss term, as `epoch/<term>` at step = epoch."""
             if rows:
-                not_losses = ("lr", "epoch", "seconds", "peak_memory_mb")
+                not_losses = ("lr", "epoch", "seconds", "peak_memory_mb", "threads")
                 names = [k for k in rows[0] if k not in not_losses]
                 means = {f"epoch/{k}": sum(r[k] for r in rows) / len(rows) for k in names}
                 run.log_metrics(means, epoch)

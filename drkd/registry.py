@@ -56,9 +56,19 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    """Add a method (a name of letters, digits and _, not yet taken, not `none`)."""
-    if not spec.name.isidentifier() or spec.name == "none" or spec.name in METHODS:
-        raise ValueError(f"method name {spec.name!r}: taken or not an identifier")
+    """Add a method: a name of letters, digits and _ that is neither `none`, nor taken, nor a
+    key of `distill` (its section sits beside them); a search space needs a place in params
+    for its dimensions (a config section, or ``param_path``)."""
+    from dataclasses import fields
+
+    from drkd.config import DistillConfig
+
+    if not spec.name.isidentifier() or spec.name == "none":
+        raise ValueError(f"method name {spec.name!r}: not an identifier, or `none`")
+    if spec.name in METHODS or spec.name in {f.name for f in fields(DistillConfig)}:
+        raise ValueError(f"method name {spec.name!r}: taken (a method or a `distill` key)")
+    if spec.space is not None and spec.config is None and spec.param_path is None:
+        raise ValueError(f"method {spec.name!r}: a space needs a config or a param_path")
     METHODS[spec.name] = spec
     return spec
 
@@ -66,6 +76,11 @@ def register(spec: MethodSpec) -> MethodSpec:
 def names() -> tuple[str, ...]:
     """Every registered method, in registration order (`none`, the baseline, is not one)."""
     return tuple(METHODS)
+
+
+def tunable() -> tuple[str, ...]:
+    """The methods with a search space (DRKD's is `tune.space`, the others' their own)."""
+    return tuple(n for n, spec in METHODS.items() if n == "drkd" or spec.space is not None)
 
 
 def build_module(name: str) -> Callable[..., Any]:

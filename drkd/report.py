@@ -21,7 +21,7 @@ from drkd.tracking import mlflow_name
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")  # fractions 0..1, -1 = no such GT
 SIZE_BUCKETS = {"AP": "all", "APs": "small", "APm": "medium", "APl": "large"}
 # Loss-history columns that are not loss terms.
-NOT_LOSSES = ("step", "loss", "lr", "epoch", "seconds", "peak_memory_mb")
+NOT_LOSSES = ("step", "loss", "lr", "epoch", "seconds", "peak_memory_mb", "threads")
 
 
 def read_json(path: Path) -> Any:

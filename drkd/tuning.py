@@ -43,7 +43,7 @@ from drkd.models import build_detector
 from drkd.plots import save_figure
 from drkd.recipe import shorten
 from drkd.report import NOT_LOSSES
-from drkd.tracking import Tracker, parent_run
+from drkd.tracking import Tracker, open_experiment, parent_run
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 PLOTS: dict[str, Callable[..., Any]] = {
@@ -411,7 +411,13 @@ class Gate:
             self.handle = self.path.open("a")
             fcntl.flock(self.handle, fcntl.LOCK_EX)  # released by the OS if this worker dies
         elif self.engine is not None:
-            self.connection = self.engine.connect()
+            # Outside a transaction (no session idles in one while it waits or holds), and
+            # with the server probing the socket: a worker whose machine dies while it holds
+            # the lock loses it in about a minute, not at the OS's 2-hour keepalive.
+            self.connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            for setting in ("tcp_keepalives_idle = 30", "tcp_keepalives_interval = 10",
+                            "tcp_keepalives_count = 3"):
+                self.connection.execute(sqlalchemy.text(f"SET {setting}"))
             self.connection.execute(
                 sqlalchemy.text(f"SELECT pg_advisory_lock({self.POSTGRES_KEY})"))
 
@@ -484,8 +490,11 @@ def tune(params_file: str, method: str, data: Path, teacher_path: Path, storage:
     url = storage or params.tune.storage or DEFAULT_STORAGE
     n_trials = n_trials or params.tune.n_trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    gate = Gate(url)
-    gate.acquire()  # two workers creating a fresh sqlite file would race on its tables
+    try:  # a missing driver, an unreachable server: one line, as open_study says it
+        gate = Gate(url)
+        gate.acquire()  # two workers creating a fresh sqlite file would race on its tables
+    except (ImportError, sqlalchemy.exc.SQLAlchemyError) as err:
+        raise UserError(f"storage {url}: {type(err).__name__}: {err}".splitlines()[0]) from None
     try:
         study = open_study(params, url, method)
         if not study.trials:
@@ -527,16 +536,25 @@ def print_calibration(params_file: str, method: str, data: Path, teacher_path: P
 def run_workers(argv: list[str], workers: int) -> None:
     """``workers`` processes of ``python -m stages.tune argv`` on this machine, sharing one
     study, each with its share of the cores (``OMP_NUM_THREADS``, unless it is set already);
-    waits for all, and fails when one fails. Ctrl-C or SIGTERM stops them all."""
+    waits for all, and fails when one fails. Ctrl-C or SIGTERM stops them all (SIGINT each,
+    then SIGKILL a worker that has not ended 30 s later)."""
     env = {**os.environ}
     env.setdefault("OMP_NUM_THREADS", str(thread_share(workers)))
+    params = load_params(argv[argv.index("--params") + 1])
+    if params.tracking.enabled:  # a new store's tables are made once, here, not by N at once
+        open_experiment(params.tracking)
     print(f"[tune] {workers} workers, {env['OMP_NUM_THREADS']} thread(s) each")
     children = [subprocess.Popen([sys.executable, "-m", "stages.tune", *argv], env=env)
                 for _ in range(workers)]
 
-    def stop(*_: Any) -> None:
+    def stop(*_: Any) -> None:  # as Ctrl-C: each worker records its running trial as failed
         for child in children:
-            child.terminate()
+            child.send_signal(signal.SIGINT)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -546,5 +564,5 @@ def run_workers(argv: list[str], workers: int) -> None:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if any(codes):
-        raise SystemExit(max(abs(c) for c in codes))
+    if any(codes):  # a worker killed by signal N exits as a shell reports it: 128 + N
+        raise SystemExit(max(128 - c if c < 0 else c for c in codes))

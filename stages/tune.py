@@ -14,7 +14,7 @@ budget `tune.epochs` / `tune.max_steps`, with the suggested values applied onto 
 work dir; the per-epoch AP feeds the pruner. The study lives in an RDB (default
 sqlite:///optuna.db in the current folder): rerunning continues it, and several workers may
 run it at once; `tune.n_trials` counts finished trials (complete, pruned, failed) over all
-workers. A trial left RUNNING by a killed worker is failed once its heartbeat is GRACE_S old.
+workers. A trial left RUNNING by a killed worker is failed once its heartbeat is `tune.grace_s` old.
 
 Writes OUT/best_params.yaml (a partial params file), OUT/trials.csv and OUT/*.png. `--promote`
 prints the `dvc exp run -S ...` line for best_params.yaml; `--promote --apply` merges it into
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{DEFAULT_STORAGE})")
     add("--n-trials", type=int, default=0,
         help="finished trials in total over all workers (default: tune.n_trials)")
-    add("--method", default="", choices=method_names(""),
+    add("--method", default="", choices=method_names("", tunable=True),
         help="the method to tune (default: tune.method, else distill.method)")
     add("--out", default="tuning",
         help="best_params.yaml, trials.csv, plots (OUT/<method>/ for a method other than drkd)")

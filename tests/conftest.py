@@ -3,6 +3,8 @@ that detects, fake evaluation metrics and the figures the plotting code saves.""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +68,18 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("prepared")
     prepare(DataConfig(source="synthetic", synthetic=TINY_DATA), seed=0, out_dir=out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_store() -> Iterator[None]:
+    """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which drkd honours over params:
+    one test's store must not reach the next test or its subprocesses."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture(autouse=True)

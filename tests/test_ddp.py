@@ -157,8 +157,13 @@ def test_two_nodes_match_one_node_and_resume(tiny_data: Path, tmp_path: Path) ->
                                   env={**single_process_env(), "PYTHONPATH": str(ROOT)},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                  for _ in range(2)]
-        return [subprocess.CompletedProcess(n.args, n.wait(TIMEOUT_S), n.communicate()[0], "")
-                for n in nodes]
+        try:  # read both while they run: a full pipe would stall its rank and so the other
+            outputs = [n.communicate(timeout=TIMEOUT_S)[0] for n in nodes]
+        finally:
+            for n in nodes:
+                n.kill()
+        return [subprocess.CompletedProcess(n.args, n.returncode, out, "")
+                for n, out in zip(nodes, outputs, strict=True)]
 
     one = tmp_path / "one"
     single = subprocess.run(

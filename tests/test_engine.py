@@ -81,7 +81,7 @@ def test_history_one_row_per_step(tiny_data: Path, tmp_path: Path) -> None:
     assert [s for s, _ in seen] == list(range(1, steps + 1))
     for (_, logged), row in zip(seen, history, strict=True):
         assert set(row) == {"step", "classification", "bbox_regression", "loss", "lr", "epoch",
-                            "seconds", "peak_memory_mb"}
+                            "seconds", "peak_memory_mb", "threads"}
         assert logged == {k: v for k, v in row.items() if k != "step"}
         assert all(math.isfinite(v) for v in row.values())
         assert row["loss"] == pytest.approx(row["classification"] + row["bbox_regression"])
@@ -360,7 +360,7 @@ def test_train_stage_writes_outputs(tiny_data: Path, tmp_path: Path,
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"step", "bbox_regression", "classification", "loss", "lr", "epoch",
-                            "seconds", "peak_memory_mb"}
+                            "seconds", "peak_memory_mb", "threads"}
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     assert not (work / "last.pt").exists()  # finished: nothing left to resume from
     capsys.readouterr()

@@ -70,6 +70,13 @@ def url(socket_dir: str, db: str) -> str:
     return f"postgresql+psycopg2://drkd@/{db}?host={socket_dir}"
 
 
+def running_trials(storage: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name="toy", storage=storage).get_trials()
+    except KeyError:  # no study yet
+        return []
+
+
 def test_workers_share_a_postgres_study_and_survive_a_killed_one(
     postgres: str, tiny_data: Path, tmp_path: Path
 ) -> None:
@@ -79,25 +86,23 @@ def test_workers_share_a_postgres_study_and_survive_a_killed_one(
     storage, tracking = url(postgres, "optuna"), url(postgres, "mlflow")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
-        **PARAMS, "tune": {**PARAMS["tune"], "n_trials": 5, "grace_s": 2, "epochs": 1},
+        **PARAMS, "tune": {**PARAMS["tune"], "n_trials": 5, "grace_s": 6, "epochs": 1},
         "tracking": {"enabled": True, "uri": tracking, "system_metrics": False}}))
     teacher = toy_teacher(tiny_data, tmp_path / "teacher.pt")
     argv = [*args(params, tiny_data, teacher, tmp_path), "--storage", storage]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     doomed = subprocess.Popen([sys.executable, "-m", "stages.tune", *argv], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # kill it while its first trial runs
-        try:
-            study = optuna.load_study(study_name="toy", storage=storage)
-            if any(t.state == TrialState.RUNNING for t in study.get_trials()):
-                break
-        except KeyError:  # no study yet
-            pass
-        time.sleep(0.2)
-    doomed.send_signal(signal.SIGKILL)
-    doomed.wait()
-    time.sleep(2.5)  # past the grace period
+    try:  # kill it while its first trial runs (its objective started: the heartbeat runs)
+        deadline = time.monotonic() + 120
+        while not any(t.state == TrialState.RUNNING and "worker" in t.user_attrs
+                      for t in running_trials(storage)):
+            assert time.monotonic() < deadline, "the first worker never started a trial"
+            time.sleep(0.2)
+    finally:
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait()
+    time.sleep(6.5)  # past the grace period
     done = subprocess.run([sys.executable, "-m", "stages.tune", *argv, "--workers", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -113,5 +113,10 @@ def test_a_registered_method_trains_tunes_compares_and_plots(
 def test_a_name_registers_once() -> None:
     with pytest.raises(ValueError, match="taken"):
         registry.register(registry.MethodSpec("mgd", Toy, terms={}))
+    with pytest.raises(ValueError, match="taken"):  # its section would shadow distill's own
+        registry.register(registry.MethodSpec("instance", Toy, terms={}, config=ToyConfig))
     with pytest.raises(ValueError, match="not an identifier"):
         registry.register(registry.MethodSpec("none", Toy, terms={}))
+    with pytest.raises(ValueError, match="a space needs a config"):
+        registry.register(registry.MethodSpec("spaced", Toy, terms={}, space=ToySpace))
+    assert "spaced" not in registry.METHODS

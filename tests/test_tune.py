@@ -325,7 +325,7 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
 def test_resume_fails_the_stale_trial_of_a_killed_worker(
     tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    params = write_params(tmp_path, n_trials=3, grace_s=1)
+    params = write_params(tmp_path, n_trials=3, grace_s=3)
     fake_ap(monkeypatch, [0.1, 0.2, 0.3])
     # A worker killed mid-trial: trial 0 RUNNING, its heartbeat no longer refreshed.
     storage = optuna.storages.RDBStorage(
@@ -335,7 +335,7 @@ def test_resume_fails_the_stale_trial_of_a_killed_worker(
     study.ask()
     study_id = storage.get_study_id_from_name("toy")
     storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, 0))
-    time.sleep(1.5)
+    time.sleep(3.5)  # past tune.grace_s
     assert tune.main(args(params, tiny_data, teacher, tmp_path)) == 0
     done = trials(tmp_path)
     assert [t.state for t in done] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
