@@ -33,8 +33,9 @@ test-fast: lint
 	pytest -m "not slow"
 
 # Optuna study over the distillation params (not a DVC stage: a study is resumable state, not a
-# function of its inputs). Run it again to continue, or in several shells for several workers:
-#   make tune TUNE_ARGS="--n-trials 40 --storage postgresql://..."
+# function of its inputs). Run it again to continue; several workers share one study:
+#   make tune TUNE_ARGS="--workers 2"            (this machine's cores shared among them)
+#   make tune TUNE_ARGS="--storage postgresql://..."   (on each machine, one server)
 tune: $(STAMP)
 	python -m stages.tune $(TUNE_ARGS)
 
