@@ -90,7 +90,8 @@ def test_workers_share_a_postgres_study_and_survive_a_killed_one(
         "tracking": {"enabled": True, "uri": tracking, "system_metrics": False}}))
     teacher = toy_teacher(tiny_data, tmp_path / "teacher.pt")
     argv = [*args(params, tiny_data, teacher, tmp_path), "--storage", storage]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # params' store
+    env["OMP_NUM_THREADS"] = "1"
     doomed = subprocess.Popen([sys.executable, "-m", "stages.tune", *argv], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # kill it while its first trial runs (its objective started: the heartbeat runs)
