@@ -73,9 +73,10 @@ def git_commit() -> str:
 
 
 def mlflow_name(name: str) -> str:
-    """A name (category, model) as an MLflow metric-name fragment: MLflow accepts only
-    letters, digits, ``_ - . space /``; anything else becomes ``_``."""
-    return re.sub(r"[^\w\-. /]", "_", name)
+    """A name (category, model, checkpoint) as MLflow takes it in a metric name and as a
+    LoggedModel's name, the stricter of the two: letters, digits, ``_`` and ``-``; anything
+    else becomes ``_``."""
+    return re.sub(r"[^\w\-]", "_", name)
 
 
 def data_hash(files: Sequence[Path]) -> str:
@@ -85,11 +86,6 @@ def data_hash(files: Sequence[Path]) -> str:
         if file.is_file():
             digest.update(file.read_bytes())
     return digest.hexdigest()[:12]
-
-
-def model_name(name: str) -> str:
-    """``name`` as a LoggedModel may be named (MLflow refuses / : . % and quotes)."""
-    return re.sub(r"[^\w\-]", "_", name)
 
 
 def file_md5(path: Path) -> str:
@@ -127,7 +123,8 @@ def pipeline_id() -> str:
 
 
 class StageRun:
-    """Thin handle over the active MLflow run (or nothing when tracking is off)."""
+    """Thin handle over the active MLflow run (or nothing when tracking is off): a stage's run,
+    or a tuning worker's with its trials' nested runs."""
 
     def __init__(self, mlflow: Any = None) -> None:
         self._mlflow = mlflow
@@ -156,6 +153,23 @@ class StageRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._mlflow is not None:
             self._mlflow.set_tags(tags)
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_params(values)
+
+    # A tuning worker's run (``parent_run``) holds one nested run per trial.
+    def start_trial(self, number: int) -> None:
+        if self._mlflow is not None:
+            self._mlflow.start_run(run_name=f"trial-{number}", nested=True,
+                                   tags={"trial": str(number), "dvc_stage": "tune"})
+
+    def end_trial(self, state: str, seconds: float, reason: str) -> None:
+        if self._mlflow is not None:
+            self._mlflow.set_tags({"state": state, "fail_reason": reason[:5000]})
+            self._mlflow.log_metric("duration_s", seconds)
+            status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
+            self._mlflow.end_run(status=status)
 
     def log_dataset(self, path: Path, context: str) -> Any:
         """Record a prepared json file as an input of this run (``context``: training,
@@ -188,7 +202,7 @@ class StageRun:
             encoded = base64.b64encode(example_image.read_bytes()).decode("ascii")
             example = pd.DataFrame({"image": [encoded]})
         info = self._mlflow.pyfunc.log_model(
-            name=model_name(name),
+            name=mlflow_name(name),
             python_model=str(Path(__file__).resolve().parent / "serving.py"),  # from code
             artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(Path(__file__).resolve().parent)],  # the drkd package
@@ -230,7 +244,7 @@ class StageRun:
         ready = [model for model in found if model.status == "READY"]
         # Two runs can write equal bytes (the smoke preset's teacher and student are one
         # recipe): the model logged under this file's name first, newest first within each.
-        ready.sort(key=lambda model: model.name != model_name(checkpoint.stem))
+        ready.sort(key=lambda model: model.name != mlflow_name(checkpoint.stem))
         return str(ready[0].model_id) if ready else None
 
     def log_model_input(self, model_id: str | None) -> None:
@@ -291,47 +305,13 @@ def stage_run(
         yield StageRun(mlflow)
 
 
-class Tracker:
-    """MLflow for the study: one parent run per invocation, one nested run per trial."""
-
-    def __init__(self, mlflow: Any = None) -> None:
-        self.mlflow = mlflow
-
-    def start_trial(self, number: int) -> None:
-        if self.mlflow:
-            self.mlflow.start_run(
-                run_name=f"trial-{number}",
-                nested=True,
-                tags={"trial": str(number), "dvc_stage": "tune"},
-            )
-
-    def log_params(self, values: dict[str, Any]) -> None:
-        if self.mlflow:
-            self.mlflow.log_params(values)
-
-    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.mlflow:
-            self.mlflow.log_metrics(metrics, step=step)
-
-    def end_trial(self, state: str, seconds: float, reason: str) -> None:
-        if self.mlflow:
-            self.mlflow.set_tags({"state": state, "fail_reason": reason[:5000]})
-            self.mlflow.log_metric("duration_s", seconds)
-            status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
-            self.mlflow.end_run(status=status)
-
-    def log_artifact(self, path: Path) -> None:
-        if self.mlflow and path.exists():
-            self.mlflow.log_artifact(str(path))
-
-
 @contextmanager
 def parent_run(
     params: Params, study_name: str, url: str, n_trials: int, data: Path
-) -> Iterator[Tracker]:
+) -> Iterator[StageRun]:
     """The MLflow run of this invocation (this worker); trials nest under it."""
     if not params.tracking.enabled:
-        yield Tracker()
+        yield StageRun()
         return
     mlflow = open_experiment(params.tracking)
     tags = {
@@ -344,4 +324,4 @@ def parent_run(
     with mlflow.start_run(run_name="tune", tags=tags):
         logged = {**flatten({"tune": to_dict(params.tune)}), "storage": url, "n_trials": n_trials}
         mlflow.log_params({k: str(v)[:500] for k, v in logged.items()})
-        yield Tracker(mlflow)
+        yield StageRun(mlflow)

@@ -43,7 +43,7 @@ from drkd.models import build_detector
 from drkd.plots import save_figure
 from drkd.recipe import shorten
 from drkd.report import NOT_LOSSES
-from drkd.tracking import Tracker, open_experiment, parent_run
+from drkd.tracking import StageRun, open_experiment, parent_run
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 PLOTS: dict[str, Callable[..., Any]] = {
@@ -214,7 +214,7 @@ def make_objective(
     teacher: nn.Module,
     train: CocoDetection,
     val: CocoDetection,
-    track: Tracker,
+    track: StageRun,
     method: str = "drkd",
 ) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
@@ -224,7 +224,7 @@ def make_objective(
         state, reason, start = "FAIL", "", time.perf_counter()
 
         def on_ap(epoch: int, ap: float, final: bool) -> None:
-            track.log({"epoch_AP": ap}, step=epoch)
+            track.log_metrics({"epoch_AP": ap}, step=epoch)
             trial.report(ap, epoch)
             # A trial that has run its whole budget is complete: pruning it now would save
             # nothing and would hide its final AP from the sampler.
@@ -246,7 +246,7 @@ def make_objective(
                 )
             if not math.isfinite(ap):
                 raise ValueError(f"validation AP is {ap}")
-            track.log({"AP": ap})
+            track.log_metrics({"AP": ap})
             state = "COMPLETE"
             return ap
         except optuna.TrialPruned:
@@ -296,7 +296,7 @@ def progress(study: optuna.Study, t: FrozenTrial) -> None:
     print(line, flush=True)
 
 
-def write_outputs(study: optuna.Study, out: Path, track: Tracker, method: str = "drkd") -> None:
+def write_outputs(study: optuna.Study, out: Path, track: StageRun, method: str = "drkd") -> None:
     """best_params.yaml, trials.csv and the plots, from every trial in the storage."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
 
@@ -329,11 +329,11 @@ def write_outputs(study: optuna.Study, out: Path, track: Tracker, method: str = 
         body = yaml.safe_dump(partial_params(best.params, method), sort_keys=False)
         write_text(header + body, out / "best_params.yaml")
         written.append(out / "best_params.yaml")
-        track.log({"best_AP": float(best.value or 0.0)})
+        track.log_metrics({"best_AP": float(best.value or 0.0)})
         print(f"[tune] best: trial {best.number} AP={best.value:.4f} -> {out / 'best_params.yaml'}")
     else:
         print("[tune] no complete trial yet: best_params.yaml not written")
-    track.log(
+    track.log_metrics(
         {
             s.name.lower(): float(sum(t.state == s for t in trials))
             for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
