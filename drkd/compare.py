@@ -81,9 +81,21 @@ def launch(launcher: str, stage: str, argv: list[str]) -> None:
     command = shlex.split(launcher)
     if command[0] == "python":
         command[0] = sys.executable
-    child = subprocess.Popen([*command, "-m", stage, *argv])
-    previous = signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
+    # The handler goes in before the child starts: a SIGTERM while it starts is passed on as
+    # soon as there is a child to pass it to, never lost (nor killing the cell without it).
+    child: subprocess.Popen[bytes] | None = None
+    received: list[int] = []
+
+    def forward(signum: int, _: object) -> None:
+        received.append(signum)
+        if child is not None:
+            child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
+        child = subprocess.Popen([*command, "-m", stage, *argv])
+        for signum in received:
+            child.send_signal(signum)
         code = child.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)

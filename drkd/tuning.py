@@ -544,10 +544,11 @@ def run_workers(argv: list[str], workers: int) -> None:
     if params.tracking.enabled:  # a new store's tables are made once, here, not by N at once
         open_experiment(params.tracking)
     print(f"[tune] {workers} workers, {env['OMP_NUM_THREADS']} thread(s) each")
-    children = [subprocess.Popen([sys.executable, "-m", "stages.tune", *argv], env=env)
-                for _ in range(workers)]
+    children: list[subprocess.Popen[bytes]] = []
+    stopped: list[bool] = []
 
     def stop(*_: Any) -> None:  # as Ctrl-C: each worker records its running trial as failed
+        stopped.append(True)  # and none starts after this
         for child in children:
             child.send_signal(signal.SIGINT)
         for child in children:
@@ -556,8 +557,12 @@ def run_workers(argv: list[str], workers: int) -> None:
             except subprocess.TimeoutExpired:
                 child.kill()
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop)  # before any worker starts: none orphaned
     try:
+        for _ in range(workers):
+            if not stopped:
+                children.append(subprocess.Popen([sys.executable, "-m", "stages.tune", *argv],
+                                                 env=env))
         codes = [child.wait() for child in children]
     except KeyboardInterrupt:
         stop()
