@@ -28,9 +28,10 @@ lint: $(STAMP)
 test: lint
 	pytest
 
-# The inner loop: everything but the tests marked slow (real dvc repro, torchrun, studies).
+# The inner loop: everything but the tests marked slow (real dvc repro, torchrun, studies), on
+# two processes (pytest-xdist; each test takes one thread).
 test-fast: lint
-	pytest -m "not slow"
+	pytest -m "not slow" -n 2
 
 # Optuna study over the distillation params (not a DVC stage: a study is resumable state, not a
 # function of its inputs). Run it again to continue; several workers share one study:
