@@ -47,3 +47,11 @@ def write_text(text: str, path: str | Path) -> None:
 def write_json(data: Any, path: str | Path, indent: int = 2) -> None:
     """Deterministic json: sorted keys, a final newline."""
     write_text(json.dumps(data, sort_keys=True, indent=indent) + "\n", path)
+
+
+def sqlite_lock_file(url: str) -> Path | None:
+    """``<db>.lock`` beside the file of a ``sqlite:///<db>`` URL, which processes flock to take
+    turns at what sqlite cannot make atomic (creating a new store's tables, counting then
+    creating a trial); None for any other URL and for an in-memory database."""
+    db = url.removeprefix("sqlite:///")
+    return Path(f"{db}.lock") if db != url and db not in ("", ":memory:") else None

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from drkd.config import Params, TrackingConfig, flatten, to_dict
+from drkd.files import sqlite_lock_file
 
 PIPELINE_ENV = "DRKD_PIPELINE_ID"
 # MLflow 3's experiment kind: the tag its UI's experiment-kind selector writes;
@@ -262,8 +263,8 @@ def open_experiment(cfg: TrackingConfig) -> Any:
     mlflow.set_tracking_uri(uri)
     # Two processes opening a new sqlite store at once (compare cells side by side) would both
     # create its tables, and one would fail: the first creates them under a lock.
-    db = uri.removeprefix("sqlite:///")
-    with open(f"{db}.lock", "a") if db != uri else contextlib.nullcontext() as lock:
+    lock_file = sqlite_lock_file(uri)
+    with lock_file.open("a") if lock_file else contextlib.nullcontext() as lock:
         if lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when the process dies
         experiment = mlflow.set_experiment(cfg.experiment)

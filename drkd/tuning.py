@@ -38,7 +38,7 @@ from drkd.devices import pick_device, thread_share
 from drkd.distiller import Distiller, load_teacher
 from drkd.engine import fit, schedule
 from drkd.evaluation import coco_metrics, predict
-from drkd.files import require_files, write_text
+from drkd.files import require_files, sqlite_lock_file, write_text
 from drkd.models import build_detector
 from drkd.plots import save_figure
 from drkd.recipe import shorten
@@ -400,8 +400,7 @@ class Gate:
     POSTGRES_KEY = 0x6472_6B64  # "drkd": one advisory lock key for every study
 
     def __init__(self, url: str) -> None:
-        db = url.removeprefix("sqlite:///")
-        self.path = Path(f"{db}.lock") if db != url and db not in ("", ":memory:") else None
+        self.path = sqlite_lock_file(url)
         self.handle: IO[str] | None = None
         self.engine = sqlalchemy.create_engine(url) if url.startswith("postgresql") else None
         self.connection: sqlalchemy.Connection | None = None
