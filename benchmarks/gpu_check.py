@@ -105,14 +105,17 @@ def measure(
     """Steps/s of student step, teacher forward and distill step; the loss terms that went
     non-finite (the first of each step); peak MiB."""
     torch.manual_seed(0)
-    student = build_detector(setting.student, setting.num_classes).to(device).train()
-    teacher = build_detector(setting.teacher, setting.num_classes).to(device).eval()
+    coco = setting.name.startswith("coco")
+    # Random R101/R50 weights: residual branches at zero, or the teacher's maps reach ~1e4
+    # (paper_scale.random_detector).
+    build = paper_scale.random_detector if coco else build_detector
+    student = build(setting.student, setting.num_classes).to(device).train()
+    teacher = build(setting.teacher, setting.num_classes).to(device).eval()
     distill_cfg = params.distill
-    if setting.name.startswith("coco"):  # the release's GloRe sizes, made for 800 px inputs
+    if coco:  # the release's GloRe sizes, made for 800 px inputs
         distill_cfg = dataclasses.replace(distill_cfg, pixel=PixelRelationConfig())
-    distiller = Distiller(
-        build_detector(setting.student, setting.num_classes), teacher, distill_cfg
-    ).to(device)
+    distiller = Distiller(build(setting.student, setting.num_classes), teacher, distill_cfg
+                          ).to(device)
     images, targets = detector_batch(setting, device)
     dtype = AMP[amp]
     not_finite: dict[str, str] = {}  # step name -> "step <n>: <term>=<value>, ...", the first

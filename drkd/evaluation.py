@@ -1,4 +1,5 @@
-"""COCO box evaluation with pycocotools, and batched inference that produces its input."""
+"""COCO box evaluation with pycocotools, the batched inference that produces its input, and
+the `evaluate` stage's work (``evaluate_checkpoint``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,14 @@ from torch.utils import benchmark
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from drkd.checkpoint import check_categories, load_detector, model_card
+from drkd.config import Params
 from drkd.data.coco import CocoDetection, coco_detections, collate
+from drkd.data.transforms import eval_transforms
+from drkd.devices import pick_device
+from drkd.files import require_files, write_json
+from drkd.models import count_parameters
+from drkd.tracking import mlflow_name, stage_run
 
 # COCOeval.stats indices of the numbers we report.
 STAT_NAMES = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
@@ -106,3 +114,52 @@ def ms_per_image(model: nn.Module, dataset: CocoDetection, num_images: int,
     timer = benchmark.Timer("model([next(images)])", num_threads=torch.get_num_threads(),
                             globals={"model": model, "images": itertools.cycle(images)})
     return 1000 * timer.timeit(len(images)).mean
+
+
+def evaluate_checkpoint(params: Params, name: str, checkpoint: Path, data: Path,
+                        metrics_file: Path, detections_file: Path,
+                        headline_file: Path | None = None) -> str:
+    """One checkpoint on ``data``/val.json -> its metrics json (every key), raw COCO detections
+    and optionally the headline json (``STAT_NAMES`` alone, the DVC metrics file), all logged
+    to one MLflow run. Returns the one-line summary the stage prints.
+
+    ``inference_ms_per_image`` is latency: ``ms_per_image`` over ``evaluate.timing_images``
+    images at batch 1; with ``timing_images: 0`` the batched mean of the metrics pass."""
+    require_files([data / "val.json"])
+    dataset = CocoDetection(data / "val.json", eval_transforms())
+    model, saved = load_detector(checkpoint)
+    check_categories(str(checkpoint), saved, dataset)
+    device = pick_device()
+    logged = {
+        "name": name,
+        "checkpoint": str(checkpoint),
+        "model": saved["model_config"],
+        # the keys this stage reads, as in its params deps in dvc.yaml
+        "evaluate": {"batch_size": params.evaluate.batch_size,
+                     "timing_images": params.evaluate.timing_images},
+    }
+    inputs = [data / "train.json", data / "val.json"]
+    with stage_run(params.tracking, f"evaluate_{name}", logged, inputs) as run:
+        val = run.log_dataset(data / "val.json", "evaluation")
+        # The model its training run logged; else (trained untracked, or in another store)
+        # this run logs it, so the metrics below still lead to the weights.
+        example = dataset.root / dataset.images[0]["file_name"] if len(dataset) else None
+        model_id = run.find_model(checkpoint) or run.log_model(
+            name, checkpoint, model_card(saved), example)
+        detections, ms = predict(model, dataset, params.evaluate.batch_size, device)
+        metrics = coco_metrics(data / "val.json", detections)
+        if params.evaluate.timing_images:
+            ms = ms_per_image(model, dataset, params.evaluate.timing_images, device)
+        metrics["parameters"] = count_parameters(model)
+        metrics["inference_ms_per_image"] = round(ms, 3)
+        write_json(detections, detections_file)
+        write_json(metrics, metrics_file)
+        if headline_file:
+            write_json({key: metrics[key] for key in STAT_NAMES}, headline_file)
+        numbers = {key: metrics[key] for key in (*STAT_NAMES, "parameters",
+                                                 "inference_ms_per_image")}
+        per_class = {f"AP_class.{mlflow_name(c)}": ap for c, ap in metrics["per_class_AP"].items()}
+        run.log_metrics({**numbers, **per_class}, model_id=model_id, dataset=val)
+        run.log_artifact(metrics_file)
+    return (f"{name}: AP {100 * metrics['AP']:.1f}  AP50 {100 * metrics['AP50']:.1f}  "
+            f"{metrics['parameters'] / 1e6:.2f} M params  {ms:.1f} ms/image ({device.type})")

@@ -87,7 +87,7 @@ def pixel_relation(glore: GloRe, feature: torch.Tensor, query: tuple[int, int]) 
     """feature (C, h, w), query (row, col) -> (h, w) relation(q, p) = sum_n B[n, q] B[n, p],
     min-max normalised to [0, 1]."""
     h, w = feature.shape[-2:]
-    proj = glore.projections(feature[None])[1][0].T.float()  # (N, hw)
+    proj = glore.node_projection(feature[None].float().flatten(2))[0]  # (N, hw)
     relation = proj[:, query[0] * w + query[1]] @ proj  # (hw,)
     relation = relation - relation.min()
     return (relation / relation.max().clamp(min=1e-12)).view(h, w)
@@ -99,8 +99,8 @@ def glore_drift(units: list[GloRe], maps: list[torch.Tensor]) -> list[float]:
     relational part relative to the features it is added to."""
     drift = []
     for unit, feature in zip(units, maps, strict=False):
-        pixels = feature.float().flatten(2).transpose(1, 2)  # (B, HW, C), the unit's layout
-        drift.append(float((unit.pixels(feature) - pixels).norm() / pixels.norm().clamp(min=1e-12)))
+        feature = feature.float()
+        drift.append(float((unit(feature) - feature).norm() / feature.norm().clamp(min=1e-12)))
     return drift
 
 

@@ -113,7 +113,8 @@ def test_pixel_relation_is_normalised_and_peaks_where_projection_matches() -> No
     assert relation.shape == (5, 7)
     relation = relation.detach()
     assert float(relation.min()) == 0 and float(relation.max()) == pytest.approx(1)
-    proj = glore.projections(feature[None])[1][0].T
+    # B = W_B x + b_B: the node rows of the unit's projection, after its 6 state rows
+    proj = glore.project.weight[6:] @ feature.flatten(1) + glore.project.bias[6:, None]  # (N, HW)
     expected = proj[:, 2 * 7 + 3] @ proj
     assert int(relation.flatten().argmax()) == int(expected.argmax())
 

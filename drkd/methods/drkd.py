@@ -33,7 +33,7 @@ from drkd.losses import (
     pixel_relation_loss,
     relation_filter_loss,
 )
-from drkd.methods.pkd import standardise as standardise_map
+from drkd.methods.pkd import standardise
 from drkd.modules.glore import GloRe
 from drkd.modules.relation import (
     InstanceRelation,
@@ -123,13 +123,12 @@ class DRKD(nn.Module):
 
     def pixel_loss(self, student_maps: list[torch.Tensor],
                    teacher_maps: list[torch.Tensor]) -> torch.Tensor:
-        """w_pr * L_PR over the levels (GloRe's pixel features of both sides)."""
+        """w_pr * L_PR over the levels: GloRe's outputs (B, C_t, H, W) of both sides, the
+        student's adapted to the teacher's width."""
         cfg = self.cfg
-        glore_s = cast(list[GloRe], self.glore_s)
-        glore_t = cast(list[GloRe], self.glore_t)
-        s_rel = [a(g.pixels(s))
-                 for a, g, s in zip(self.pixel_adapters, glore_s, student_maps, strict=False)]
-        t_rel = [g.pixels(t) for g, t in zip(glore_t, teacher_maps, strict=False)]
+        s_rel = [channel_linear(cast(nn.Linear, a), g(s)) for a, g, s in
+                 zip(self.pixel_adapters, self.glore_s, student_maps, strict=False)]
+        t_rel = [g(t) for g, t in zip(self.glore_t, teacher_maps, strict=False)]
         if cfg.pixel.standardize and not cfg.release:  # the release compares raw outputs
             s_rel, t_rel = [standardise(x) for x in s_rel], [standardise(x) for x in t_rel]
         return cfg.w_pr * pixel_relation_loss(s_rel, t_rel, cfg.reduction)
@@ -263,11 +262,10 @@ class DRKD(nn.Module):
         return loss, scores
 
 
-def standardise(pixels: torch.Tensor) -> torch.Tensor:
-    """(B, HW, C) -> each channel at zero mean and unit (unbiased) std over all B*HW pixels:
-    PKD's standardisation of a (B, C, H, W) map, applied to the pixel layout."""
-    as_map = pixels.transpose(1, 2).unsqueeze(-1)  # (B, C, HW, 1)
-    return standardise_map(as_map).squeeze(-1).transpose(1, 2)
+def channel_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer across the channels of a map: (B, C_in, H, W) -> (B, C_out, H, W), as a
+    1x1 convolution with the layer's weights."""
+    return nn.functional.conv2d(x, linear.weight[:, :, None, None], linear.bias)
 
 
 def instance_rois(

@@ -20,10 +20,11 @@ from drkd.methods.common import align
 def standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """(B, C, H, W) -> per channel zero mean, unit (unbiased) std over B, H, W. A single
     value per channel (batch 1 on a 1x1 map) standardises to 0, not to NaN."""
-    flat = x.float().transpose(0, 1).flatten(1)  # (C, B*H*W)
-    correction = 1 if flat.shape[1] > 1 else 0
-    mean, std = flat.mean(1, keepdim=True), flat.std(1, keepdim=True, correction=correction)
-    return ((flat - mean) / (std + eps)).view(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1)
+    x = x.float()
+    dims = (0, *range(2, x.dim()))  # all but the channels, reduced in place (no copy)
+    correction = 1 if x.numel() > x.shape[1] else 0
+    std, mean = torch.std_mean(x, dim=dims, keepdim=True, correction=correction)
+    return (x - mean) / (std + eps)
 
 
 def pkd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
