@@ -53,6 +53,9 @@ def cell_params(params_file: str, row: str, seed: int) -> dict[str, Any]:
                         f"(rows: {', '.join(rows)})")
     params["seed"] = seed
     params["distill"] = resolved_rows(params)[row]
+    # Its own row alone: the others' overrides would be checked on top of this row's `distill`
+    # (a row that adds `plus` methods would make the `none` row invalid).
+    params["compare"]["methods"] = {row: rows[row]}
     epochs = params["compare"]["epochs"]
     if epochs:
         recipe = from_dict(TrainConfig, params["student"]["train"], "student.train")

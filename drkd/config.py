@@ -272,9 +272,9 @@ class SearchSpace:
     """Optuna search space over `distill`. Ranges [low, high] are log-uniform; lists of choices
     are categorical; one value fixes a dimension; [] leaves it out (the `distill` value holds)."""
 
-    w_pr: tuple[float, ...] = (6e-3, 0.6)
-    w_ir: tuple[float, ...] = (0.1, 10.0)
-    w_ins: tuple[float, ...] = (1e-3, 1e-1)
+    w_pr: tuple[float, ...] = (6e-3, 2.0)
+    w_ir: tuple[float, ...] = (0.1, 150.0)
+    w_ins: tuple[float, ...] = (1e-3, 0.25)
     tau: tuple[float, ...] = (0.03, 1.0)  # cosine logits lie in [-1, 1]
     topk: tuple[int, ...] = (0, 2, 4)
     filter_hidden: tuple[int, ...] = (32, 64, 128)

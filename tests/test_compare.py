@@ -162,6 +162,17 @@ def test_cell_params(tmp_path: Path) -> None:
         cell_params(str(params), "pkd", 0)
 
 
+def test_a_combination_row_is_a_cell_beside_the_baseline(tmp_path: Path) -> None:
+    """A row adding another method's terms (`plus`) trains as a cell when the table also has
+    the baseline `none` (which cannot take `plus`)."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"compare": {"methods": {
+        "none": {}, "mgd_ir": {"method": "mgd", "plus": ["drkd"], "w_pr": 0, "w_ins": 0}}}}))
+    distill = cell_params(str(params), "mgd_ir", 0)["distill"]
+    assert (distill["method"], distill["plus"], distill["w_pr"]) == ("mgd", ["drkd"], 0)
+    assert cell_params(str(params), "none", 0)["distill"] == {"method": "none"}
+
+
 def test_rows_files_hold_what_each_cell_trains_with(tmp_path: Path) -> None:
     """`rows` writes ROW.json per row (each cell's DVC dependency): the cell's own `distill`;
     a change to one method's settings changes only its rows' files; 0 and 0.0 are one value."""

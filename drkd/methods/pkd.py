@@ -9,6 +9,8 @@ the loss blind to the teacher's feature magnitude, which differs between detecto
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,13 +20,17 @@ from drkd.methods.common import align
 
 
 def standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(B, C, H, W) -> per channel zero mean, unit (unbiased) std over B, H, W. A single
-    value per channel (batch 1 on a 1x1 map) standardises to 0, not to NaN."""
+    """(B, C, H, W) -> per channel zero mean, unit (unbiased) std over B, H, W:
+    (x - mean) / sqrt(var + eps^2). A single value per channel (batch 1 on a 1x1 map)
+    standardises to 0, not to NaN."""
     x = x.float()
-    dims = (0, *range(2, x.dim()))  # all but the channels, reduced in place (no copy)
-    correction = 1 if x.numel() > x.shape[1] else 0
-    std, mean = torch.std_mean(x, dim=dims, keepdim=True, correction=correction)
-    return (x - mean) / (std + eps)
+    n = x.numel() // x.shape[1]  # values per channel
+    if n == 1:
+        return x * 0.0
+    # One fused batch_norm, forward and backward, instead of a reduction and four elementwise
+    # passes over the map: batch_norm divides by the biased std, so scale by sqrt((n-1)/n).
+    scale = x.new_full((x.shape[1],), math.sqrt((n - 1) / n))
+    return F.batch_norm(x, None, None, scale, training=True, eps=eps**2 * (n - 1) / n)
 
 
 def pkd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
