@@ -251,8 +251,9 @@ def write_report(params: Params, models: list[str], eval_dir: Path, histories: l
                               evaluate.vis_score_thresh, plots_dir / "detections.png")
         written = []
         if relation_files:
+            teacher, distilled, modules = relation_files
             written = relations_plot.plot_relations(
-                *map(str, relation_files), data / "val.json", evaluate.num_vis_images, plots_dir)
+                teacher, distilled, modules, data / "val.json", evaluate.num_vis_images, plots_dir)
         run.log_metrics(summary_numbers(summary))
         for path in (summary_file, headline_file, table_file):
             if path:

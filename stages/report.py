@@ -43,14 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     relations.add_argument("--distilled", help="distilled student checkpoint")
     relations.add_argument("--modules", help="its training-only DRKD modules (drkd_modules.pt)")
     args = parser.parse_args(argv)
-    relation_files = [args.teacher, args.distilled, args.modules]
-    if any(relation_files) and not all(relation_files):
+    given = [args.teacher, args.distilled, args.modules]
+    if any(given) and not all(given):
         raise UserError("--teacher, --distilled and --modules go together (relation plots)")
+    relation_files = (Path(args.teacher), Path(args.distilled), Path(args.modules)) if all(
+        given) else None
     print(write_report(
         load_params(args.params), args.models, Path(args.eval_dir),
         [Path(h) for h in args.histories], Path(args.data), Path(args.summary),
         Path(args.table), Path(args.plots_dir), args.headline and Path(args.headline),
-        tuple(Path(f) for f in relation_files) if all(relation_files) else None))
+        relation_files))
     return 0
 
 
