@@ -73,13 +73,20 @@ def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
     # refuse rather than lose what the user wrote.
     lost = comments(text) - comments(buffer.getvalue())
     if lost:
-        line, comment = min((text.count("\n", 0, text.find(c)) + 1, c) for c in lost)
+        line, comment = min((comment_line(text, c), c) for c in lost)
         raise ConfigError(
             f"{params_file}:{line}: cannot keep the comment {comment!r} when writing (it sits in a "
             "{...} or [...] over several lines); write that one in block style or "
             "apply by hand: " + flags(partial, add=True)
         )
     write_text(buffer.getvalue(), params_file)
+
+
+def comment_line(text: str, comment: str) -> int:
+    """The 1-based line of ``text`` where the whole comment ``comment`` first stands (not one
+    that merely starts with it)."""
+    match = re.search(r"(?:^|\s)(" + re.escape(comment) + r")$", text, re.MULTILINE)
+    return text.count("\n", 0, match.start(1)) + 1 if match else 0
 
 
 def comments(text: str) -> Counter[str]:

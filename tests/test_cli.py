@@ -12,6 +12,7 @@ import pytest
 
 from drkd import cli
 from drkd.config import NonFiniteLoss, UserError, read_yaml
+from drkd.params_file import comment_line
 from stages import prepare, preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,12 @@ def test_apply_keeps_every_comment_or_writes_nothing(
     assert err[0].startswith(f"error: {params}:{line}: cannot keep the comment '# first'")
     assert "-S ++compare.methods.mgd_tuned.method=mgd" in err[0]  # the by-hand way
     assert params.read_text() == flow
+
+
+def test_a_lost_comment_is_located_by_its_whole_text() -> None:
+    text = "a: 1  # first of all\nb: [0,  # first\n  1]\n# first\n"
+    assert comment_line(text, "# first") == 2  # not line 1, whose comment only starts so
+    assert comment_line(text, "# first of all") == 1
 
 
 def test_user_error_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
