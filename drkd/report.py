@@ -1,5 +1,5 @@
-"""The `report` stage (``write_report``) and its parts: json I/O, the summary, the markdown
-table (the plots are in drkd/plots.py).
+"""The `report` stage's parts: json I/O, the summary, the markdown table (the plots are in
+drkd/plots.py, the stage's run in drkd/report_stage.py).
 
 Works for any list of model names: the first one is the reference for ``gap_to_first`` (the
 teacher), the second the baseline (the plain student) that every later model (e.g. the DRKD
@@ -14,9 +14,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from drkd.config import Params, UserError
-from drkd.files import require_files, write_json, write_text
-from drkd.tracking import mlflow_name, stage_run
+from drkd.config import UserError
+from drkd.files import require_files
+from drkd.tracking import mlflow_name
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")  # fractions 0..1, -1 = no such GT
 SIZE_BUCKETS = {"AP": "all", "APs": "small", "APm": "medium", "APl": "large"}
@@ -206,60 +206,3 @@ def read_history(path: Path) -> dict[str, list[float]]:
         for key in rows[0]
     }
 
-
-def write_report(params: Params, models: list[str], eval_dir: Path, histories: list[Path],
-                 data: Path, summary_file: Path, table_file: Path, plots_dir: Path,
-                 headline_file: Path | None = None,
-                 relation_files: tuple[Path, Path, Path] | None = None) -> str:
-    """Every model's ``eval_dir/<NAME>/metrics.json`` and ``detections.json`` and the loss
-    histories -> the summary json, the headline json (each later model's gain and gap closed),
-    the markdown table and the plots (``plots_dir``), all logged to one MLflow run.
-    ``relation_files`` (teacher, distilled student, DRKD modules) adds the relation plots.
-    Returns the table's overall part, for the console."""
-    # Imported here: the plots need torch and matplotlib, the rest of this module neither.
-    from drkd import plots, relations_plot
-
-    if len(set(models)) != len(models):
-        raise UserError(f"--models: duplicate names in {models}")
-    metrics_files = {m: eval_dir / m / "metrics.json" for m in models}
-    detection_files = {m: eval_dir / m / "detections.json" for m in models}
-    require_files([*metrics_files.values(), *detection_files.values(), *histories,
-                   *(relation_files or ()), data / "val.json"])
-    metrics = {m: read_metrics(f) for m, f in metrics_files.items()}
-    curves = {h.stem.removeprefix("train_"): read_history(h) for h in histories}
-    evaluate = params.evaluate
-    logged = {
-        "models": ",".join(models),
-        "evaluate": {  # the keys this stage reads, as in its params deps in dvc.yaml
-            "num_vis_images": evaluate.num_vis_images,
-            "vis_score_thresh": evaluate.vis_score_thresh,
-        },
-    }
-    with stage_run(params.tracking, "report", logged, [data / "train.json", data / "val.json"]
-                   ) as run:
-        run.log_dataset(data / "val.json", "evaluation")  # its images in detections.png
-        summary = summarize(metrics)
-        write_json(summary, summary_file)
-        if headline_file:
-            write_json(headline_gain(summary), headline_file)
-        write_text(markdown_table(metrics), table_file)
-        plots.plot_loss_curves(curves, plots_dir / "loss_curves.png")
-        plots.plot_ap_by_size(metrics, plots_dir / "ap_by_size.png")
-        plots.write_ap_by_size_csv(metrics, plots_dir / "ap_by_size.csv")
-        detections = {m: read_json(f) for m, f in detection_files.items()}
-        plots.plot_detections(data / "val.json", detections, evaluate.num_vis_images,
-                              evaluate.vis_score_thresh, plots_dir / "detections.png")
-        written = []
-        if relation_files:
-            teacher, distilled, modules = relation_files
-            written = relations_plot.plot_relations(
-                teacher, distilled, modules, data / "val.json", evaluate.num_vis_images, plots_dir)
-        run.log_metrics(summary_numbers(summary))
-        for path in (summary_file, headline_file, table_file):
-            if path:
-                run.log_artifact(path)
-        for name in ("loss_curves.png", "ap_by_size.png", "ap_by_size.csv", "detections.png"):
-            run.log_artifact(plots_dir / name, "plots")
-        for path in written:
-            run.log_artifact(path, "plots")
-    return markdown_table(metrics).split("\n\n## Per-class")[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from drkd import cli
 from drkd.config import UserError, load_params
-from drkd.report import write_report
+from drkd.report_stage import write_report
 
 
 def main(argv: list[str] | None = None) -> int:
