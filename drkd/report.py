@@ -205,4 +205,3 @@ def read_history(path: Path) -> dict[str, list[float]]:
         key: [float(r[key]) if r[key] not in ("", None) else math.nan for r in rows]
         for key in rows[0]
     }
-

@@ -44,7 +44,8 @@ def write_report(params: Params, models: list[str], eval_dir: Path, histories: l
         write_json(summary, summary_file)
         if headline_file:
             write_json(report.headline_gain(summary), headline_file)
-        write_text(report.markdown_table(metrics), table_file)
+        table = report.markdown_table(metrics)
+        write_text(table, table_file)
         plots.plot_loss_curves(curves, plots_dir / "loss_curves.png")
         plots.plot_ap_by_size(metrics, plots_dir / "ap_by_size.png")
         plots.write_ap_by_size_csv(metrics, plots_dir / "ap_by_size.csv")
@@ -64,4 +65,4 @@ def write_report(params: Params, models: list[str], eval_dir: Path, histories: l
             run.log_artifact(plots_dir / name, "plots")
         for path in written:
             run.log_artifact(path, "plots")
-    return report.markdown_table(metrics).split("\n\n## Per-class")[0]
+    return table.split("\n\n## Per-class")[0]

@@ -10,7 +10,7 @@ starts as plain feature imitation and can only add relational context to it; the
 The 1x1 convolutions are matrix products on the (B, C, HW) pixels, regrouped so that no
 (B, S, HW) tensor is formed: V = X_s B^T with X_s = W_s X + b_s is computed as W_s (X B^T) +
 b_s (B 1)^T, and the output W_back (W_state R) B as (W_back W_state R) B. Per pixel that is
-3 N C multiply-adds instead of (2 S + N) C + 2 S N (2.3x fewer at the release's N=64, S=128,
+3 N C multiply-adds instead of (2 S + N) C + 2 S N (2x fewer at the release's N=64, S=128,
 C=256); the function is the paper's (a test writes out its convolution form).
 """
 
