@@ -39,8 +39,22 @@ def test_instance_scaling_covers_each_path_and_count(
     scaling = json.loads(out.read_text())["retinanet instances"]
     assert set(scaling) == {"drkd INS", "drkd IR cosine + filter + top-k", "drkd IR learned",
                             "fgd"}
-    assert all(set(by_count) == {"1", "12"} and all(v["s"] > 0 for v in by_count.values())
+    assert all(set(by_count) == {"1", "12"} and all(v["s"] > 0 and v["finite"]
+                                                    for v in by_count.values())
                for by_count in scaling.values())
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
+def test_random_detectors_start_their_residual_branches_at_zero(arch: str) -> None:
+    """Under frozen BatchNorm a random R101's maps grow block after block (RMS ~1e4); the
+    benchmark's detectors start each residual branch's last norm at zero instead."""
+    paper = paper_scale.paper_params(arch, smoke=False)
+    model = paper_scale.random_detector(paper.teacher.model, 4)
+    blocks = [m for m in model.modules() if isinstance(m, paper_scale.Bottleneck)]
+    assert len(blocks) == 33  # R101: 3 + 4 + 23 + 3
+    assert all(not block.bn3.weight.any() for block in blocks)
+    assert any(m.weight.any() for m in model.modules()
+               if type(m).__name__ == "FrozenBatchNorm2d")  # the other norms untouched
 
 
 @pytest.mark.slow
