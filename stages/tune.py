@@ -1,27 +1,16 @@
-"""Optuna study over a distillation method's params (`make tune`; deliberately not a stage of
-`dvc repro`). DRKD by default; `--method pkd` (or `tune.method`) tunes another method over its
-`tune.spaces.<method>`, in its own study `<study_name>-<method>`, writing OUT/<method>/.
+"""Optuna study over a distillation method's params (`make tune`; not a stage of `dvc repro`).
 
-    python -m stages.tune [--params params.yaml] [--data data/prepared]
-                          [--teacher models/teacher.pt] [--storage URL] [--n-trials N]
-                          [--out tuning]
-    python -m stages.tune --promote [--apply] [--method M] [--row NAME] [--out tuning]
-                          [--params params.yaml]
+    python -m stages.tune [--method M] [--n-trials N] [--workers W] [--storage URL]
+    python -m stages.tune --calibrate STEPS [--method M]
+    python -m stages.tune --promote [--apply] [--row NAME] [--method M]
 
-Objective: validation AP of the student distilled from the teacher checkpoint for the short
-budget `tune.epochs` / `tune.max_steps`, with the suggested values applied onto `distill`
-(and `student.train.lr`). Every trial starts from the same seeded init in its own temporary
-work dir; the per-epoch AP feeds the pruner. The study lives in an RDB (default
-sqlite:///optuna.db in the current folder): rerunning continues it, and several workers may
-run it at once; `tune.n_trials` counts finished trials (complete, pruned, failed) over all
-workers. A trial left RUNNING by a killed worker is failed once its heartbeat is `tune.grace_s` old.
-
-Writes OUT/best_params.yaml (a partial params file), OUT/trials.csv and OUT/*.png. `--promote`
-prints the `dvc exp run -S ...` line for best_params.yaml; `--promote --apply` merges it into
-params.yaml (comments kept where possible); with `--row NAME` the tuned values become the
-compare row NAME (`{method: M, ...}`) instead, so `make compare` runs the published and the
-tuned method side by side. The study lives in drkd/tuning.py, the one module that imports
-Optuna.
+Objective: validation AP of a student distilled for the short budget `tune.epochs` /
+`tune.max_steps` with the suggested values applied onto `distill`; the per-epoch AP feeds the
+pruner. Several workers may share the study's RDB; `tune.n_trials` counts finished trials over
+all of them. Writes OUT/best_params.yaml, OUT/trials.csv and plots (OUT/<method>/ for a method
+other than drkd); `--promote` turns the best values into a `dvc exp run -S` line, a params.yaml
+edit (`--apply`) or a compare row (`--row`). The study lives in drkd/tuning.py
+(docs/compare-and-tune.md).
 """
 
 from __future__ import annotations

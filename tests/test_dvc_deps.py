@@ -183,3 +183,40 @@ def test_compare_cells_do_not_depend_on_the_board() -> None:
     assert not board_code & set(cell["deps"]), cell["deps"]
     assert not board_code & set(STAGES["compare/rows"]["deps"])
     assert board_code <= set(STAGES["compare/leaderboard"]["deps"])
+
+
+STAGE_FILES = sorted((ROOT / "stages").glob("[!_]*.py"))
+
+
+@pytest.mark.parametrize("file", STAGE_FILES, ids=lambda f: f.stem)
+def test_stage_is_thin_and_imports_no_stage(file: Path) -> None:
+    """A stage is argument parsing plus a call into drkd/: short, and never importing another
+    stage (or being imported by drkd/), so the recipe lives in one place. Launching another
+    stage as ``python -m`` (a compare cell does) is not an import."""
+    lines = len(file.read_text().splitlines())
+    assert lines <= 80, f"{file.name}: {lines} lines; move the logic into drkd/"
+    imported = {f.relative_to(ROOT).as_posix() for f in imported_files_by_import(file)}
+    assert not {f for f in imported if f.startswith("stages/")}, (
+        f"{file.name} imports {sorted(imported)}")
+
+
+def test_library_imports_no_stage() -> None:
+    offenders = {f.relative_to(ROOT).as_posix(): sorted(
+        g.relative_to(ROOT).as_posix() for g in imported_files_by_import(f)
+        if g.relative_to(ROOT).parts[0] == "stages")
+        for f in (ROOT / "drkd").rglob("*.py")}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def imported_files_by_import(file: Path) -> set[Path]:
+    """The repo files ``file`` names in an ``import`` statement (not launched stage strings)."""
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found.update(module_files(alias.name, ROOT))
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.update(module_files(node.module, ROOT))
+            for alias in node.names:
+                found.update(module_files(f"{node.module}.{alias.name}", ROOT))
+    return found
