@@ -1,4 +1,4 @@
-# Two commands on a bare machine (Python 3.11): `make repro` and `make test`.
+# Two commands on a bare machine (Python 3.11-3.14; PYTHON=python3.13 picks one): `make repro` and `make test`.
 # Both create .venv on first use and reuse it afterwards.
 PYTHON ?= python3
 VENV := .venv
