@@ -108,6 +108,13 @@ def launch(launcher: str, stage: str, argv: list[str]) -> None:
         raise SystemExit(max(code, 1))
 
 
+def trains_drkd_modules(distill: dict[str, Any]) -> bool:
+    """Whether a row's resolved ``distill`` trains DRKD's modules (as its method or in
+    ``plus``): its cell then saves them, so what the relation filter learned is measurable
+    (benchmarks/relation_filter.py)."""
+    return "drkd" in (distill["method"], *distill.get("plus", []))
+
+
 def run_cell(params_file: str, row: str, seed: int, out: Path, data: Path, teacher: Path,
              row_file: Path | None = None) -> None:
     """Train and evaluate row ``row`` at ``seed`` into ``out`` (the files the stage's docstring
@@ -134,9 +141,8 @@ def run_cell(params_file: str, row: str, seed: int, out: Path, data: Path, teach
         if method == "none":
             launch(user.launcher, "stages.train", ["student", *train])
         else:
-            # DRKD's trained modules too: what its relation filter learned is measurable
-            # (benchmarks/relation_filter.py).
-            modules = ["--modules-out", str(out / "modules.pt")] if method == "drkd" else []
+            modules = (["--modules-out", str(out / "modules.pt")]
+                       if trains_drkd_modules(params["distill"]) else [])
             launch(user.launcher, "stages.distill",
                    [*train, "--teacher", str(teacher), *modules])
         with (out / "history.csv").open() as fh:

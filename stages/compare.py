@@ -15,9 +15,9 @@ whole `distill` section, so tuning one method reruns only that method's cells an
 cell's. A cell trains with the student recipe (``compare.epochs`` > 0 shortens it for every
 cell alike), exactly those settings and the given seed, as ``<launcher> -m stages.distill``
 like the main pipeline (torchrun: DDP); `none` is the baseline student.
-It writes ``params.yaml`` (the exact values it used), ``history.csv``, ``model.pt`` (DRKD:
-``modules.pt`` too), ``metrics.json`` (COCO metrics of val) and ``cost.json`` (seconds per
-training step over the whole run, resumed parts
+It writes ``params.yaml`` (the exact values it used), ``history.csv``, ``model.pt`` (DRKD's
+modules, as its method or in ``plus``: ``modules.pt`` too), ``metrics.json`` (COCO metrics of
+val) and ``cost.json`` (seconds per training step over the whole run, resumed parts
 included, setup and evaluation not; the training's peak memory, rank 0's under DDP), and is
 one MLflow run tagged ``row``, ``method``, ``seed`` and ``compare_id`` (a hash of what every
 cell of one comparison shares: data, teacher, student recipe, budget, launcher).

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from drkd import leaderboard as board_lib
-from drkd.compare import cell_params, launch
+from drkd.compare import cell_params, launch, trains_drkd_modules
 from drkd.config import UserError, load_params, to_dict
 from drkd.registry import FgdConfig
 from stages import compare, leaderboard
@@ -171,6 +171,9 @@ def test_a_combination_row_is_a_cell_beside_the_baseline(tmp_path: Path) -> None
     distill = cell_params(str(params), "mgd_ir", 0)["distill"]
     assert (distill["method"], distill["plus"], distill["w_pr"]) == ("mgd", ["drkd"], 0)
     assert cell_params(str(params), "none", 0)["distill"] == {"method": "none"}
+    # DRKD's modules are saved wherever they train: as the method or in `plus`.
+    assert trains_drkd_modules(distill) and trains_drkd_modules({"method": "drkd"})
+    assert not trains_drkd_modules({"method": "mgd"})
 
 
 def test_rows_files_hold_what_each_cell_trains_with(tmp_path: Path) -> None:
