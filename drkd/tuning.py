@@ -27,6 +27,7 @@ import optuna
 import sqlalchemy
 import torch
 import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
@@ -296,6 +297,29 @@ def progress(study: optuna.Study, t: FrozenTrial) -> None:
     print(line, flush=True)
 
 
+def at_the_edge(trial: FrozenTrial, margin: float = 0.05) -> list[str]:
+    """The dimensions where ``trial`` sits at the edge of its space, one line each: a float
+    within ``margin`` of its range's floor or ceiling (on the log scale for a log range), or
+    the smallest or largest of numeric choices. A best trial there says the space may be cutting
+    off the method's working regime: widen it and run more trials."""
+    lines = []
+    for name, dist in trial.distributions.items():
+        value = trial.params[name]
+        if isinstance(dist, FloatDistribution):
+            scale: Callable[[float], float] = math.log if dist.log else float
+            where = (scale(value) - scale(dist.low)) / (scale(dist.high) - scale(dist.low))
+            edge = "floor" if where < margin else "ceiling" if where > 1 - margin else ""
+            if edge:
+                lines.append(f"{name} {value:.3g} at the {edge} of [{dist.low:g}, {dist.high:g}]")
+        elif isinstance(dist, CategoricalDistribution) and len(dist.choices) > 2 and all(
+                isinstance(c, int | float) and not isinstance(c, bool) for c in dist.choices):
+            numbers = [float(typing.cast(float, c)) for c in dist.choices]
+            ends = {min(numbers): "smallest", max(numbers): "largest"}
+            if value in ends:
+                lines.append(f"{name} {value:g}: the {ends[value]} of {list(dist.choices)}")
+    return lines
+
+
 def write_outputs(study: optuna.Study, out: Path, track: StageRun, method: str = "drkd") -> None:
     """best_params.yaml, trials.csv and the plots, from every trial in the storage."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
@@ -326,6 +350,11 @@ def write_outputs(study: optuna.Study, out: Path, track: StageRun, method: str =
             f"AP {best.value:.4f} ({len(complete)} complete of {len(trials)} trials).\n"
             "# Promote: python -m stages.tune --promote [--method M] [--row NAME] [--apply]\n"
         )
+        edges = at_the_edge(best)
+        if edges:
+            header += "".join(f"# At the edge of the space: {line}\n" for line in edges)
+            print(f"[tune] the best trial sits at the edge of the space ({'; '.join(edges)}): "
+                  "widen tune.space(s) and run more trials")
         body = yaml.safe_dump(partial_params(best.params, method), sort_keys=False)
         write_text(header + body, out / "best_params.yaml")
         written.append(out / "best_params.yaml")

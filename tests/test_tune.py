@@ -146,6 +146,27 @@ def test_search_space_convention() -> None:
     }
 
 
+def test_a_best_trial_at_the_edge_of_the_space_is_named() -> None:
+    """Positions are on the log scale for a log range: 1.2e-5 in [1e-5, 1e-2] is 3% of the way
+    up (the floor), though 10x the floor would look far from it on a linear scale."""
+    floats = optuna.distributions.FloatDistribution
+    choices = optuna.distributions.CategoricalDistribution
+
+    def trial(**params: Any) -> optuna.trial.FrozenTrial:
+        dists = {"alpha": floats(1e-5, 1e-2, log=True), "beta": floats(0.0, 1.0),
+                 "mask": choices([0.45, 0.65, 0.85]), "filter": choices([True, False]),
+                 "topk": choices([0, 2, 4])}
+        return optuna.trial.create_trial(params=params, distributions=dists, value=0.3)
+
+    edges = tuning.at_the_edge(trial(alpha=1.2e-5, beta=0.99, mask=0.45, filter=True, topk=2))
+    assert edges == ["alpha 1.2e-05 at the floor of [1e-05, 0.01]",
+                     "beta 0.99 at the ceiling of [0, 1]",
+                     "mask 0.45: the smallest of [0.45, 0.65, 0.85]"]
+    # 10x the floor is a third of the way up the log range; 0.5 of [0, 1]; a middle choice.
+    assert tuning.at_the_edge(trial(alpha=1e-4, beta=0.5, mask=0.65, filter=False, topk=4)) == [
+        "topk 4: the largest of [0, 2, 4]"]
+
+
 def test_the_default_space_keeps_the_params_target() -> None:
     """params.yaml's space leaves the IR target out: a trial keeps distill.instance.target
     (a `features` trial at the space's w_ir would be a second, heavier INS)."""
