@@ -277,7 +277,7 @@ class SearchSpace:
     w_ins: tuple[float, ...] = (1e-3, 0.25)
     tau: tuple[float, ...] = (0.03, 1.0)  # cosine logits lie in [-1, 1]
     topk: tuple[int, ...] = (0, 2, 4)
-    filter_hidden: tuple[int, ...] = (32, 64, 128)
+    filter_hidden: tuple[int, ...] = (32, 64, 128, 256)
     filter: tuple[bool, ...] = (True, False)
     # Off: the default `matrix` target holds (`features` at w_ir >= 0.1 is a heavy second INS).
     target: tuple[Literal["matrix", "features", "both"], ...] = ()

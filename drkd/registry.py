@@ -161,7 +161,7 @@ class CwdSpace:
 @dataclass(frozen=True)
 class MgdSpace:
     weight: tuple[float, ...] = (8e-8, 2e-4)
-    mask_ratio: tuple[float, ...] = (0.45, 0.65, 0.85)
+    mask_ratio: tuple[float, ...] = (0.25, 0.45, 0.65, 0.85)
 
 
 @dataclass(frozen=True)

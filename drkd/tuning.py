@@ -300,8 +300,9 @@ def progress(study: optuna.Study, t: FrozenTrial) -> None:
 def at_the_edge(trial: FrozenTrial, margin: float = 0.05) -> list[str]:
     """The dimensions where ``trial`` sits at the edge of its space, one line each: a float
     within ``margin`` of its range's floor or ceiling (on the log scale for a log range), or
-    the smallest or largest of numeric choices. A best trial there says the space may be cutting
-    off the method's working regime: widen it and run more trials."""
+    the smallest or largest of positive numeric choices (0 reads as "off" in these spaces: topk 0
+    keeps every pair, so a list with 0 is not ordered by its numbers). A best trial there says
+    the space may be cutting off the method's working regime: widen it and run more trials."""
     lines = []
     for name, dist in trial.distributions.items():
         value = trial.params[name]
@@ -312,7 +313,8 @@ def at_the_edge(trial: FrozenTrial, margin: float = 0.05) -> list[str]:
             if edge:
                 lines.append(f"{name} {value:.3g} at the {edge} of [{dist.low:g}, {dist.high:g}]")
         elif isinstance(dist, CategoricalDistribution) and len(dist.choices) > 2 and all(
-                isinstance(c, int | float) and not isinstance(c, bool) for c in dist.choices):
+                isinstance(c, int | float) and not isinstance(c, bool) and c > 0
+                for c in dist.choices):
             numbers = [float(typing.cast(float, c)) for c in dist.choices]
             ends = {min(numbers): "smallest", max(numbers): "largest"}
             if value in ends:
