@@ -56,8 +56,9 @@ def module_name(file: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_files(file: Path, root: Path) -> set[Path]:
-    """The repo files ``file`` imports directly (any nesting depth in the source)."""
+def imported_files(file: Path, root: Path, launched: bool = True) -> set[Path]:
+    """The repo files ``file`` imports directly (any nesting depth in the source); with
+    ``launched``, also the stage modules it launches and the methods ``build`` imports."""
     found: set[Path] = set()
     package = module_name(file, root)
     if file.name != "__init__.py":
@@ -75,10 +76,12 @@ def imported_files(file: Path, root: Path) -> set[Path]:
             found.update(module_files(base, root))
             for alias in node.names:  # `from drkd import cli`: cli is a submodule
                 found.update(module_files(f"{base}.{alias.name}", root))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(
-                r"stages\.\w+", node.value):  # launched: `launch(..., "stages.train", ...)`
+        # launched: `launch(..., "stages.train", ...)`
+        elif launched and isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                re.fullmatch(r"stages\.\w+", node.value)):
             found.update(module_files(node.value, root))
-    if module_name(file, root) == "drkd.methods":  # build() imports each registered module
+    # build() imports each registered module
+    if launched and module_name(file, root) == "drkd.methods":
         registry = (root / "drkd" / "registry.py").read_text()
         for node in ast.walk(ast.parse(registry)):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(
@@ -195,28 +198,15 @@ def test_stage_is_thin_and_imports_no_stage(file: Path) -> None:
     stage as ``python -m`` (a compare cell does) is not an import."""
     lines = len(file.read_text().splitlines())
     assert lines <= 80, f"{file.name}: {lines} lines; move the logic into drkd/"
-    imported = {f.relative_to(ROOT).as_posix() for f in imported_files_by_import(file)}
+    imported = {f.relative_to(ROOT).as_posix() for f in imported_files(file, ROOT, launched=False)}
     assert not {f for f in imported if f.startswith("stages/")}, (
         f"{file.name} imports {sorted(imported)}")
 
 
 def test_library_imports_no_stage() -> None:
     offenders = {f.relative_to(ROOT).as_posix(): sorted(
-        g.relative_to(ROOT).as_posix() for g in imported_files_by_import(f)
+        g.relative_to(ROOT).as_posix() for g in imported_files(f, ROOT, launched=False)
         if g.relative_to(ROOT).parts[0] == "stages")
         for f in (ROOT / "drkd").rglob("*.py")}
     assert not {k: v for k, v in offenders.items() if v}
 
-
-def imported_files_by_import(file: Path) -> set[Path]:
-    """The repo files ``file`` names in an ``import`` statement (not launched stage strings)."""
-    found: set[Path] = set()
-    for node in ast.walk(ast.parse(file.read_text())):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                found.update(module_files(alias.name, ROOT))
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.update(module_files(node.module, ROOT))
-            for alias in node.names:
-                found.update(module_files(f"{node.module}.{alias.name}", ROOT))
-    return found
