@@ -62,6 +62,12 @@ def timed(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
           warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each function, called in turn (A, B, C, A, B, C, ...) after
     ``warmup`` rounds, so that a slow spell of the machine hits every function alike."""
+    return {name: statistics.median(t) for name, t in rounds(fns, steps, device, warmup).items()}
+
+
+def rounds(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
+           warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds of every call of each function, ``steps`` interleaved rounds (see ``timed``)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -75,7 +81,7 @@ def timed(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def models(params_file: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -128,7 +134,7 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
     # The distiller trains its own copy of the student (same init), so the two steps are
     # timed on identical networks.
     distiller = Distiller(copy.deepcopy(student), teacher, params.distill).to(device)
-    t = timed(
+    r = rounds(
         {
             "student": train_step(student, images, targets, params.student.train),
             "teacher": teacher_forward,
@@ -137,9 +143,16 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
         steps,
         device,
     )
+    t = {name: statistics.median(seconds) for name, seconds in r.items()}
+    # This machine's step time wanders by several percent from one round to the next: the
+    # quartiles of the per-round ratio say how far the ratio of the medians can be trusted.
+    per_round = [d / (s + f) for d, s, f in zip(r["distill"], r["student"], r["teacher"],
+                                                strict=True)]
+    low, _, high = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
     return {"student_step_s": t["student"], "teacher_forward_s": t["teacher"],
             "distill_step_s": t["distill"],
-            "ratio": t["distill"] / (t["student"] + t["teacher"])}
+            "ratio": t["distill"] / (t["student"] + t["teacher"]),
+            "ratio_q1": low, "ratio_q3": high}
 
 
 def method_steps(params_file: str, methods: list[str], steps: int) -> dict[str, float]:
@@ -274,8 +287,9 @@ def main() -> None:
     print(f"device: {pick_device()}  threads: {torch.get_num_threads()}")
     print(f"student step {ratio['student_step_s']:.3f} s + teacher forward "
           f"{ratio['teacher_forward_s']:.3f} s; distill step {ratio['distill_step_s']:.3f} s")
-    print(f"step-time ratio distill / (student + teacher forward): {ratio['ratio']:.2f} "
-          f"(target <= 1.10)")
+    print(f"step-time ratio distill / (student + teacher forward): {ratio['ratio']:.3f} "
+          f"(target <= 1.10); quartiles of the {args.steps} rounds' ratios "
+          f"{ratio['ratio_q1']:.3f}-{ratio['ratio_q3']:.3f}")
     print(f"instance relations, 4 images x 10 instances, fwd+bwd: batched "
           f"{1000 * speed['batched_s']:.2f} ms, per-image loop {1000 * speed['looped_s']:.2f} ms, "
           f"speed-up {speed['speedup']:.2f}x (median of {RELATION_ROUNDS} rounds, range "

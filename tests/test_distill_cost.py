@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from benchmarks.distill_cost import rounds
 from drkd.config import merge
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,3 +47,12 @@ def test_an_unknown_method_is_one_error_line_before_any_work() -> None:
     assert done.returncode == 2
     assert "argument --methods: invalid choice: 'drkdx'" in done.stderr
     assert done.stdout == ""
+
+
+def test_rounds_interleave_the_functions_after_the_warmup() -> None:
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = rounds(fns, 4, torch.device("cpu"), warmup=2)
+    assert calls == ["a", "b", "c"] * 6  # 2 warm-up rounds, then 4 timed ones, in turn
+    assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(t >= 0 for seconds in times.values() for t in seconds)
