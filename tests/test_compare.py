@@ -91,16 +91,17 @@ def test_leaderboard_numbers(tmp_path: Path, saved_figures: dict[str, Any]) -> N
 def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
     cells = tmp_path / "cells"
     for row, method, step_s in [("none", None, 0.5), ("pkd", None, 2.0), ("pkd_x", "pkd", 1.0),
-                                ("cwd", None, 0.6)]:
+                                ("pkd_y", "pkd", 1.0), ("cwd", None, 0.6)]:
         write_cell(cells, row, 0, 0.2, step_s, 1000.0, method=method)
     times = tmp_path / "times.json"
-    times.write_text(json.dumps({"seconds_per_step": {"none": 0.25, "pkd": 0.3}}))
+    times.write_text(json.dumps({"seconds_per_step": {"none": 0.25, "pkd": 0.3, "pkd_y": 0.35}}))
     assert leaderboard.main(["--cells", str(cells), "--step-times", str(times),
                          "--teacher-metrics", str(tmp_path / "no.json"),
                          "--out", str(tmp_path)]) == 0
     board = json.loads((tmp_path / "leaderboard.json").read_text())["methods"]
     assert board["pkd"]["step_time_vs_baseline"] == pytest.approx(1.2)  # not the cells' 4.0
     assert board["pkd_x"]["step_time_vs_baseline"] == pytest.approx(1.2)  # its method's
+    assert board["pkd_y"]["step_time_vs_baseline"] == pytest.approx(1.4)  # timed as itself
     assert "step_time_vs_baseline" not in board["cwd"]  # not timed side by side
     table = (tmp_path / "leaderboard.md").read_text()
     assert "every method timed side by side" in table and "| 1.20x |" in table
