@@ -2,6 +2,7 @@
 
     python -m benchmarks.distill_cost [--params params.yaml] [--steps 20]
     python -m benchmarks.distill_cost --methods none mimic drkd pkd cwd mgd fgd [--out F.json]
+    python -m benchmarks.distill_cost --rows none drkd mgd_tuned mgd_tuned_pr [--out F.json]
 
 Prints, on the embedded default's models and image size:
 1. step-time ratio  distill step / (baseline student step + teacher backbone forward)
@@ -14,7 +15,9 @@ Prints, on the embedded default's models and image size:
 With --methods: the train step of each method (its Distiller with the teacher's forward; none =
 the plain student), timed in turn in one run, as a ratio to the plain student step: the
 side-by-side cost the leaderboard of `make compare` cannot give (its cells run hours apart);
-``--out`` writes it as JSON for ``stages.leaderboard --step-times``.
+``--out`` writes it as JSON for ``stages.leaderboard --step-times``. With --rows: the same for
+rows of params.yaml's ``compare.methods``, each with its cells' own `distill` settings (a tuned
+row, a combination row), keyed by row name.
 Optimizers come from the training loop (drkd.engine.make_optimizer), as in real training.
 """
 
@@ -23,7 +26,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import datetime
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -32,7 +37,17 @@ from collections.abc import Callable
 
 import torch
 
-from drkd.config import TrainConfig, load_params, method_names
+from benchmarks import cpu_model
+from drkd.compare import resolved_rows
+from drkd.config import (
+    DistillConfig,
+    TrainConfig,
+    UserError,
+    from_dict,
+    load_params,
+    method_names,
+    to_dict,
+)
 from drkd.devices import pick_device
 from drkd.distiller import Distiller
 from drkd.engine import make_optimizer, module_device
@@ -155,21 +170,38 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
             "ratio_q1": low, "ratio_q3": high}
 
 
-def method_steps(params_file: str, methods: list[str], steps: int) -> dict[str, float]:
-    """Median seconds per train step of each method, interleaved; every Distiller wraps its own
-    copy of one student init, so all steps train identical networks on the same batch."""
+def method_steps(params_file: str, settings: dict[str, DistillConfig], steps: int
+                 ) -> dict[str, float]:
+    """Median seconds per train step under each name's `distill` settings (method none: the
+    plain student), interleaved; every Distiller wraps its own copy of one student init, so all
+    steps train identical networks on the same batch."""
     device = pick_device()
     params = load_params(params_file)
     student, teacher = models(params_file, device)  # the Distiller puts the teacher in eval
     images, targets = batch(params.student.model.max_size, params.student.train.batch_size, device)
     fns = {}
-    for method in methods:
+    for name, distill in settings.items():
         module = copy.deepcopy(student)
-        if method != "none":
-            distill = dataclasses.replace(params.distill, method=method)
+        if distill.method != "none":
             module = Distiller(module, teacher, distill).to(device)
-        fns[method] = train_step(module, images, targets, params.student.train)
+        fns[name] = train_step(module, images, targets, params.student.train)
     return timed(fns, steps, device)
+
+
+def method_settings(params_file: str, methods: list[str]) -> dict[str, DistillConfig]:
+    """Each method with params.yaml's `distill` settings."""
+    distill = load_params(params_file).distill
+    return {method: dataclasses.replace(distill, method=method) for method in methods}
+
+
+def row_settings(params_file: str, rows: list[str]) -> dict[str, DistillConfig]:
+    """Each row of ``compare.methods`` with the `distill` settings its cells train with."""
+    resolved = resolved_rows(to_dict(load_params(params_file)))
+    unknown = [row for row in rows if row not in resolved]
+    if unknown:
+        raise UserError(f"{params_file}: compare.methods has no row {unknown[0]!r} "
+                        f"(rows: {', '.join(resolved)})")
+    return {row: from_dict(DistillConfig, resolved[row], "distill") for row in rows}
 
 
 def relation_speed(
@@ -256,26 +288,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--methods", nargs="+", metavar="METHOD", choices=method_names("none"),
-                        help="only time these methods' train steps side by side (none: plain)")
-    parser.add_argument("--out", help="with --methods: also write the seconds per step as JSON")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--methods", nargs="+", metavar="METHOD", choices=method_names("none"),
+                       help="only time these methods' train steps side by side (none: plain)")
+    which.add_argument("--rows", nargs="+", metavar="ROW",
+                       help="the same for these rows of compare.methods, as their cells train")
+    parser.add_argument("--out", help="with --methods/--rows: also write the seconds per step "
+                        "as JSON")
     parser.add_argument("--memory", choices=["student", "distill"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:  # child process of the memory comparison
         print(json.dumps(peak_memory(args.params, args.memory == "distill")))
         return
-    if args.methods:
-        times = method_steps(args.params, args.methods, args.steps)
-        base = times.get("none")
+    if args.methods or args.rows:
+        try:
+            settings = (method_settings(args.params, args.methods) if args.methods
+                        else row_settings(args.params, args.rows))
+        except UserError as error:
+            parser.exit(2, f"error: {error}\n")
+        times = method_steps(args.params, settings, args.steps)
+        base = next((times[n] for n, d in settings.items() if d.method == "none"), None)
         print(f"device: {pick_device()}  threads: {torch.get_num_threads()}  "
               f"steps: {args.steps} per method, interleaved")
-        print("| method | s/step | vs plain student |\n|---|---:|---:|")
+        print(f"| {'method' if args.methods else 'row'} | s/step | vs plain student |\n"
+              "|---|---:|---:|")
         for method, seconds in times.items():
             ratio = f"{seconds / base:.2f}x" if base else "-"
             print(f"| {method} | {seconds:.4g} | {ratio} |")
         if args.out:
             write_json({"seconds_per_step": times, "device": str(pick_device()),
-                        "threads": torch.get_num_threads(), "steps": args.steps}, args.out)
+                        "cpu": cpu_model(),
+                        "threads": torch.get_num_threads(), "steps": args.steps,
+                        "date": datetime.date.today().isoformat(),
+                        "command": shlex.join(["python", "-m", "benchmarks.distill_cost",
+                                               *sys.argv[1:]])}, args.out)
         return
     if load_params(args.params).distill.method == "none":
         raise SystemExit(f"{args.params}: distill.method is 'none'; nothing to measure")

@@ -44,6 +44,7 @@ from PIL import Image
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.transforms.v2 import functional as F
 
+from benchmarks import cpu_model
 from benchmarks.distill_cost import resident_mib, timed, train_step
 from drkd.config import (
     DistillConfig,
@@ -291,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(peak_mib(*args.peak, args.smoke)))
         return 0
     device = pick_device()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "?")
+    cpu = cpu_model()
     print(f"device: {device} ({cpu}), threads: {torch.get_num_threads()}, "
           f"median of {args.steps} steps, images: {'BCCD' if BCCD.is_dir() else 'random'}")
     results: dict[str, Any] = {"device": str(device), "cpu": cpu,

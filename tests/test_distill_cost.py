@@ -56,3 +56,32 @@ def test_rounds_interleave_the_functions_after_the_warmup() -> None:
     assert calls == ["a", "b", "c"] * 6  # 2 warm-up rounds, then 4 timed ones, in turn
     assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
     assert all(t >= 0 for seconds in times.values() for t in seconds)
+
+
+@pytest.mark.slow  # a subprocess training 2 rows' distillers (smoke preset)
+def test_rows_are_timed_with_their_cells_settings_and_keyed_by_row_name(tmp_path: Path) -> None:
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                   yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text()))
+    # A tuned MGD row with DRKD's pixel relations on top: its step must run both methods' terms.
+    params["compare"]["methods"] = {"none": {"method": "none"}, "mgd_pr": {
+        "method": "mgd", "plus": ["drkd"], "w_ir": 0.0, "w_ins": 0.0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run(
+        [sys.executable, "-m", SCRIPT, "--params", str(tmp_path / "params.yaml"),
+         "--rows", "none", "mgd_pr", "--steps", "1", "--out", str(tmp_path / "t.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line.split("|")[1].strip() for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| row")]
+    assert rows == ["none", "mgd_pr"]
+    written = json.loads((tmp_path / "t.json").read_text())["seconds_per_step"]
+    assert set(written) == {"none", "mgd_pr"} and all(s > 0 for s in written.values())
+
+
+def test_an_unknown_row_is_one_error_line_naming_the_rows() -> None:
+    done = subprocess.run([sys.executable, "-m", SCRIPT, "--rows", "none", "drkdx"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: params.yaml: compare.methods has no row 'drkdx' (rows: ")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stdout == ""
