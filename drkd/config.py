@@ -230,6 +230,9 @@ class DistillConfig:
     # generation loss plus DRKD's relation-only L_IR is `method: mgd, plus: [drkd], w_pr: 0,
     # w_ins: 0` (a compare row on top of the strongest feature loss).
     plus: tuple[str, ...] = ()
+    # Start the student's neck (FPN) and head from the teacher's weights, as the official FGD
+    # and MGD configs do (`init_student`); needs equal FPN widths and heads (R101 -> R50).
+    init_student: bool = False
     reduction: Literal["norm", "mse"] = "mse"
     # DRKD as the authors' release computes it, for every difference the README's table lists:
     # GloRe without /HW (BN eps 1e-4, weight 1), RoIAlign aligned=False with adaptive
@@ -472,11 +475,13 @@ def row_distill(distill: dict[str, Any], name: str, overrides: dict[str, Any]) -
 
 def method_distill(distill: dict[str, Any]) -> dict[str, Any]:
     """The part of a `distill` section (plain dicts) that its methods read: `method`, `plus`
-    when it names any, and the keys each method reads (drkd.registry)."""
+    when it names any, `init_student` when on, and the keys each method reads (drkd.registry).
+    """
     from drkd import registry
 
     plus = list(distill.get("plus", ()))
-    keys = ["method", *(["plus"] if plus else [])]
+    keys = ["method", *(["plus"] if plus else []),
+            *(["init_student"] if distill.get("init_student") else [])]
     for method in (distill["method"], *plus):
         if method != "none":
             keys += [k for k in registry.METHODS[method].reads() if k not in keys]

@@ -68,6 +68,26 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> tuple[int, int, 
     return len(s_shapes), _width(student), _width(teacher)
 
 
+def start_from_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Copy every weight and buffer of the teacher outside its backbone's body (the FPN and
+    the head) into the student, as the official FGD and MGD configs' ``init_student`` does:
+    the student then differs from the teacher in its body alone. Refused (one line) unless the
+    student has exactly those tensors in the same shapes."""
+    def neck_and_head(detector: nn.Module) -> dict[str, torch.Tensor]:
+        state = detector.state_dict()
+        return {k: v for k, v in state.items() if not k.startswith("backbone.body.")}
+
+    theirs, ours = neck_and_head(teacher), neck_and_head(student)
+    for key in sorted(theirs.keys() | ours.keys()):
+        t_shape = tuple(theirs[key].shape) if key in theirs else "absent"
+        s_shape = tuple(ours[key].shape) if key in ours else "absent"
+        if t_shape != s_shape:
+            raise UserError(
+                f"distill.init_student: the teacher's {key} is {t_shape}, the student's "
+                f"{s_shape}; it needs the same neck and head (FPN width, head, classes)")
+    student.load_state_dict(theirs, strict=False)
+
+
 def _width(detector: nn.Module) -> int:
     return int(cast(int, part(detector, "backbone").out_channels))
 
@@ -79,6 +99,8 @@ class Distiller(nn.Module):
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        if cfg.init_student:
+            start_from_teacher(student, teacher)
         self.method = build(cfg, levels, c_s, c_t)  # None: plain training (method `none`)
 
     def modules_checkpoint(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ Boxes and queries are in the coordinates of the detector's transformed (resized)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, cast
@@ -62,7 +63,8 @@ def load_distiller(
         cfg = from_dict(DistillConfig, state["distill_config"], "distill_config")
     except ConfigError as err:
         raise UserError(f"{modules}: {err}") from None
-    distiller = Distiller(student, teacher_model, cfg)
+    # The distilled student as trained: not restarted from the teacher's neck and head.
+    distiller = Distiller(student, teacher_model, dataclasses.replace(cfg, init_student=False))
     try:
         result = distiller.load_state_dict(state["modules"], strict=False)
     except RuntimeError as err:  # shape mismatch: modules trained for other detectors

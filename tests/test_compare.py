@@ -177,6 +177,16 @@ def test_a_combination_row_is_a_cell_beside_the_baseline(tmp_path: Path) -> None
     assert not trains_drkd_modules({"method": "mgd"})
 
 
+def test_init_student_is_part_of_a_row_only_when_on(tmp_path: Path) -> None:
+    """A row that starts its student from the teacher's neck and head trains with it; the
+    rows without it keep their settings (and their cells stay cached) as before it existed."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"compare": {"methods": {
+        "mgd": {}, "mgd_init": {"method": "mgd", "init_student": True}}}}))
+    assert cell_params(str(params), "mgd_init", 0)["distill"]["init_student"] is True
+    assert "init_student" not in cell_params(str(params), "mgd", 0)["distill"]
+
+
 def test_rows_files_hold_what_each_cell_trains_with(tmp_path: Path) -> None:
     """`rows` writes ROW.json per row (each cell's DVC dependency): the cell's own `distill`;
     a change to one method's settings changes only its rows' files; 0 and 0.0 are one value."""

@@ -18,6 +18,7 @@ from drkd.config import (
     DistillConfig,
     InstanceRelationConfig,
     PixelRelationConfig,
+    UserError,
     from_dict,
     merge,
     parse_params,
@@ -652,6 +653,35 @@ def test_incompatible_teacher_refused() -> None:
     teacher = build_detector(toy_model("faster_rcnn"), NUM_CLASSES)
     with pytest.raises(ValueError, match="pyramids differ"):
         Distiller(student, teacher, config())
+
+
+def test_init_student_starts_neck_and_head_from_the_teacher_and_keeps_the_body() -> None:
+    # R34 -> R18: the bodies differ, their stages' widths (hence the FPN's inputs) agree.
+    torch.manual_seed(0)
+    teacher = build_detector(toy_model(backbone="resnet34"), NUM_CLASSES)
+    torch.manual_seed(1)
+    student = build_detector(toy_model(), NUM_CLASSES)
+    own = {k: v.clone() for k, v in student.state_dict().items()}
+    Distiller(student, teacher, config(method="mgd", init_student=True))
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    body = [k for k in s_state if k.startswith("backbone.body.")]
+    rest = [k for k in s_state if not k.startswith("backbone.body.")]
+    assert body and any(k.startswith("backbone.fpn.") for k in rest)
+    assert any(k.startswith("head.") for k in rest)
+    assert all(torch.equal(s_state[k], t_state[k]) for k in rest)
+    assert all(torch.equal(s_state[k], own[k]) for k in body)
+    assert not all(torch.equal(own[k], t_state[k]) for k in rest)  # it did copy something
+
+
+def test_init_student_refuses_another_neck_in_one_line() -> None:
+    teacher = build_detector(toy_model(fpn_channels=24), NUM_CLASSES)
+    student = build_detector(toy_model(), NUM_CLASSES)
+    own = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(UserError, match=r"^distill.init_student: the teacher's backbone\.fpn\."
+                       r"\S+ is \(24,.*the student's \(16,") as error:
+        Distiller(student, teacher, config(method="mgd", init_student=True))
+    assert "\n" not in str(error.value)
+    assert all(torch.equal(v, own[k]) for k, v in student.state_dict().items())  # untouched
 
 
 # -- (10) the exported student is a plain detector -------------------------------------------
