@@ -1,6 +1,7 @@
 """Every method at the paper's scale, side by side (a benchmark, not a test).
 
     python -m benchmarks.paper_scale [--arch retinanet faster_rcnn] [--steps 2] [--out F.json]
+    python -m benchmarks.paper_scale --methods drkd mgd --steps 8   (those rows only, more steps)
     python -m benchmarks.paper_scale --instances 1 10 50 100 300 [--arch retinanet]
     python -m benchmarks.paper_scale --smoke        (toy sizes, every code path: for the tests)
 
@@ -13,12 +14,13 @@ shared data folder: random images of that size).
 Methods: one train step each, timed in turn (interleaved, one warm-up round, the median of
 ``--steps``) beside the baseline student's step and the teacher's backbone forward: DRKD as the
 paper preset sets it (``release: true``), DRKD as params.yaml sets it, MGD, CWD, PKD and FGD
-(their params.yaml sections). Per row: seconds per step, the ratio to the baseline step and to
-(baseline + teacher forward), whether every loss stayed finite, the peak memory of one step (a
-fresh process each: peak RSS above the imports on a CPU, the allocator's peak on CUDA), and
-from one profiled step the forward time of each labelled part (``distill.teacher``,
-``distill.method``; DRKD's ``drkd.pixel`` (GloRe of every level), ``drkd.roi_align``,
-``drkd.filter``, ``drkd.relation_matrices``).
+(their params.yaml sections); ``--methods`` keeps some of them. Per row: seconds per step, the
+ratio to the baseline step and to (baseline + teacher forward) with the quartiles of that
+ratio over the rounds (one round's timings differ from the next by several percent), whether
+every loss stayed finite, the peak memory of one step (a fresh process each: peak RSS above
+the imports on a CPU, the allocator's peak on CUDA), and from one profiled step the forward
+time of each labelled part (``distill.teacher``, ``distill.method``; DRKD's ``drkd.pixel``
+(GloRe of every level), ``drkd.roi_align``, ``drkd.filter``, ``drkd.relation_matrices``).
 
 --instances: the same images with K random boxes each (K = 1, 10, 50, ...; 8-96 px) and the
 instance paths alone, on fixed FPN maps (forward + backward of the method, not the detector,
@@ -34,6 +36,7 @@ import dataclasses
 import functools
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +48,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.transforms.v2 import functional as F
 
 from benchmarks import cpu_model
-from benchmarks.distill_cost import resident_mib, timed, train_step
+from benchmarks.distill_cost import resident_mib, rounds, timed, train_step
 from drkd.config import (
     DistillConfig,
     ModelConfig,
@@ -136,11 +139,16 @@ def random_detector(cfg: ModelConfig, classes: int) -> torch.nn.Module:
     return model
 
 
+PEERS = ("mgd", "cwd", "pkd", "fgd")
+ROWS = {"drkd_release": "drkd (paper preset, release)", "drkd": "drkd (params.yaml)",
+        **{m: m for m in PEERS}}  # --methods name -> row
+
+
 def method_configs(paper: Params) -> dict[str, DistillConfig]:
     """The rows: DRKD of the paper preset and of params.yaml, and each peer method."""
     default = load_params(REPO / "params.yaml").distill
-    rows = {"drkd (paper preset, release)": paper.distill, "drkd (params.yaml)": default}
-    rows.update({m: dataclasses.replace(default, method=m) for m in ("mgd", "cwd", "pkd", "fgd")})
+    rows = {ROWS["drkd_release"]: paper.distill, ROWS["drkd"]: default}
+    rows.update({m: dataclasses.replace(default, method=m) for m in PEERS})
     return rows
 
 
@@ -178,13 +186,16 @@ def peak_mib(arch: str, row: str, smoke: bool) -> float:
     return resident_mib("VmHWM") - imports
 
 
-def methods_table(arch: str, steps: int, smoke: bool, memory: bool) -> dict[str, Any]:
+def methods_table(arch: str, steps: int, smoke: bool, memory: bool,
+                  only: list[str] | None = None) -> dict[str, Any]:
+    """The baseline student, the teacher forward and the method rows (``only``: those ROWS)."""
     device = pick_device()
     paper = paper_params(arch, smoke)
     classes = len(CLASSES) + 1
     teacher = random_detector(paper.teacher.model, classes).to(device).eval()
     images, targets = bccd_batch(2, 96 if smoke else None, device)
-    rows = ["none", *method_configs(paper)]
+    kept = {ROWS[name] for name in only} if only else set(method_configs(paper))
+    rows = ["none", *(row for row in method_configs(paper) if row in kept)]
     finite: dict[str, bool] = {}
 
     def stepper(row: str) -> Any:
@@ -205,12 +216,17 @@ def methods_table(arch: str, steps: int, smoke: bool, memory: bool) -> dict[str,
         with torch.no_grad():
             teacher.backbone(batch)
 
-    seconds = timed({**steppers, "teacher forward": teacher_forward}, steps, device, warmup=1)
+    times = rounds({**steppers, "teacher forward": teacher_forward}, steps, device, warmup=1)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
     base, floor = seconds["none"], seconds["none"] + seconds["teacher forward"]
+    floors = [s + f for s, f in zip(times["none"], times["teacher forward"], strict=True)]
     table = {}
     for row in rows:
+        per_round = [t / f for t, f in zip(times[row], floors, strict=True)]
+        q1, _, q3 = statistics.quantiles(per_round, n=4) if steps > 1 else per_round * 3
         table[row] = {"s_per_step": seconds[row], "vs_baseline": seconds[row] / base,
                       "vs_baseline_plus_teacher": seconds[row] / floor,
+                      "vs_baseline_plus_teacher_q1_q3": [q1, q3],
                       "finite": finite[row], "parts_ms": parts_ms(steppers[row])}
         if memory:
             table[row]["peak_mib"] = json.loads(subprocess.run(
@@ -283,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["retinanet", "faster_rcnn"])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--instances", nargs="+", type=int, metavar="K")
+    parser.add_argument("--methods", nargs="+", choices=list(ROWS),
+                        help="only these method rows (beside the baseline and the teacher)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peaks")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", help="write the results as JSON too")
@@ -309,17 +327,19 @@ def main(argv: list[str] | None = None) -> int:
                     f"{1000 * v['s']:.0f} ms, +{v['peak_growth_mib']:.0f} MiB"
                     + ("" if v["finite"] else ", NOT FINITE") for v in by_count.values()) + " |")
             continue
-        table = methods_table(arch, args.steps, args.smoke, not args.no_memory)
+        table = methods_table(arch, args.steps, args.smoke, not args.no_memory, args.methods)
         results[arch] = table
         print(f"\n{arch}: padded batch {table['batch']}, teacher forward "
               f"{table['teacher_forward_s']:.2f} s\n\n| method | s/step | vs baseline | "
-              "vs baseline + teacher | peak MiB | finite | forward parts (ms) |\n"
+              "vs baseline + teacher (quartiles of the rounds) | peak MiB | finite | "
+              "forward parts (ms) |\n"
               "|---|---:|---:|---:|---:|---|---|")
         for row, r in table["rows"].items():
             parts = ", ".join(f"{k} {v:.0f}" for k, v in r["parts_ms"].items())
             peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+            q1, q3 = r["vs_baseline_plus_teacher_q1_q3"]
             print(f"| {row} | {r['s_per_step']:.2f} | {r['vs_baseline']:.2f}x | "
-                  f"{r['vs_baseline_plus_teacher']:.2f}x | {peak} | "
+                  f"{r['vs_baseline_plus_teacher']:.2f}x ({q1:.2f}-{q3:.2f}) | {peak} | "
                   f"{'yes' if r['finite'] else 'NO'} | {parts} |")
     if args.out:
         write_json(results, args.out)

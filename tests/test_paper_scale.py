@@ -28,6 +28,20 @@ def test_every_method_steps_with_finite_losses_and_named_parts(tmp_path: Path) -
             "drkd.filter", "drkd.relation_matrices"} <= set(default)
     assert "drkd.filter" not in rows["drkd (paper preset, release)"]["parts_ms"]  # no filter
     assert "drkd.roi_align" not in rows["mgd"]["parts_ms"]
+    for r in rows.values():  # one step: one round, so the quartiles are that round's ratio
+        assert r["vs_baseline_plus_teacher_q1_q3"] == [r["vs_baseline_plus_teacher"]] * 2
+
+
+@pytest.mark.slow
+def test_methods_keeps_the_rows_asked_for_beside_the_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "methods.json"
+    assert paper_scale.main(["--smoke", "--steps", "2", "--arch", "retinanet", "--no-memory",
+                             "--methods", "drkd", "mgd", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["retinanet"]["rows"]
+    assert set(rows) == {"none", "drkd (params.yaml)", "mgd"}
+    for r in rows.values():
+        q1, q3 = r["vs_baseline_plus_teacher_q1_q3"]
+        assert 0 < q1 <= q3
 
 
 def test_instance_scaling_covers_each_path_and_count(
