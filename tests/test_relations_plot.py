@@ -106,6 +106,19 @@ def test_modules_loaded_into_the_distiller(models: dict[str, Path], tiny_data: P
     assert names == CocoDetection(tiny_data / "val.json").category_names
 
 
+def test_a_student_started_from_the_teacher_is_loaded_as_distilled(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    """Modules trained with init_student: the plots read the distilled student, never a copy
+    of the teacher's neck and head put over it."""
+    state = load(models["modules"])
+    state["distill_config"]["init_student"] = True
+    modules = tmp_path / "init_modules.pt"
+    save_atomic(state, modules)
+    distiller, _ = load_distiller(models["teacher"], models["student_drkd"], modules)
+    saved = load(models["student_drkd"])["model"]
+    assert all(torch.equal(distiller.student.state_dict()[k], v) for k, v in saved.items())
+
+
 def test_pixel_relation_is_normalised_and_peaks_where_projection_matches() -> None:
     glore = GloRe(8, 4, 6)
     feature = torch.randn(8, 5, 7)
