@@ -82,7 +82,10 @@ def timed(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
 
 def rounds(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
            warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds of every call of each function, ``steps`` interleaved rounds (see ``timed``)."""
+    """Seconds of every call of each function, ``steps`` interleaved rounds (see ``timed``).
+
+    A plain clock, not torch.utils.benchmark.Timer: its ``timeit`` makes two untimed calls
+    before every timed block, which would triple each round of train steps."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
