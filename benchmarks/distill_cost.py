@@ -4,7 +4,8 @@
     python -m benchmarks.distill_cost --methods none mimic drkd pkd cwd mgd fgd [--out F.json]
     python -m benchmarks.distill_cost --rows none drkd mgd_tuned mgd_tuned_pr [--out F.json]
 
-Prints, on the embedded default's models and image size:
+Prints, on the params file's models and image shape (min_size x max_size, random images, 6
+boxes each):
 1. step-time ratio  distill step / (baseline student step + teacher backbone forward)
    (target <= 1.10: only the DRKD modules' forward, backward and optimizer work may be added);
 2. batched instance relations vs a per-image loop like the release's, forward + backward,
@@ -41,6 +42,7 @@ from benchmarks import cpu_model
 from drkd.compare import resolved_rows
 from drkd.config import (
     DistillConfig,
+    Params,
     TrainConfig,
     UserError,
     from_dict,
@@ -60,17 +62,27 @@ NUM_CLASSES = 9
 RELATION_ROUNDS = 5
 
 
-def batch(size: int, count: int, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+def batch(size: int | tuple[int, int], count: int, device: torch.device
+          ) -> tuple[list[torch.Tensor], list[dict]]:
+    """``count`` random images of ``size`` (a side, or (height, width)) with 6 boxes each."""
+    height, width = (size, size) if isinstance(size, int) else size
     g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, size, size, generator=g).to(device) for _ in range(count)]
+    images = [torch.rand(3, height, width, generator=g).to(device) for _ in range(count)]
+    extent = torch.tensor([width, height])
     targets = []
     for _ in range(count):
-        xy = torch.rand(6, 2, generator=g) * size * 0.7
-        wh = 8 + torch.rand(6, 2, generator=g) * size * 0.25
-        boxes = torch.cat([xy, xy + wh], 1).clamp(max=size - 1)
+        xy = torch.rand(6, 2, generator=g) * extent * 0.7
+        wh = 8 + torch.rand(6, 2, generator=g) * extent * 0.25
+        boxes = torch.min(torch.cat([xy, xy + wh], 1), extent.repeat(2) - 1)
         targets.append({"boxes": boxes.to(device),
                         "labels": torch.randint(1, NUM_CLASSES, (6,), generator=g).to(device)})
     return images, targets
+
+
+def image_shape(params: Params) -> tuple[int, int]:
+    """(min_size, max_size): the largest landscape image the student's transform keeps as it
+    is (BCCD's 256x192 for its preset; the embedded 128 px square)."""
+    return params.student.model.min_size, params.student.model.max_size
 
 
 def timed(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
@@ -140,8 +152,7 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
     device = pick_device()
     params = load_params(params_file)
     student, teacher = models(params_file, device)
-    size = params.student.model.max_size
-    images, targets = batch(size, params.student.train.batch_size, device)
+    images, targets = batch(image_shape(params), params.student.train.batch_size, device)
     teacher.eval()
     tensors = torch.stack(images)
 
@@ -181,7 +192,7 @@ def method_steps(params_file: str, settings: dict[str, DistillConfig], steps: in
     device = pick_device()
     params = load_params(params_file)
     student, teacher = models(params_file, device)  # the Distiller puts the teacher in eval
-    images, targets = batch(params.student.model.max_size, params.student.train.batch_size, device)
+    images, targets = batch(image_shape(params), params.student.train.batch_size, device)
     fns = {}
     for name, distill in settings.items():
         module = copy.deepcopy(student)
@@ -278,7 +289,7 @@ def peak_memory(params_file: str, distill: bool) -> float:
     student, teacher = models(params_file, device)
     module: torch.nn.Module = Distiller(student, teacher, params.distill) if distill else student
     module.to(device)
-    images, targets = batch(params.student.model.max_size, params.student.train.batch_size, device)
+    images, targets = batch(image_shape(params), params.student.train.batch_size, device)
     step = train_step(module, images, targets, params.student.train)
     for _ in range(3):
         step()
