@@ -2,7 +2,8 @@
 
     python -m benchmarks.distill_cost [--params params.yaml] [--steps 20]
     python -m benchmarks.distill_cost --methods none mimic drkd pkd cwd mgd fgd [--out F.json]
-    python -m benchmarks.distill_cost --rows none drkd mgd_tuned mgd_tuned_pr [--out F.json]
+    python -m benchmarks.distill_cost --params docs/one-teacher-2026-12-06/params.yaml \
+        --rows none drkd mgd_tuned mgd_tuned_pr [--out F.json]
 
 Prints, on the params file's models and image shape (min_size x max_size, random images, 6
 boxes each):
@@ -39,7 +40,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks import cpu_model
-from drkd.compare import resolved_rows
+from drkd.compare import require_rows, resolved_rows
 from drkd.config import (
     DistillConfig,
     Params,
@@ -114,6 +115,21 @@ def rounds(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
     return times
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile (one value: itself twice)."""
+    if len(values) == 1:
+        return values[0], values[0]
+    low, _, high = statistics.quantiles(values, n=4)
+    return low, high
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return int(text)
+
+
 def models(params_file: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     params = load_params(params_file)
     torch.manual_seed(0)
@@ -175,9 +191,8 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
     t = {name: statistics.median(seconds) for name, seconds in r.items()}
     # This machine's step time wanders by several percent from one round to the next: the
     # quartiles of the per-round ratio say how far the ratio of the medians can be trusted.
-    per_round = [d / (s + f) for d, s, f in zip(r["distill"], r["student"], r["teacher"],
-                                                strict=True)]
-    low, _, high = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+    low, high = quartiles([d / (s + f) for d, s, f in zip(r["distill"], r["student"],
+                                                          r["teacher"], strict=True)])
     return {"student_step_s": t["student"], "teacher_forward_s": t["teacher"],
             "distill_step_s": t["distill"],
             "ratio": t["distill"] / (t["student"] + t["teacher"]),
@@ -211,10 +226,7 @@ def method_settings(params_file: str, methods: list[str]) -> dict[str, DistillCo
 def row_settings(params_file: str, rows: list[str]) -> dict[str, DistillConfig]:
     """Each row of ``compare.methods`` with the `distill` settings its cells train with."""
     resolved = resolved_rows(to_dict(load_params(params_file)))
-    unknown = [row for row in rows if row not in resolved]
-    if unknown:
-        raise UserError(f"{params_file}: compare.methods has no row {unknown[0]!r} "
-                        f"(rows: {', '.join(resolved)})")
+    require_rows(params_file, resolved, rows)
     return {row: from_dict(DistillConfig, resolved[row], "distill") for row in rows}
 
 
@@ -301,7 +313,7 @@ def peak_memory(params_file: str, distill: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=positive_int, default=20)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--methods", nargs="+", metavar="METHOD", choices=method_names("none"),
                        help="only time these methods' train steps side by side (none: plain)")

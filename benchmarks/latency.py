@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import tempfile
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from torch import nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import cpu_model
 from drkd.checkpoint import load_detector
 from drkd.config import ModelConfig, load_params
 from drkd.models import build_detector, count_parameters
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.manual_seed(0)
             models.append((f"{cfg.arch} {backbone}-FPN256 (random)",
                            build_detector(cfg, COCO_CLASSES), cfg))
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    print(f"# {cpu_model()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; ms per image: median (IQR)")
     rows = [row(name, model, cfg, args.onnx, args.min_run_time) for name, model, cfg in models]
     columns = ["torch_b1", "torch_b8", *(["onnx_b1", "onnx_b8"] if args.onnx else [])]

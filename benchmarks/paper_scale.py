@@ -48,7 +48,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.transforms.v2 import functional as F
 
 from benchmarks import cpu_model
-from benchmarks.distill_cost import resident_mib, rounds, timed, train_step
+from benchmarks.distill_cost import positive_int, quartiles, resident_mib, rounds, timed, train_step
 from drkd.config import (
     DistillConfig,
     ModelConfig,
@@ -222,8 +222,7 @@ def methods_table(arch: str, steps: int, smoke: bool, memory: bool,
     floors = [s + f for s, f in zip(times["none"], times["teacher forward"], strict=True)]
     table = {}
     for row in rows:
-        per_round = [t / f for t, f in zip(times[row], floors, strict=True)]
-        q1, _, q3 = statistics.quantiles(per_round, n=4) if steps > 1 else per_round * 3
+        q1, q3 = quartiles([t / f for t, f in zip(times[row], floors, strict=True)])
         table[row] = {"s_per_step": seconds[row], "vs_baseline": seconds[row] / base,
                       "vs_baseline_plus_teacher": seconds[row] / floor,
                       "vs_baseline_plus_teacher_q1_q3": [q1, q3],
@@ -297,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["retinanet", "faster_rcnn"],
                         choices=["retinanet", "faster_rcnn"])
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=2)
     parser.add_argument("--instances", nargs="+", type=int, metavar="K")
     parser.add_argument("--methods", nargs="+", choices=list(ROWS),
                         help="only these method rows (beside the baseline and the teacher)")
@@ -306,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results as JSON too")
     parser.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)  # child: ARCH ROW
     args = parser.parse_args(argv)
+    if args.methods and args.instances:
+        parser.error("--methods picks rows of the methods table; --instances times the instance "
+                     "paths alone")
     if args.peak:
         print(json.dumps(peak_mib(*args.peak, args.smoke)))
         return 0

@@ -42,15 +42,21 @@ def resolved_rows(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+def require_rows(params_file: str, rows: Any, wanted: list[str]) -> None:
+    """One line naming the first of ``wanted`` that ``rows`` (compare.methods) does not have."""
+    unknown = [row for row in wanted if row not in rows]
+    if unknown:
+        raise UserError(f"{params_file}: compare.methods has no row {unknown[0]!r} "
+                        f"(rows: {', '.join(rows)})")
+
+
 def cell_params(params_file: str, row: str, seed: int) -> dict[str, Any]:
     """params.yaml as one cell trains it: its seed and its row's `distill` (``resolved_rows``;
     the keys its method does not read take their defaults); its own tracking off (the cell is
     the MLflow run)."""
     params = to_dict(load_params(params_file))
     rows = params["compare"]["methods"]
-    if row not in rows:
-        raise UserError(f"{params_file}: compare.methods has no row {row!r} "
-                        f"(rows: {', '.join(rows)})")
+    require_rows(params_file, rows, [row])
     params["seed"] = seed
     params["distill"] = resolved_rows(params)[row]
     # Its own row alone: the others' overrides would be checked on top of this row's `distill`

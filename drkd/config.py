@@ -475,13 +475,14 @@ def row_distill(distill: dict[str, Any], name: str, overrides: dict[str, Any]) -
 
 def method_distill(distill: dict[str, Any]) -> dict[str, Any]:
     """The part of a `distill` section (plain dicts) that its methods read: `method`, `plus`
-    when it names any, `init_student` when on, and the keys each method reads (drkd.registry).
-    """
+    when it names any, `init_student` when on (not for `none`: the baseline trains without a
+    teacher), and the keys each method reads (drkd.registry)."""
     from drkd import registry
 
     plus = list(distill.get("plus", ()))
     keys = ["method", *(["plus"] if plus else []),
-            *(["init_student"] if distill.get("init_student") else [])]
+            *(["init_student"] if distill.get("init_student") and distill["method"] != "none"
+              else [])]
     for method in (distill["method"], *plus):
         if method != "none":
             keys += [k for k in registry.METHODS[method].reads() if k not in keys]

@@ -115,19 +115,20 @@ def summarise(cells: dict[str, dict[int, dict[str, Any]]],
 
 
 def side_by_side(summary: dict[str, Any], path: Path) -> None:
-    """Step-time ratios from one run that timed every method in turn (benchmarks/distill_cost.py
-    --methods none ... --out FILE) in place of the cells' own, which ran hours apart on a
-    machine whose speed drifts. A row timed there under its own name (a combination row, say)
-    shows its own; another variant row shows its method's; a method not timed there shows
-    none."""
+    """Step-time ratios from one run that timed every method or row in turn
+    (benchmarks/distill_cost.py --methods/--rows none ... --out FILE) in place of the cells'
+    own, which ran hours apart on a machine whose speed drifts. A row timed there under its own
+    name shows its own; another variant row shows its method's, unless it adds other methods'
+    terms (`plus`: its step costs more than its method's); a row not timed there shows none."""
     require_files([path])
     times = json.loads(path.read_text()).get("seconds_per_step")
     if not isinstance(times, dict) or not times.get("none"):
         raise UserError(f"{path}: expected seconds_per_step with a `none` entry "
-                        "(benchmarks/distill_cost.py --methods none ... --out)")
+                        "(benchmarks/distill_cost.py --rows none ... --out)")
     for name, row in summary["methods"].items():
         row.pop("step_time_vs_baseline", None)
-        timed_as = name if name in times else row["method"]
+        combined = bool(row.get("overrides", {}).get("plus"))
+        timed_as = name if name in times or combined else row["method"]
         if timed_as in times:
             row["step_time_vs_baseline"] = times[timed_as] / times["none"]
     summary["step_times"] = str(path)
@@ -186,7 +187,8 @@ def markdown(summary: dict[str, Any]) -> str:
             "closed against "
             "`none` (the baseline student); step time and peak memory relative to it"
             + (f" (step time: every method timed side by side, {summary['step_times']}; a "
-               "variant row not timed under its own name shows its method's)."
+               "variant row not timed under its own name shows its method's, one adding other "
+               "methods' terms none)."
                if summary.get("step_times") else
                " (step time: the cells' own, which may have run hours apart)."))
     variants = [f"- {name}: {row['method']} with " + ", ".join(

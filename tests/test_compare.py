@@ -91,8 +91,9 @@ def test_leaderboard_numbers(tmp_path: Path, saved_figures: dict[str, Any]) -> N
 def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
     cells = tmp_path / "cells"
     for row, method, step_s in [("none", None, 0.5), ("pkd", None, 2.0), ("pkd_x", "pkd", 1.0),
-                                ("pkd_y", "pkd", 1.0), ("cwd", None, 0.6)]:
-        write_cell(cells, row, 0, 0.2, step_s, 1000.0, method=method)
+                                ("pkd_y", "pkd", 1.0), ("cwd", None, 0.6), ("pkd_ir", "pkd", 1.0)]:
+        plus = {"plus": ["drkd"]} if row == "pkd_ir" else None
+        write_cell(cells, row, 0, 0.2, step_s, 1000.0, method=method, overrides=plus)
     times = tmp_path / "times.json"
     times.write_text(json.dumps({"seconds_per_step": {"none": 0.25, "pkd": 0.3, "pkd_y": 0.35}}))
     assert leaderboard.main(["--cells", str(cells), "--step-times", str(times),
@@ -103,6 +104,7 @@ def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
     assert board["pkd_x"]["step_time_vs_baseline"] == pytest.approx(1.2)  # its method's
     assert board["pkd_y"]["step_time_vs_baseline"] == pytest.approx(1.4)  # timed as itself
     assert "step_time_vs_baseline" not in board["cwd"]  # not timed side by side
+    assert "step_time_vs_baseline" not in board["pkd_ir"]  # pkd's terms and DRKD's: not pkd's
     table = (tmp_path / "leaderboard.md").read_text()
     assert "every method timed side by side" in table and "| 1.20x |" in table
     times.write_text(json.dumps({"seconds_per_step": {"pkd": 0.3}}))
@@ -185,6 +187,11 @@ def test_init_student_is_part_of_a_row_only_when_on(tmp_path: Path) -> None:
         "mgd": {}, "mgd_init": {"method": "mgd", "init_student": True}}}}))
     assert cell_params(str(params), "mgd_init", 0)["distill"]["init_student"] is True
     assert "init_student" not in cell_params(str(params), "mgd", 0)["distill"]
+    # On for every row: the baseline, which trains without a teacher, is left as it was.
+    params.write_text(yaml.safe_dump({"distill": {"init_student": True}, "compare": {
+        "methods": {"none": {}, "mgd": {}}}}))
+    assert cell_params(str(params), "none", 0)["distill"] == {"method": "none"}
+    assert cell_params(str(params), "mgd", 0)["distill"]["init_student"] is True
 
 
 def test_rows_files_hold_what_each_cell_trains_with(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.distill_cost import rounds
+from benchmarks.distill_cost import rounds, row_settings
 from drkd.config import merge
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +76,18 @@ def test_rows_are_timed_with_their_cells_settings_and_keyed_by_row_name(tmp_path
     assert rows == ["none", "mgd_pr"]
     written = json.loads((tmp_path / "t.json").read_text())["seconds_per_step"]
     assert set(written) == {"none", "mgd_pr"} and all(s > 0 for s in written.values())
+
+
+def test_rows_take_their_cells_settings(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"distill": {"w_ir": 2.0}, "compare": {"methods": {
+        "none": {}, "mgd_pr": {"method": "mgd", "plus": ["drkd"], "w_ir": 0, "w_ins": 0,
+                               "mgd": {"weight": 3e-5}}}}}))
+    settings = row_settings(str(params), ["mgd_pr", "none"])
+    assert list(settings) == ["mgd_pr", "none"]
+    mgd_pr = settings["mgd_pr"]
+    assert (mgd_pr.method, mgd_pr.plus, mgd_pr.w_ir, mgd_pr.w_ins) == ("mgd", ("drkd",), 0, 0)
+    assert mgd_pr.mgd.weight == 3e-5 and settings["none"].method == "none"
 
 
 def test_an_unknown_row_is_one_error_line_naming_the_rows() -> None:

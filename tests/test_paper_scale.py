@@ -81,3 +81,14 @@ def test_peak_memory_of_a_step_in_a_fresh_process() -> None:
     # At toy sizes the two differ by less than the allocator's noise (seen either way round):
     # each is what a step adds above the imports (about 225 MiB here), not the whole process.
     assert all(1 < peak < 4096 for peak in peaks)
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--steps", "0"], "argument --steps: expected an int >= 1, got '0'"),
+    (["--methods", "drkd", "--instances", "10"], "--methods picks rows of the methods table"),
+])
+def test_bad_arguments_are_one_error_line(argv: list[str], error: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        paper_scale.main(argv)
+    assert exit_.value.code == 2 and error in capsys.readouterr().err

@@ -107,15 +107,24 @@ def test_modules_loaded_into_the_distiller(models: dict[str, Path], tiny_data: P
 
 
 def test_a_student_started_from_the_teacher_is_loaded_as_distilled(
-        models: dict[str, Path], tmp_path: Path) -> None:
-    """Modules trained with init_student: the plots read the distilled student, never a copy
-    of the teacher's neck and head put over it."""
-    state = load(models["modules"])
-    state["distill_config"]["init_student"] = True
-    modules = tmp_path / "init_modules.pt"
-    save_atomic(state, modules)
-    distiller, _ = load_distiller(models["teacher"], models["student_drkd"], modules)
-    saved = load(models["student_drkd"])["model"]
+        tiny_data: Path, tmp_path: Path) -> None:
+    """Modules trained with init_student (teacher and student of one FPN width): the plots read
+    the distilled student, never a copy of the teacher's neck and head put over it."""
+    dataset = CocoDetection(tiny_data / "train.json")
+    paths, detectors = {}, {}
+    for seed, name in enumerate(("teacher", "student")):
+        torch.manual_seed(seed)
+        detectors[name] = build_detector(toy_model(), dataset.num_classes)
+        paths[name] = tmp_path / f"{name}.pt"
+        save_atomic(model_checkpoint(detectors[name], toy_model(), dataset.category_ids,
+                                     dataset.category_names), paths[name])
+    trained = Distiller(detectors["student"], detectors["teacher"],
+                        DistillConfig(**SMALL, init_student=True))  # type: ignore[arg-type]
+    save_atomic(trained.modules_checkpoint(), tmp_path / "modules.pt")
+    saved = load(paths["student"])["model"]  # as distilled: its neck differs from the teacher's
+    logits = "head.classification_head.cls_logits.weight"
+    assert not torch.equal(saved[logits], detectors["teacher"].state_dict()[logits])
+    distiller, _ = load_distiller(paths["teacher"], paths["student"], tmp_path / "modules.pt")
     assert all(torch.equal(distiller.student.state_dict()[k], v) for k, v in saved.items())
 
 
