@@ -99,7 +99,7 @@ class Distiller(nn.Module):
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        if cfg.init_student:
+        if cfg.method != "none" and cfg.init_student:  # as a compare row: the baseline never
             start_from_teacher(student, teacher)
         self.method = build(cfg, levels, c_s, c_t)  # None: plain training (method `none`)
 

@@ -294,10 +294,10 @@ def test_method_keys_are_what_each_method_reads(method: str, cfg: dict[str, obje
     d = Distiller(student, teacher, keys)  # type: ignore[arg-type]
     d.train()
     sum(d(*batch()).values()).backward()
-    # `plus` is read by every method's build and is in a row's file whenever it names a method
-    # (drkd.config.method_distill), so an empty `plus` needs no key of its own.
+    # `plus` and `init_student` are read by every distilling build and are in a row's file
+    # whenever they say something (drkd.config.method_distill), so their defaults need no key.
     reads = registry.METHODS[method].reads() if method != "none" else ()
-    expected = {"method", *(["plus"] if method != "none" else []), *reads}
+    expected = {"method", *(["plus", "init_student"] if method != "none" else []), *reads}
     assert keys.read <= expected
     if method != "drkd" or not cfg:  # a switched-off DRKD term reads fewer keys
         assert keys.read == expected
@@ -311,9 +311,9 @@ def test_method_keys_cover_every_method_and_key() -> None:
     from drkd.config import to_dict
 
     read = {k for spec in registry.METHODS.values() for k in spec.reads()}
-    assert read == set(to_dict(DistillConfig())) - {"method", "plus"}
+    assert read == set(to_dict(DistillConfig())) - {"method", "plus", "init_student"}
     assert {f.name for f in dataclasses.fields(DistillConfig)} - read == {
-        "method", "plus", "sections"}
+        "method", "plus", "init_student", "sections"}
 
 
 @pytest.mark.slow
