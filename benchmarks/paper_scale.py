@@ -194,7 +194,7 @@ def methods_table(arch: str, steps: int, smoke: bool, memory: bool,
     classes = len(CLASSES) + 1
     teacher = random_detector(paper.teacher.model, classes).to(device).eval()
     images, targets = bccd_batch(2, 96 if smoke else None, device)
-    kept = {ROWS[name] for name in only} if only else set(method_configs(paper))
+    kept = {ROWS[name] for name in only or ROWS}
     rows = ["none", *(row for row in method_configs(paper) if row in kept)]
     finite: dict[str, bool] = {}
 

@@ -99,7 +99,8 @@ class Distiller(nn.Module):
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        if cfg.method != "none" and cfg.init_student:  # as a compare row: the baseline never
+        # Method none is the baseline: never started from the teacher (as method_distill says).
+        if cfg.method != "none" and cfg.init_student:
             start_from_teacher(student, teacher)
         self.method = build(cfg, levels, c_s, c_t)  # None: plain training (method `none`)
 
