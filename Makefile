@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 
 install: $(STAMP)
 
-# constraints.txt pins every package (torch/torchvision come from this machine's local disk).
+# constraints.txt pins every package (pip takes them from its configured index or wheel cache).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ def summarise(cells: dict[str, dict[int, dict[str, Any]]],
 
 def side_by_side(summary: dict[str, Any], path: Path) -> None:
     """Step-time ratios from one run that timed every method or row in turn
-    (benchmarks/distill_cost.py --methods/--rows none ... --out FILE) in place of the cells'
+    (python -m benchmarks.distill_cost --rows none ... --out FILE) in place of the cells'
     own, which ran hours apart on a machine whose speed drifts. A row timed there under its own
     name shows its own; another variant row shows its method's, unless it adds other methods'
     terms (`plus`: its step costs more than its method's); a row not timed there shows none."""
@@ -124,7 +125,7 @@ def side_by_side(summary: dict[str, Any], path: Path) -> None:
     times = json.loads(path.read_text()).get("seconds_per_step")
     if not isinstance(times, dict) or not times.get("none"):
         raise UserError(f"{path}: expected seconds_per_step with a `none` entry "
-                        "(benchmarks/distill_cost.py --rows none ... --out)")
+                        "(python -m benchmarks.distill_cost --rows none ... --out)")
     for name, row in summary["methods"].items():
         row.pop("step_time_vs_baseline", None)
         combined = bool(row.get("overrides", {}).get("plus"))
@@ -253,6 +254,8 @@ def write_board(cells_dir: Path, out: Path, params_file: Path | None = None,
     summary = summarise(cells, teacher)
     if step_times:
         side_by_side(summary, step_times)
+        # Named from the board's folder, so a board moved with its records still points at it.
+        summary["step_times"] = os.path.relpath(step_times.resolve(), out.resolve())
     write_json(summary, out / "leaderboard.json")
     write_text(cells_table(cells), out / "cells.csv")
     text = markdown(summary)

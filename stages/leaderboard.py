@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: every cell in --cells)")
     parser.add_argument("--teacher-metrics", default="metrics/teacher.json")
     parser.add_argument("--step-times", help="step-time ratios from one side-by-side run "
-                        "(benchmarks/distill_cost.py --methods none ... --out FILE)")
+                        "(python -m benchmarks.distill_cost --rows none ROW ... --out FILE)")
     parser.add_argument("--out", default="compare")
     args = parser.parse_args(argv)
     print(write_board(Path(args.cells), Path(args.out),

@@ -98,15 +98,15 @@ def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
     times.write_text(json.dumps({"seconds_per_step": {"none": 0.25, "pkd": 0.3, "pkd_y": 0.35}}))
     assert leaderboard.main(["--cells", str(cells), "--step-times", str(times),
                          "--teacher-metrics", str(tmp_path / "no.json"),
-                         "--out", str(tmp_path)]) == 0
-    board = json.loads((tmp_path / "leaderboard.json").read_text())["methods"]
+                         "--out", str(tmp_path / "board")]) == 0
+    board = json.loads((tmp_path / "board" / "leaderboard.json").read_text())["methods"]
     assert board["pkd"]["step_time_vs_baseline"] == pytest.approx(1.2)  # not the cells' 4.0
     assert board["pkd_x"]["step_time_vs_baseline"] == pytest.approx(1.2)  # its method's
     assert board["pkd_y"]["step_time_vs_baseline"] == pytest.approx(1.4)  # timed as itself
     assert "step_time_vs_baseline" not in board["cwd"]  # not timed side by side
     assert "step_time_vs_baseline" not in board["pkd_ir"]  # pkd's terms and DRKD's: not pkd's
-    table = (tmp_path / "leaderboard.md").read_text()
-    assert "every method timed side by side" in table and "| 1.20x |" in table
+    table = (tmp_path / "board" / "leaderboard.md").read_text()
+    assert "every method timed side by side, ../times.json;" in table and "| 1.20x |" in table
     times.write_text(json.dumps({"seconds_per_step": {"pkd": 0.3}}))
     with pytest.raises(UserError, match="times.json: expected seconds_per_step with a `none`"):
         leaderboard.main(["--cells", str(cells), "--step-times", str(times),
