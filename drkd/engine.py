@@ -233,6 +233,8 @@ def fit(
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"])
+            if device.type == "cuda" and "cuda_rng" in state:  # MGD's masks are drawn there
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
             step, start_epoch, history = state["step"], state["epoch"] + 1, state["history"]
             window, window_steps = state["window"], int(state["window_steps"])
             seconds = float(state["seconds"])
@@ -304,6 +306,8 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)}
+                       if device.type == "cuda" else {}),
                     "step": step,
                     "epoch": epoch,
                     "history": history,

@@ -285,18 +285,19 @@ def reference_relation(block: InstanceRelation, filt: RelationFilter | None, e: 
     the diagonal is no pair and a row without any pair is 0."""
     n = len(e)
     logits = block.theta(e) @ block.phi(e).T / math.sqrt(EMBED)
+    strength = torch.exp(logits / tau)  # a relation's softmax numerator
     if filt is not None:
         x = standardise(e)
         scores = filt.query(x) @ filt.key(x).T / math.sqrt(HIDDEN)
-        logits = logits * (0.5 + torch.sigmoid(scores))
+        strength = strength * (0.5 + torch.sigmoid(scores))
     keep = torch.ones(n, n, dtype=torch.bool)
     if not self_pairs:
         keep &= ~torch.eye(n, dtype=torch.bool)
-    candidates = logits.masked_fill(~keep, -math.inf)
+    candidates = strength.masked_fill(~keep, 0.0)
     if topk and n > topk:
         keep &= candidates >= candidates.topk(topk, dim=-1).values[:, -1:]
-    r = torch.softmax(logits.masked_fill(~keep, -math.inf) / tau, dim=-1)
-    return torch.nan_to_num(r, nan=0.0)  # a row without a pair
+    kept = strength.masked_fill(~keep, 0.0)
+    return torch.nan_to_num(kept / kept.sum(-1, keepdim=True), nan=0.0)  # a row without a pair
 
 
 def instance_features(seed: int = 0, dim: int = 12) -> torch.Tensor:
@@ -345,6 +346,50 @@ def test_batched_relations_equal_per_image_reference(topk: int, use_filter: bool
         if n:
             z_ref = e_i + block.out(ref @ block.g(e_i))
             torch.testing.assert_close(z[i, :n], z_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_filter_weights_raise_a_relation_whatever_its_logit_sign() -> None:
+    """The filter's weight multiplies a relation's share (w exp(a / tau)), so a higher weight
+    raises R_ij for a negative cosine as for a positive one, and weights equal along a row leave
+    R as it is."""
+    logits = torch.tensor([[[0.0, -0.5, -0.2], [-0.5, 0.0, 0.3], [-0.2, 0.3, 0.0]]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    plain = relation_matrix(logits, mask, 0.1, self_pairs=False)
+    valid = pair_mask(mask, self_pairs=False)
+    uniform = relation_matrix(logits, mask, 0.1, weights=torch.where(valid, 0.7, 0.0),
+                              self_pairs=False)
+    torch.testing.assert_close(uniform, plain)
+    favour = torch.where(valid, 0.5, 0.0)
+    favour[0, 0, 1] = favour[0, 1, 2] = 1.5  # a negative (-0.5) and a positive (0.3) logit
+    r = relation_matrix(logits, mask, 0.1, weights=favour, self_pairs=False)
+    assert r[0, 0, 1] > plain[0, 0, 1] and r[0, 1, 2] > plain[0, 1, 2]
+    # Row 0: w exp(a / tau) normalised over its two partners.
+    shares = torch.tensor([1.5 * math.exp(-5.0), 0.5 * math.exp(-2.0)])
+    torch.testing.assert_close(r[0, 0, 1:], shares / shares.sum())
+
+
+def test_both_sides_relate_over_the_teachers_top_k() -> None:
+    """With top-k, R_s spreads over the teacher's k strongest partners, not its own: a partner
+    the teacher keeps and the student does not must still pull the student (a gradient)."""
+    d = distiller(cfg=config(target="matrix", instance={"similarity": "cosine", "tau": 0.1,
+                                                        "topk": 2, "filter": False}))
+    dim = 24 * 9  # the teacher's width times RoIAlign's 3x3
+
+    def at_angles(degrees: list[float]) -> torch.Tensor:
+        e = torch.zeros(1, len(degrees), dim)
+        rad = torch.tensor(degrees) * math.pi / 180
+        e[0, :, 0], e[0, :, 1] = torch.cos(rad), torch.sin(rad)
+        return e
+
+    # Instance 0's partners, nearest first: the teacher's 3, 2, 1; the student's 1, 2, 3.
+    e_t = at_angles([0, 80, 40, 10])
+    e_s = at_angles([0, 10, 40, 80]).requires_grad_()
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    r_s, r_t, _ = d.method.matrices(0, e_s, e_t, mask)
+    assert torch.equal(r_s > 0, r_t > 0)
+    assert (r_t[0, 0] > 0).tolist() == [False, False, True, True]
+    r_s[0, 0, 3].backward()
+    assert e_s.grad is not None and e_s.grad[0, 3].abs().sum() > 0
 
 
 @pytest.mark.parametrize("matrix, self_pairs", [(True, True), (True, False), (False, True)])
@@ -904,25 +949,31 @@ def reference_distance(pairs: list[tuple[torch.Tensor, torch.Tensor]], reduction
     return math.sqrt(squared) if reduction == "norm" else squared / max(count, 1)
 
 
-def formula_relation(e: torch.Tensor, block: InstanceRelation, weights: torch.Tensor | None,
-                     tau: float, topk: int, release: bool = False) -> torch.Tensor:
-    """One image (n, D) -> R (n, n) = softmax_j(top-k of a_ij * w_ij) / tau; a_ij scaled by
-    1/sqrt(d) (ours) or not (the release); ours has no self-pairs (R_ii = 0), the release's
-    non-local block does."""
+def formula_strength(e: torch.Tensor, block: InstanceRelation, weights: torch.Tensor | None,
+                     tau: float, release: bool = False) -> torch.Tensor:
+    """One image (n, D) -> each relation's softmax numerator w_ij exp(a_ij / tau) (n, n); a_ij
+    scaled by 1/sqrt(d) (ours) or not (the release); ours has no self-pairs (0 on the diagonal),
+    the release's non-local block does."""
     if hasattr(block, "theta"):
         a = (e @ block.theta.weight.T + block.theta.bias) @ (e @ block.phi.weight.T
                                                               + block.phi.bias).T
         a = a if release else a / math.sqrt(block.theta.out_features)
     else:  # similarity: cosine, pair by pair
         a = nn.functional.cosine_similarity(e[:, None, :], e[None, :, :], dim=-1)
+    strength = torch.exp(a.double() / tau)
     if weights is not None:
-        a = a * weights
-    if not release:
-        a = a - torch.eye(len(e)) * 1e9
-    if topk and a.shape[1] > topk:
-        kth = a.sort(dim=1, descending=True).values[:, topk - 1: topk]
-        a = torch.where(a >= kth, a, torch.tensor(-1e9))
-    return torch.softmax(a / tau, dim=1)
+        strength = strength * weights
+    return strength if release else strength * (1 - torch.eye(len(e), dtype=torch.float64))
+
+
+def formula_relation(strength: torch.Tensor, teacher_strength: torch.Tensor,
+                     topk: int) -> torch.Tensor:
+    """R (n, n): each row's strengths normalised over the teacher's k strongest partners of the
+    row (top-k: both sides relate over the same partners), or over every partner."""
+    if topk and strength.shape[1] > topk:
+        kth = teacher_strength.sort(dim=1, descending=True).values[:, topk - 1: topk]
+        strength = torch.where(teacher_strength >= kth, strength, 0.0)
+    return (strength / strength.sum(1, keepdim=True)).float()
 
 
 def formula_filter(e: torch.Tensor, filt: RelationFilter) -> torch.Tensor:
@@ -993,10 +1044,10 @@ def reference_drkd(d: Distiller, s_maps: list[torch.Tensor], t_maps: list[torch.
                 bce, pairs_count = bce + total, pairs_count + count
             inst = cfg.instance
             rel_s = raw_s if release else e_s  # what the student's relation block sees
-            r_s = formula_relation(rel_s, m.relation_s[level], weights, inst.tau, inst.topk,
-                                   release)
-            r_t = formula_relation(e_t, m.relation_t[level], weights, inst.tau, inst.topk,
-                                   release)
+            s_s = formula_strength(rel_s, m.relation_s[level], weights, inst.tau, release)
+            s_t = formula_strength(e_t, m.relation_t[level], weights, inst.tau, release)
+            r_s = formula_relation(s_s, s_t, inst.topk)
+            r_t = formula_relation(s_t, s_t, inst.topk)
             # Matrix rows count with >= 2 partners: ours (no self-pairs) needs 3 instances.
             if inst.target in ("matrix", "both") and (release or len(b) >= 3):
                 off = torch.ones(len(b), len(b), dtype=torch.bool)

@@ -5,6 +5,7 @@ teacher; plain exported students; and every method under 2-process gloo DDP."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -123,12 +124,13 @@ def test_mgd_masks_the_configured_fraction() -> None:
 def reference_fgd_masks(boxes: torch.Tensor, h: int, w: int, batch_hw: tuple[int, int],
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """FGD's masks for one image, cell by cell: a box's cells are those its interior overlaps
-    (cell r spans [r, r + 1) in map units), each weighing 1 / their number (H_r W_r); where
-    boxes overlap, the larger weight."""
+    (cell r spans pixels [r, r + 1) x the level's stride, a power of two; the last row or column
+    of a map its stride does not divide is partly padding), each weighing 1 / their number
+    (H_r W_r); where boxes overlap, the larger weight."""
     fg = torch.zeros(h, w)
+    stride = 2 ** round(math.log2(batch_hw[1] / w))
     for x1, y1, x2, y2 in boxes.tolist():
-        x1, x2 = x1 * w / batch_hw[1], x2 * w / batch_hw[1]
-        y1, y2 = y1 * h / batch_hw[0], y2 * h / batch_hw[0]
+        x1, x2, y1, y2 = x1 / stride, x2 / stride, y1 / stride, y2 / stride
         inside = [(r, c) for r in range(h) for c in range(w)
                   if r < y2 and r + 1 > y1 and c < x2 and c + 1 > x1]
         for r, c in inside:
@@ -151,6 +153,10 @@ def test_fgd_masks() -> None:
     # 4 cells wide and 2 high on the 8 x 12 map: 8 cells of 1/8 (the release counted 5 x 3).
     four, _ = box_masks([torch.tensor([[8.0, 16.0, 40.0, 32.0]])], (8, 12), (64, 96))
     assert (four[0] > 0).sum() == 8 and four[0].max() == pytest.approx(1 / 8)
+    # A map its stride does not divide (192 px rows at stride 128: 2 rows, the second partial):
+    # boxes map by the stride, not by the map's share of the batch (which gives rows 1..1 here).
+    coarse, _ = box_masks([torch.tensor([[0.0, 100.0, 50.0, 180.0]])], (2, 2), (192, 256))
+    assert (coarse[0].view(2, 2)[:, 0] > 0).tolist() == [True, True]
     # Rows are y: a wide, short box covers few rows and many columns.
     wide, _ = box_masks([torch.tensor([[0.0, 0.0, 96.0, 8.0]])], (8, 12), (64, 96))
     assert (wide[0].sum(1) > 0).sum() == 1 and (wide[0].sum(0) > 0).all()

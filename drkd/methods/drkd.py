@@ -11,7 +11,7 @@
   "Beware trivial solutions"; the release trains them), or the affinity is the
   parameter-free cosine similarity (``instance.similarity``). An instance is not its own
   partner (the release's non-local block keeps self-pairs).
-- The relation filter (``instance.filter``) weights both sides' logits alike and is trained by
+- The relation filter (``instance.filter``) weights both sides' relations alike and is trained by
   its own term, ``loss_filter`` (same class or not, from the teacher's features), never by
   L_IR: trained by the loss it weights, it drove L_IR to zero whatever the student did.
 """
@@ -38,6 +38,7 @@ from drkd.modules.glore import GloRe
 from drkd.modules.relation import (
     InstanceRelation,
     RelationFilter,
+    kept_pairs,
     pad_instances,
     relation_matrix,
     weights_of,
@@ -225,7 +226,8 @@ class DRKD(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """R_s, R_t (B, n, n) of one level and the filter's scores (B, n, n; None without a
         filter). The filter judges relations on the teacher's features and weights both sides
-        alike; its weights are a constant to L_IR (detached), so L_IR cannot train it."""
+        alike; its weights are a constant to L_IR (detached), so L_IR cannot train it. With
+        top-k, both matrices spread over the teacher's k strongest partners of each row."""
         inst, self_pairs = self.cfg.instance, self.cfg.release
         block_s = cast(InstanceRelation, self.relation_s[level])
         block_t = cast(InstanceRelation, self.relation_t[level])
@@ -234,10 +236,14 @@ class DRKD(nn.Module):
             with record_function("drkd.filter"):
                 scores = cast(RelationFilter, self.filters[level]).scores(e_t)
                 weights = weights_of(scores.detach(), mask)
-        settings = (inst.tau, inst.topk, weights, self_pairs)
         with record_function("drkd.relation_matrices"):
-            r_s = relation_matrix(block_s.affinity(e_s), mask, *settings)
-            r_t = relation_matrix(block_t.affinity(e_t), mask, *settings)
+            a_s, a_t = block_s.affinity(e_s), block_t.affinity(e_t)
+            # Both sides relate over the teacher's strongest partners: with each side's own
+            # top-k, a partner the teacher keeps and the student does not is 0 in R_s with no
+            # gradient, so the student could never be pulled toward it.
+            keep = kept_pairs(a_t.detach(), mask, inst.tau, inst.topk, weights, self_pairs)
+            r_s = relation_matrix(a_s, mask, inst.tau, weights=weights, keep=keep)
+            r_t = relation_matrix(a_t, mask, inst.tau, weights=weights, keep=keep)
         return r_s, r_t, scores
 
     def relation_loss(

@@ -13,13 +13,14 @@ Per FPN level, with the student map adapted to the teacher's width:
 
 Every sum is divided by the batch size. Two differences from the release, which scales boxes
 by the unpadded image size and counts a box's last row and column inclusive (a box 4 cells
-wide covers 5, each weighing 1/5): here boxes go to the map by the padded batch size the map
-was computed from, and a box covers the cells it overlaps, each weighing 1 / (H_r W_r) as in
+wide covers 5, each weighing 1/5): here boxes go to the map by the level's stride, and a box
+covers the cells it overlaps, each weighing 1 / (H_r W_r) as in
 the paper. (Rows are y, as in the release since its 2022 fix of a transposed mask.)
 """
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
@@ -51,9 +52,10 @@ def box_masks(
     fg = torch.zeros(len(boxes), h * w, device=device)
     counts = [len(b) for b in boxes]
     if sum(counts):
-        cells = torch.cat(boxes).float() * torch.tensor(
-            [w / batch_shape[1], h / batch_shape[0]] * 2, device=device
-        )
+        # The level's stride, a power of two as MultiScaleRoIAlign infers it: a coarse map of a
+        # batch side that its stride does not divide is rounded up (192 px at stride 128: 2
+        # rows), and dividing by the map's share of the batch would stretch the boxes.
+        cells = torch.cat(boxes).float() * 2.0 ** round(math.log2(w / batch_shape[1]))
         # Last cell exclusive (the release's ceil(x2) inclusive adds a row and a column).
         x0, y0 = cells[:, 0].floor().clamp(0, w - 1), cells[:, 1].floor().clamp(0, h - 1)
         x1 = torch.maximum(cells[:, 2].ceil().clamp(max=w), x0 + 1)

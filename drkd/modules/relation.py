@@ -87,7 +87,7 @@ def weights_of(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(pair_mask(mask), FILTER_MIN + torch.sigmoid(scores), 0.0)
 
 
-def relation_matrix(
+def kept_pairs(
     logits: torch.Tensor,
     mask: torch.Tensor,
     tau: float,
@@ -95,18 +95,47 @@ def relation_matrix(
     weights: torch.Tensor | None = None,
     self_pairs: bool = True,
 ) -> torch.Tensor:
-    """R = softmax_j(filtered logits / tau) over the valid pairs; (B, n, n), rows of invalid
-    instances are 0. ``topk`` > 0 keeps the k strongest filtered relations of each row.
+    """The pairs (B, n, n) a relation matrix spreads over: the valid pairs of each image, or with
+    ``topk`` > 0 the k strongest relations of each row (``filter_logits``; ties kept)."""
+    valid = pair_mask(mask, self_pairs)
+    if not topk or logits.shape[-1] <= topk:
+        return valid
+    filtered = filter_logits(logits, tau, weights).masked_fill(~valid, _MASKED)
+    kth = filtered.topk(topk, dim=-1).values[..., -1:]
+    return valid & (filtered >= kth)
+
+
+def filter_logits(logits: torch.Tensor, tau: float,
+                  weights: torch.Tensor | None) -> torch.Tensor:
+    """Affinity logits (B, n, n) -> logits / tau + log w (fp32): the filter's weights w (B, n, n)
+    multiply each relation's softmax numerator, w_ij exp(a_ij / tau). A weight then means the
+    same whatever the logit's sign, and weights equal along a row change nothing (multiplying
+    the logits instead would turn a cosine below 0 further down, and scale the temperature)."""
+    scaled = logits.float() / tau
+    return scaled if weights is None else scaled + weights.clamp_min(1e-12).log()
+
+
+def relation_matrix(
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    tau: float,
+    topk: int = 0,
+    weights: torch.Tensor | None = None,
+    self_pairs: bool = True,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """R_ij = w_ij exp(a_ij / tau) / sum_k w_ik exp(a_ik / tau) over the kept pairs (k), with w
+    the filter's ``weights`` (none: 1); (B, n, n), rows of invalid
+    instances are 0. ``keep`` (B, n, n): the pairs to spread over, as ``kept_pairs`` gives them
+    (L_IR passes the teacher's, so both sides relate over the same partners); default: this
+    matrix's own (``topk`` > 0 keeps the k strongest filtered relations of each row).
     Without ``self_pairs`` an instance is not its own partner (R_ii = 0): a parameter-free
     cosine gives every self-pair the row's largest logit (1 / tau), which would dominate
     every row; a row with no partner (an image of one instance) is 0."""
-    valid = pair_mask(mask, self_pairs)
-    filtered = logits.float() if weights is None else logits.float() * weights
-    filtered = filtered.masked_fill(~valid, _MASKED)
-    if topk and filtered.shape[-1] > topk:
-        kth = filtered.topk(topk, dim=-1).values[..., -1:]
-        filtered = filtered.masked_fill(filtered < kth, _MASKED)
-    return torch.where(valid, torch.softmax(filtered / tau, dim=-1), 0.0)
+    if keep is None:
+        keep = kept_pairs(logits, mask, tau, topk, weights, self_pairs)
+    filtered = filter_logits(logits, tau, weights).masked_fill(~keep, _MASKED)
+    return torch.where(keep, torch.softmax(filtered, dim=-1), 0.0)
 
 
 def cosine_similarity(e: torch.Tensor) -> torch.Tensor:
