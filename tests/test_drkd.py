@@ -1094,9 +1094,10 @@ def test_losses_equal_an_independent_computation(reduction: str, target: str, to
     d.eval()  # BatchNorm on its running statistics
     sizes = (8, 4, 2, 1, 1)  # a 32 px padded batch
     s_maps, t_maps = fpn_maps(8, sizes, 3, seed=2), fpn_maps(12, sizes, 3, seed=3)
-    boxes = box_targets([[1, 2, 12, 14], [8, 4, 30, 20], [16, 16, 28, 31]],
+    # 4 instances in the first image: 3 partners a row, so top-k 2 drops one.
+    boxes = box_targets([[1, 2, 12, 14], [8, 4, 30, 20], [16, 16, 28, 31], [20, 2, 31, 10]],
                         [[0, 0, 16, 16], [10, 12, 26, 30]], [[3, 3, 9, 9]])
-    boxes[0]["labels"] = torch.tensor([1, 2, 1])
+    boxes[0]["labels"] = torch.tensor([1, 2, 1, 2])
     with torch.no_grad():
         losses = {k: v.item() for k, v in d.method(s_maps, t_maps, boxes, (32, 32)).items()}
         expected = reference_drkd(d, s_maps, t_maps, boxes, 32)

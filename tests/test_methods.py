@@ -5,7 +5,6 @@ teacher; plain exported students; and every method under 2-process gloo DDP."""
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -37,6 +36,7 @@ def maps(channels: int, sizes: tuple[tuple[int, int], ...], batch: int = 2,
 
 
 SIZES = ((8, 12), (4, 6), (2, 3), (1, 2), (1, 1))  # P3-P7 of a 64 x 96 padded batch
+STRIDES = (8, 16, 32, 64, 128)
 
 
 def distill_config(method: str, **cfg: object) -> DistillConfig:
@@ -121,14 +121,13 @@ def test_mgd_masks_the_configured_fraction() -> None:
     assert torch.equal(seen[0][:, :1].expand_as(seen[0]) == 0, seen[0] == 0)  # whole pixels
 
 
-def reference_fgd_masks(boxes: torch.Tensor, h: int, w: int, batch_hw: tuple[int, int],
+def reference_fgd_masks(boxes: torch.Tensor, h: int, w: int, stride: int,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """FGD's masks for one image, cell by cell: a box's cells are those its interior overlaps
-    (cell r spans pixels [r, r + 1) x the level's stride, a power of two; the last row or column
-    of a map its stride does not divide is partly padding), each weighing 1 / their number
-    (H_r W_r); where boxes overlap, the larger weight."""
+    (cell r spans pixels [r, r + 1) x the level's ``stride``; the last row or column of a map
+    its stride does not divide is partly padding), each weighing 1 / their number (H_r W_r);
+    where boxes overlap, the larger weight."""
     fg = torch.zeros(h, w)
-    stride = 2 ** round(math.log2(batch_hw[1] / w))
     for x1, y1, x2, y2 in boxes.tolist():
         x1, x2, y1, y2 = x1 / stride, x2 / stride, y1 / stride, y2 / stride
         inside = [(r, c) for r in range(h) for c in range(w)
@@ -144,7 +143,7 @@ def test_fgd_masks() -> None:
              torch.tensor([[0.0, 0.0, 96.0, 64.0]])]
     fg, bg = box_masks(boxes, (8, 12), (64, 96))
     for i, b in enumerate(boxes):
-        ref_fg, ref_bg = reference_fgd_masks(b, 8, 12, (64, 96))
+        ref_fg, ref_bg = reference_fgd_masks(b, 8, 12, stride=8)
         torch.testing.assert_close(fg[i], ref_fg)
         torch.testing.assert_close(bg[i], ref_bg)
     assert fg[1].sum() == 0 and bg[1].sum() == pytest.approx(1.0)  # no boxes: all background
@@ -157,6 +156,9 @@ def test_fgd_masks() -> None:
     # boxes map by the stride, not by the map's share of the batch (which gives rows 1..1 here).
     coarse, _ = box_masks([torch.tensor([[0.0, 100.0, 50.0, 180.0]])], (2, 2), (192, 256))
     assert (coarse[0].view(2, 2)[:, 0] > 0).tolist() == [True, True]
+    # A batch side of 160 at stride 128: 2 columns, 80 px a map cell; the stride is still 128.
+    far, _ = box_masks([torch.tensor([[100.0, 0.0, 120.0, 20.0]])], (1, 2), (128, 160))
+    assert (far[0].view(1, 2)[0] > 0).tolist() == [True, False]
     # Rows are y: a wide, short box covers few rows and many columns.
     wide, _ = box_masks([torch.tensor([[0.0, 0.0, 96.0, 8.0]])], (8, 12), (64, 96))
     assert (wide[0].sum(1) > 0).sum() == 1 and (wide[0].sum(0) > 0).all()
@@ -177,7 +179,7 @@ def test_fgd_terms_equal_the_papers_formulas() -> None:
     for level, (a, b) in enumerate(zip(s, t, strict=True)):
         n, c, h, w = a.shape
         for i in range(n):
-            fg, bg = reference_fgd_masks(boxes[i], h, w, (64, 96))
+            fg, bg = reference_fgd_masks(boxes[i], h, w, STRIDES[level])
             att = {}
             for side, x in (("s", a[i]), ("t", b[i])):
                 spatial = h * w * torch.softmax((x.abs().mean(0) / 0.7).flatten(), 0).view(h, w)

@@ -52,10 +52,11 @@ def box_masks(
     fg = torch.zeros(len(boxes), h * w, device=device)
     counts = [len(b) for b in boxes]
     if sum(counts):
-        # The level's stride, a power of two as MultiScaleRoIAlign infers it: a coarse map of a
-        # batch side that its stride does not divide is rounded up (192 px at stride 128: 2
-        # rows), and dividing by the map's share of the batch would stretch the boxes.
-        cells = torch.cat(boxes).float() * 2.0 ** round(math.log2(w / batch_shape[1]))
+        # By the level's stride s: a map of a batch side W that s does not divide has
+        # ceil(W / s) cells (192 px at stride 128: 2 rows), so the map's share of the batch
+        # would stretch the boxes; W / w lies in (s / 2, s] for any W >= s.
+        stride = 2.0 ** math.ceil(math.log2(batch_shape[1] / w))
+        cells = torch.cat(boxes).float() / stride
         # Last cell exclusive (the release's ceil(x2) inclusive adds a row and a column).
         x0, y0 = cells[:, 0].floor().clamp(0, w - 1), cells[:, 1].floor().clamp(0, h - 1)
         x1 = torch.maximum(cells[:, 2].ceil().clamp(max=w), x0 + 1)

@@ -54,7 +54,8 @@ FILTER_MIN = 0.5
 
 class RelationFilter(nn.Module):
     """Scores every pair (i, j) of an image from the teacher's instance features and turns the
-    scores into weights on the affinity logits, so the valuable relations stand out.
+    scores into weights on the relations' softmax numerators, so the valuable relations stand
+    out.
 
     A score is the logit that i and j are of the same class (``scores``; trained by
     ``drkd.losses.relation_filter_loss`` on the ground-truth labels, never by the relation
