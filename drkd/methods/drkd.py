@@ -38,8 +38,10 @@ from drkd.modules.glore import GloRe
 from drkd.modules.relation import (
     InstanceRelation,
     RelationFilter,
+    filter_logits,
     kept_pairs,
     pad_instances,
+    pair_mask,
     relation_matrix,
     weights_of,
 )
@@ -241,7 +243,8 @@ class DRKD(nn.Module):
             # Both sides relate over the teacher's strongest partners: with each side's own
             # top-k, a partner the teacher keeps and the student does not is 0 in R_s with no
             # gradient, so the student could never be pulled toward it.
-            keep = kept_pairs(a_t.detach(), mask, inst.tau, inst.topk, weights, self_pairs)
+            teacher = filter_logits(a_t.detach(), inst.tau, weights)
+            keep = kept_pairs(teacher, pair_mask(mask, self_pairs), inst.topk)
             r_s = relation_matrix(a_s, mask, inst.tau, weights=weights, keep=keep)
             r_t = relation_matrix(a_t, mask, inst.tau, weights=weights, keep=keep)
         return r_s, r_t, scores

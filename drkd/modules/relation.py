@@ -88,22 +88,15 @@ def weights_of(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(pair_mask(mask), FILTER_MIN + torch.sigmoid(scores), 0.0)
 
 
-def kept_pairs(
-    logits: torch.Tensor,
-    mask: torch.Tensor,
-    tau: float,
-    topk: int = 0,
-    weights: torch.Tensor | None = None,
-    self_pairs: bool = True,
-) -> torch.Tensor:
-    """The pairs (B, n, n) a relation matrix spreads over: the valid pairs of each image, or with
-    ``topk`` > 0 the k strongest relations of each row (``filter_logits``; ties kept)."""
-    valid = pair_mask(mask, self_pairs)
-    if not topk or logits.shape[-1] <= topk:
+def kept_pairs(filtered: torch.Tensor, valid: torch.Tensor, topk: int = 0) -> torch.Tensor:
+    """The pairs (B, n, n) a relation matrix spreads over, from its filtered logits (B, n, n;
+    ``filter_logits``) and valid pairs (B, n, n; ``pair_mask``): every valid pair, or with
+    ``topk`` > 0 the k strongest of each row (ties kept)."""
+    if not topk or filtered.shape[-1] <= topk:
         return valid
-    filtered = filter_logits(logits, tau, weights).masked_fill(~valid, _MASKED)
-    kth = filtered.topk(topk, dim=-1).values[..., -1:]
-    return valid & (filtered >= kth)
+    ranked = filtered.masked_fill(~valid, _MASKED)
+    kth = ranked.topk(topk, dim=-1).values[..., -1:]
+    return valid & (ranked >= kth)
 
 
 def filter_logits(logits: torch.Tensor, tau: float,
@@ -125,18 +118,18 @@ def relation_matrix(
     self_pairs: bool = True,
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """R_ij = w_ij exp(a_ij / tau) / sum_k w_ik exp(a_ik / tau) over the kept pairs (k), with w
-    the filter's ``weights`` (none: 1); (B, n, n), rows of invalid
-    instances are 0. ``keep`` (B, n, n): the pairs to spread over, as ``kept_pairs`` gives them
-    (L_IR passes the teacher's, so both sides relate over the same partners); default: this
-    matrix's own (``topk`` > 0 keeps the k strongest filtered relations of each row).
+    """R_ij = w_ij exp(a_ij / tau) / sum_m w_im exp(a_im / tau) over the kept pairs m of row i,
+    with w the filter's ``weights`` (none: 1); (B, n, n), rows of invalid instances are 0.
+    ``keep`` (B, n, n): the pairs to spread over, as ``kept_pairs`` gives them (L_IR passes the
+    teacher's, so both sides relate over the same partners); default: this matrix's own
+    (``topk`` > 0 keeps the k strongest filtered relations of each row).
     Without ``self_pairs`` an instance is not its own partner (R_ii = 0): a parameter-free
     cosine gives every self-pair the row's largest logit (1 / tau), which would dominate
     every row; a row with no partner (an image of one instance) is 0."""
+    filtered = filter_logits(logits, tau, weights)
     if keep is None:
-        keep = kept_pairs(logits, mask, tau, topk, weights, self_pairs)
-    filtered = filter_logits(logits, tau, weights).masked_fill(~keep, _MASKED)
-    return torch.where(keep, torch.softmax(filtered, dim=-1), 0.0)
+        keep = kept_pairs(filtered, pair_mask(mask, self_pairs), topk)
+    return torch.where(keep, torch.softmax(filtered.masked_fill(~keep, _MASKED), dim=-1), 0.0)
 
 
 def cosine_similarity(e: torch.Tensor) -> torch.Tensor:
