@@ -94,8 +94,12 @@ def timed(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
 
 
 def rounds(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
-           warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds of every call of each function, ``steps`` interleaved rounds (see ``timed``).
+           warmup: int = 3, settle: int = 0) -> dict[str, list[float]]:
+    """Seconds of every call of each function, ``steps`` interleaved rounds (see ``timed``);
+    with ``settle``, that many untimed calls of a function right before each timed one, so the
+    timed call follows one of its own kind, as in training (at the paper's size a step right
+    after another model's step is slower, most for the step with the most memory:
+    docs/speed.md).
 
     A plain clock, not torch.utils.benchmark.Timer: its ``timeit`` makes two untimed calls
     before every timed block, which would triple each round of train steps."""
@@ -105,6 +109,8 @@ def rounds(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(steps):
         for name, fn in fns.items():
+            for _ in range(settle):
+                fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()

@@ -12,15 +12,17 @@ BCCD images (640x480, which the detectors resize to 800x1067) with their boxes (
 shared data folder: random images of that size).
 
 Methods: one train step each, timed in turn (interleaved, one warm-up round, the median of
-``--steps``) beside the baseline student's step and the teacher's backbone forward: DRKD as the
-paper preset sets it (``release: true``), DRKD as params.yaml sets it, MGD, CWD, PKD and FGD
-(their params.yaml sections); ``--methods`` keeps some of them. Per row: seconds per step, the
-ratio to the baseline step and to (baseline + teacher forward) with the quartiles of that
-ratio over the rounds (one round's timings differ from the next by several percent), whether
-every loss stayed finite, the peak memory of one step (a fresh process each: peak RSS above
-the imports on a CPU, the allocator's peak on CUDA), and from one profiled step the forward
-time of each labelled part (``distill.teacher``, ``distill.method``; DRKD's ``drkd.pixel``
-(GloRe of every level), ``drkd.roi_align``, ``drkd.filter``, ``drkd.relation_matrices``).
+``--steps``; each timed step right after an untimed one of the same row, ``--settle``, as a
+step follows its own kind in training) beside the baseline student's step and the teacher's
+backbone forward: DRKD as the paper preset sets it (``release: true``), DRKD as params.yaml
+sets it, MGD, CWD, PKD and FGD (their params.yaml sections); ``--methods`` keeps some of them.
+Per row: seconds per step, the ratio to the baseline step and to (baseline + teacher forward)
+with the quartiles of that ratio over the rounds (one round's timings differ from the next by
+several percent), whether every loss stayed finite, the peak memory of one step (a fresh
+process each: peak RSS above the imports on a CPU, the allocator's peak on CUDA), and from one
+profiled step the forward time of each labelled part (``distill.teacher``, ``distill.method``;
+DRKD's ``drkd.pixel`` (GloRe of every level), ``drkd.roi_align``, ``drkd.filter``,
+``drkd.relation_matrices``).
 
 --instances: the same images with K random boxes each (K = 1, 10, 50, ...; 8-96 px) and the
 instance paths alone, on fixed FPN maps (forward + backward of the method, not the detector,
@@ -187,7 +189,7 @@ def peak_mib(arch: str, row: str, smoke: bool) -> float:
 
 
 def methods_table(arch: str, steps: int, smoke: bool, memory: bool,
-                  only: list[str] | None = None) -> dict[str, Any]:
+                  only: list[str] | None = None, settle: int = 1) -> dict[str, Any]:
     """The baseline student, the teacher forward and the method rows (``only``: those ROWS)."""
     device = pick_device()
     paper = paper_params(arch, smoke)
@@ -216,7 +218,8 @@ def methods_table(arch: str, steps: int, smoke: bool, memory: bool,
         with torch.no_grad():
             teacher.backbone(batch)
 
-    times = rounds({**steppers, "teacher forward": teacher_forward}, steps, device, warmup=1)
+    times = rounds({**steppers, "teacher forward": teacher_forward}, steps, device, warmup=1,
+                   settle=settle)
     seconds = {name: statistics.median(t) for name, t in times.items()}
     base, floor = seconds["none"], seconds["none"] + seconds["teacher forward"]
     floors = [s + f for s, f in zip(times["none"], times["teacher forward"], strict=True)]
@@ -301,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=list(ROWS),
                         help="only these method rows (beside the baseline and the teacher)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peaks")
+    parser.add_argument("--settle", type=int, default=1, choices=[0, 1, 2],
+                        help="untimed calls of a row right before each of its timed ones "
+                        "(0: plain interleaving)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", help="write the results as JSON too")
     parser.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)  # child: ARCH ROW
@@ -314,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device()
     cpu = cpu_model()
     print(f"device: {device} ({cpu}), threads: {torch.get_num_threads()}, "
-          f"median of {args.steps} steps, images: {'BCCD' if BCCD.is_dir() else 'random'}")
-    results: dict[str, Any] = {"device": str(device), "cpu": cpu,
+          f"median of {args.steps} steps (settle {args.settle}), images: "
+          f"{'BCCD' if BCCD.is_dir() else 'random'}")
+    results: dict[str, Any] = {"device": str(device), "cpu": cpu, "settle": args.settle,
                                "threads": torch.get_num_threads(), "steps": args.steps}
     for arch in args.arch:
         if args.instances:
@@ -329,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{1000 * v['s']:.0f} ms, +{v['peak_growth_mib']:.0f} MiB"
                     + ("" if v["finite"] else ", NOT FINITE") for v in by_count.values()) + " |")
             continue
-        table = methods_table(arch, args.steps, args.smoke, not args.no_memory, args.methods)
+        table = methods_table(arch, args.steps, args.smoke, not args.no_memory, args.methods,
+                              args.settle)
         results[arch] = table
         print(f"\n{arch}: padded batch {table['batch']}, teacher forward "
               f"{table['teacher_forward_s']:.2f} s\n\n| method | s/step | vs baseline | "

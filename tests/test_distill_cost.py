@@ -58,6 +58,14 @@ def test_rounds_interleave_the_functions_after_the_warmup() -> None:
     assert all(t >= 0 for seconds in times.values() for t in seconds)
 
 
+def test_settled_rounds_time_each_call_right_after_an_untimed_one_of_its_own() -> None:
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    times = rounds(fns, 2, torch.device("cpu"), warmup=1, settle=1)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    assert {name: len(t) for name, t in times.items()} == {"a": 2, "b": 2}
+
+
 @pytest.mark.slow  # a subprocess training 2 rows' distillers (smoke preset)
 def test_rows_are_timed_with_their_cells_settings_and_keyed_by_row_name(tmp_path: Path) -> None:
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
