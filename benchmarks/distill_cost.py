@@ -21,6 +21,8 @@ side-by-side cost the leaderboard of `make compare` cannot give (its cells run h
 rows of params.yaml's ``compare.methods``, each with its cells' own `distill` settings (a tuned
 row, a combination row), keyed by row name.
 Optimizers come from the training loop (drkd.engine.make_optimizer), as in real training.
+Every timed call follows an untimed one of its own kind (``--settle 1``), as steps follow each
+other in training; ``--settle 0`` interleaves plainly (the tables dated before 2026-12-07).
 """
 
 from __future__ import annotations
@@ -87,10 +89,12 @@ def image_shape(params: Params) -> tuple[int, int]:
 
 
 def timed(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
-          warmup: int = 3) -> dict[str, float]:
+          warmup: int = 3, settle: int = 0) -> dict[str, float]:
     """Median seconds per call of each function, called in turn (A, B, C, A, B, C, ...) after
-    ``warmup`` rounds, so that a slow spell of the machine hits every function alike."""
-    return {name: statistics.median(t) for name, t in rounds(fns, steps, device, warmup).items()}
+    ``warmup`` rounds, so that a slow spell of the machine hits every function alike
+    (``settle``: see ``rounds``)."""
+    return {name: statistics.median(t)
+            for name, t in rounds(fns, steps, device, warmup, settle).items()}
 
 
 def rounds(fns: dict[str, Callable[[], None]], steps: int, device: torch.device,
@@ -170,7 +174,7 @@ def train_step(
     return lambda: step(images, targets)
 
 
-def step_ratio(params_file: str, steps: int) -> dict[str, float]:
+def step_ratio(params_file: str, steps: int, settle: int = 1) -> dict[str, float]:
     device = pick_device()
     params = load_params(params_file)
     student, teacher = models(params_file, device)
@@ -193,6 +197,7 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
         },
         steps,
         device,
+        settle=settle,
     )
     t = {name: statistics.median(seconds) for name, seconds in r.items()}
     # This machine's step time wanders by several percent from one round to the next: the
@@ -205,8 +210,8 @@ def step_ratio(params_file: str, steps: int) -> dict[str, float]:
             "ratio_q1": low, "ratio_q3": high}
 
 
-def method_steps(params_file: str, settings: dict[str, DistillConfig], steps: int
-                 ) -> dict[str, float]:
+def method_steps(params_file: str, settings: dict[str, DistillConfig], steps: int,
+                 settle: int = 1) -> dict[str, float]:
     """Median seconds per train step under each name's `distill` settings (method none: the
     plain student), interleaved; every Distiller wraps its own copy of one student init, so all
     steps train identical networks on the same batch."""
@@ -220,7 +225,7 @@ def method_steps(params_file: str, settings: dict[str, DistillConfig], steps: in
         if distill.method != "none":
             module = Distiller(module, teacher, distill).to(device)
         fns[name] = train_step(module, images, targets, params.student.train)
-    return timed(fns, steps, device)
+    return timed(fns, steps, device, settle=settle)
 
 
 def method_settings(params_file: str, methods: list[str]) -> dict[str, DistillConfig]:
@@ -327,6 +332,9 @@ def main() -> None:
                        help="the same for these rows of compare.methods, as their cells train")
     parser.add_argument("--out", help="with --methods/--rows: also write the seconds per step "
                         "as JSON")
+    parser.add_argument("--settle", type=int, default=1, choices=[0, 1, 2],
+                        help="untimed calls of a step right before each timed one, so it follows "
+                        "its own kind as in training (0: plain interleaving)")
     parser.add_argument("--memory", choices=["student", "distill"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:  # child process of the memory comparison
@@ -338,10 +346,10 @@ def main() -> None:
                         else row_settings(args.params, args.rows))
         except UserError as error:
             parser.exit(2, f"error: {error}\n")
-        times = method_steps(args.params, settings, args.steps)
+        times = method_steps(args.params, settings, args.steps, args.settle)
         base = next((times[n] for n, d in settings.items() if d.method == "none"), None)
         print(f"device: {pick_device()}  threads: {torch.get_num_threads()}  "
-              f"steps: {args.steps} per method, interleaved")
+              f"steps: {args.steps} per method, interleaved, settle {args.settle}")
         print(f"| {'method' if args.methods else 'row'} | s/step | vs plain student |\n"
               "|---|---:|---:|")
         for method, seconds in times.items():
@@ -349,7 +357,7 @@ def main() -> None:
             print(f"| {method} | {seconds:.4g} | {ratio} |")
         if args.out:
             write_json({"seconds_per_step": times, "device": str(pick_device()),
-                        "cpu": cpu_model(),
+                        "cpu": cpu_model(), "settle": args.settle,
                         "threads": torch.get_num_threads(), "steps": args.steps,
                         "date": datetime.date.today().isoformat(),
                         "command": shlex.join(["python", "-m", "benchmarks.distill_cost",
@@ -357,12 +365,12 @@ def main() -> None:
         return
     if load_params(args.params).distill.method == "none":
         raise SystemExit(f"{args.params}: distill.method is 'none'; nothing to measure")
-    ratio = step_ratio(args.params, args.steps)
+    ratio = step_ratio(args.params, args.steps, args.settle)
     speed = relation_speed(args.params, args.steps)
     mem = {kind: json.loads(subprocess.run(
         [sys.executable, __file__, "--params", args.params, "--memory", kind],
         capture_output=True, text=True, check=True).stdout) for kind in ("student", "distill")}
-    print(f"device: {pick_device()}  threads: {torch.get_num_threads()}")
+    print(f"device: {pick_device()}  threads: {torch.get_num_threads()}  settle: {args.settle}")
     print(f"student step {ratio['student_step_s']:.3f} s + teacher forward "
           f"{ratio['teacher_forward_s']:.3f} s; distill step {ratio['distill_step_s']:.3f} s")
     print(f"step-time ratio distill / (student + teacher forward): {ratio['ratio']:.3f} "
