@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -367,9 +368,12 @@ def main() -> None:
         raise SystemExit(f"{args.params}: distill.method is 'none'; nothing to measure")
     ratio = step_ratio(args.params, args.steps, args.settle)
     speed = relation_speed(args.params, args.steps)
+    # A fresh process per peak, run as the package's module from the repository root.
     mem = {kind: json.loads(subprocess.run(
-        [sys.executable, __file__, "--params", args.params, "--memory", kind],
-        capture_output=True, text=True, check=True).stdout) for kind in ("student", "distill")}
+        [sys.executable, "-m", "benchmarks.distill_cost", "--params",
+         str(Path(args.params).resolve()), "--memory", kind],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        check=True).stdout) for kind in ("student", "distill")}
     print(f"device: {pick_device()}  threads: {torch.get_num_threads()}  settle: {args.settle}")
     print(f"student step {ratio['student_step_s']:.3f} s + teacher forward "
           f"{ratio['teacher_forward_s']:.3f} s; distill step {ratio['distill_step_s']:.3f} s")

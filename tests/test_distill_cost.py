@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,22 @@ def test_methods_table_has_a_row_per_method_relative_to_the_plain_student(tmp_pa
     written = json.loads((tmp_path / "t.json").read_text())["seconds_per_step"]
     assert set(written) == {"none", "drkd", "fgd"}
     assert all(abs(written[k] - seconds[k]) <= 1e-3 * seconds[k] for k in written)  # 4 digits
+
+
+@pytest.mark.slow  # a subprocess timing the smoke preset's steps, two more for the peaks
+def test_the_default_report_prints_the_ratio_and_both_peaks(tmp_path: Path) -> None:
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                   yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text()))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run([sys.executable, "-m", SCRIPT, "--params", str(tmp_path / "params.yaml"),
+                           "--steps", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ratio = re.search(r"step-time ratio distill / \(student \+ teacher forward\): ([0-9.]+)",
+                      done.stdout)
+    peaks = re.search(r"peak memory: student step ([0-9]+) MiB, distill step ([0-9]+) MiB",
+                      done.stdout)
+    assert ratio and float(ratio[1]) > 0, done.stdout
+    assert peaks and int(peaks[1]) > 0 and int(peaks[2]) > 0, done.stdout
 
 
 def test_an_unknown_method_is_one_error_line_before_any_work() -> None:
