@@ -224,10 +224,16 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         axis.set_xticks(x, names, rotation=30, ha="right")
         axis.set_ylabel("val AP (points)")
     timed = [(name, row) for name, row in ranked if "step_time_vs_baseline" in row]
+    placed: list[tuple[float, float]] = []
     for name, row in timed:
-        cost.scatter(row["step_time_vs_baseline"], row["mean"]["AP"], color="tab:blue")
-        cost.annotate(name, (row["step_time_vs_baseline"], row["mean"]["AP"]), fontsize=8,
-                      xytext=(4, 2), textcoords="offset points")
+        point = (row["step_time_vs_baseline"], row["mean"]["AP"])
+        # Rows of about the same cost and AP (tuned variants of one method) would print their
+        # names on top of each other: each name near an earlier one goes one line lower.
+        near = sum(abs(point[0] - x) < 0.08 and abs(point[1] - y) < 1.5 for x, y in placed)
+        placed.append(point)
+        cost.scatter(*point, color="tab:blue")
+        cost.annotate(name, point, fontsize=8, xytext=(4, 2 - 10 * near),
+                      textcoords="offset points")
     cost.set_xlabel("train step time / baseline student's")
     cost.set_ylabel("mean val AP (points)")
     cost.set_title("AP against training cost")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from matplotlib.figure import Figure
 
 from drkd import leaderboard as board_lib
 from drkd.compare import cell_params, launch, trains_drkd_modules
@@ -86,6 +87,20 @@ def test_leaderboard_numbers(tmp_path: Path, saved_figures: dict[str, Any]) -> N
     points = sorted(tuple(p) for dots in cost.collections for p in dots.get_offsets())
     assert points == [pytest.approx((1.0, 11.0)), pytest.approx((1.4, 23.0))]
     assert sorted(t.get_text() for t in cost.texts) == ["none", "pkd"]
+
+
+def test_close_rows_names_on_the_cost_panel_go_one_line_apart(
+        tmp_path: Path, saved_figures: dict[str, Figure]) -> None:
+    def row(ap: float, step_time: float) -> dict[str, Any]:
+        return {"method": "mgd", "mean": {"AP": ap, "APs": ap, "APm": ap, "APl": ap},
+                "per_seed": {0: {"AP": ap}}, "step_time_vs_baseline": step_time}
+
+    summary = {"teacher_AP": None, "methods": {
+        "a": row(38.7, 1.43), "b": row(38.6, 1.39), "c": row(38.3, 1.41), "far": row(13.8, 1.0)}}
+    board_lib.plot(summary, tmp_path / "board.png")
+    cost = saved_figures["board.png"].axes[2]
+    lift = {text.get_text(): text.xyann[1] for text in cost.texts}
+    assert lift == {"a": 2, "b": -8, "c": -18, "far": 2}
 
 
 def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
