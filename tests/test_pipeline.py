@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from ruamel.yaml import YAML
 
 pytestmark = pytest.mark.slow
 
@@ -196,8 +197,6 @@ def test_dvc_metrics_and_plots_read_the_outputs(repo: tuple[Path, dict[str, str]
 
 
 def set_compare(root: Path, rows: dict[str, dict], seeds: list[int]) -> None:
-    from ruamel.yaml import YAML
-
     yaml = YAML()
     params = yaml.load(root / "params.yaml")
     params["compare"]["methods"], params["compare"]["seeds"] = rows, seeds
@@ -249,8 +248,6 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
     # DRKD's w_pr no cell here, PKD's weight the pkd cells (not `none`).
     def set_distill(key: str, value: float) -> tuple[list[str], set[str]]:
         """Set distill.KEY, rerun the rows stage: (the stages it ran, the stages now stale)."""
-        from ruamel.yaml import YAML
-
         yaml = YAML()
         params = yaml.load(root / "params.yaml")
         section = params["distill"]
@@ -266,8 +263,6 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
     assert stale() == set()
     rows_stage = ["compare/dvc.yaml:rows"]
     assert set_distill("w_pr", 0.5) == (rows_stage, set())
-    from ruamel.yaml import YAML  # as set_compare reads params
-
     pkd_weight = YAML().load(root / "params.yaml")["distill"]["pkd"]["weight"]
     pkd_cells = {f"compare/dvc.yaml:cell@pkd-{seed}" for seed in range(3)}
     assert set_distill("pkd.weight", 3.0) == (rows_stage, pkd_cells)
@@ -290,8 +285,9 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
     assert "- pkd_x3: pkd with pkd.weight=30.0" in (root / "compare" / "leaderboard.md").read_text()
     # Untouched rows stay fresh; the variant's seeds 1 and 2 were never run.
     never_run = {"compare/dvc.yaml:cell@pkd_x3-1", "compare/dvc.yaml:cell@pkd_x3-2"}
-    assert never_run <= stale() and "compare/dvc.yaml:cell@pkd_x3-0" not in stale()
-    assert not {s for s in stale() if "cell@pkd-" in s or "cell@none-" in s}
+    now = stale()
+    assert never_run <= now and "compare/dvc.yaml:cell@pkd_x3-0" not in now
+    assert not {s for s in now if "cell@pkd-" in s or "cell@none-" in s}
     # Edited, the variant's cell goes stale (its rows file changed), and nothing else.
     set_compare(root, {"none": {}, "pkd": {}, "pkd_x3": {"method": "pkd", "pkd": {"weight": 20.0}}},
                 [0, 1, 2])
