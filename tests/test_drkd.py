@@ -3,6 +3,7 @@ relation filter, the anchored matrix target, hook hygiene, export, switches and 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -157,14 +158,18 @@ def test_glore_identity_at_init_and_shape() -> None:
     assert y.shape == x.shape and (y - x).abs().max() > 1e-3  # not the identity once trained
 
 
-def test_glore_equals_the_papers_convolution_form() -> None:
-    """method.md steps 1-4 written with 1x1 convolutions, on the unit's own weights."""
+@pytest.mark.parametrize("training", [False, True])
+def test_glore_equals_the_papers_convolution_form(training: bool) -> None:
+    """method.md steps 1-4 written with 1x1 convolutions, on the unit's own weights, and
+    torch's BatchNorm on their output: forward, gradients and (training) running statistics."""
     torch.manual_seed(0)
-    glore = GloRe(8, 4, 6).eval()
+    glore = GloRe(8, 4, 6).train(training)
     with torch.no_grad():
         glore.norm.weight.fill_(1.5)
+        glore.norm.bias.uniform_()
         glore.norm.running_mean.uniform_()
-    x = torch.randn(3, 8, 5, 7)
+    norm = copy.deepcopy(glore.norm)  # the reference BatchNorm, same state
+    x = (torch.randn(3, 8, 5, 7) * 2 + 3).requires_grad_()  # off-centre: a mean to remove
     conv1x1 = lambda t, w, b=None: torch.nn.functional.conv1d(t, w[:, :, None], b)  # noqa: E731
     w_s, w_b = glore.project.weight.split([6, 4]), glore.project.bias.split([6, 4])
     states = conv1x1(x.flatten(2), w_s[0], w_b[0])  # X_s: (B, S, HW)
@@ -173,8 +178,18 @@ def test_glore_equals_the_papers_convolution_form() -> None:
     a_v = conv1x1(v.transpose(1, 2), glore.node_mix.weight, glore.node_mix.bias).transpose(1, 2)
     z = conv1x1(torch.relu(v + a_v), glore.state_mix.weight)
     y = conv1x1(z @ proj, glore.back.weight).view(3, 8, 5, 7)
-    expected = x + glore.norm(y.flatten(2)).view_as(x)
-    torch.testing.assert_close(glore(x), expected, rtol=1e-5, atol=1e-5)
+    expected = x + norm(y.flatten(2)).view_as(x)
+    out = glore(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    unit = [x, glore.project.weight, glore.project.bias, glore.node_mix.weight,
+            glore.node_mix.bias, glore.state_mix.weight, glore.back.weight]
+    probe = torch.randn_like(out)  # any upstream gradient
+    got = torch.autograd.grad((out * probe).sum(), [*unit, glore.norm.weight, glore.norm.bias])
+    want = torch.autograd.grad((expected * probe).sum(), [*unit, norm.weight, norm.bias])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    for name, buffer in norm.named_buffers():
+        torch.testing.assert_close(dict(glore.norm.named_buffers())[name], buffer, msg=name)
 
 
 # -- (2) images with 0 or 1 instance ---------------------------------------------------------
