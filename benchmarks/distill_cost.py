@@ -250,7 +250,7 @@ def relation_speed(
 
     Gradients are reset before each call, as in training. The two versions are timed side by
     side in ``rounds`` rounds; the speed-up is the median round's (the spread is printed, since
-    one round on a shared machine can be off by 0.3x either way)."""
+    one round on a shared machine can be far off)."""
     device = device or pick_device()
     inst = load_params(params_file).distill.instance
     images, per_image, dim = 4, 10, 256 * 9

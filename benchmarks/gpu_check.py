@@ -1,4 +1,4 @@
-"""GPU check: run on a machine with NVIDIA GPUs; prints one table in under 5 minutes.
+"""GPU check: run on a machine with NVIDIA GPUs; prints one table (a short run).
 
     python -m benchmarks.gpu_check [--params params.yaml] [--steps 10]
 

@@ -1,7 +1,9 @@
-"""Shared entry-point plumbing for the stage scripts: how a failed stage ends."""
+"""Shared entry-point plumbing for the stage scripts: the training stages' options, and how a
+failed stage ends."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -11,6 +13,19 @@ NON_FINITE_HINT = (
     "hint: the usual causes are a learning rate too high (train.lr, train.warmup_steps) or "
     "distillation loss weights too large (distill.w_*); with AMP on CUDA, try train.amp: off"
 )
+
+
+def training_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options of every training stage (train_teacher, train_student, distill)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--out", required=True, help="model checkpoint to write")
+    parser.add_argument("--history", required=True, help="loss history CSV to write")
+    parser.add_argument(
+        "--work-dir", required=True, help="resumable per-epoch state (not a DVC out)"
+    )
+    return parser
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -78,8 +78,8 @@ def lr_factor(step: int, cfg: TrainConfig, total_steps: int, steps_per_epoch: in
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """Fused kernels (CPU and CUDA): the same update as the per-tensor loop, but one kernel
-    for all parameters; on this CPU a student step is ~9% faster and the DRKD modules'
-    146 extra tensors cost 4 ms instead of 11 (benchmarks/distill_cost.py)."""
+    for all parameters instead of one per tensor, which matters for the many small tensors of
+    the distillation modules (measured: docs/speed.md)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True
@@ -91,7 +91,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     """The dtype ``train.amp`` asks for on ``device``, None for fp32.
 
     CUDA only: on a CPU without native bf16 convolutions, bf16 autocast makes a step many
-    times slower (benchmarks/speed.py measures it; docs/results.md has the numbers), so CPU
+    times slower (benchmarks/speed.py measures it; docs/speed.md has the numbers), so CPU
     runs stay in fp32."""
     if device.type != "cuda" or cfg.amp == "off":
         return None

@@ -94,13 +94,11 @@ def comments(text: str) -> Counter[str]:
     return Counter(m.group(1) for m in re.finditer(r"(?:^|\s)(#[^\n]*)", text))
 
 
-def promote(params_file: str, method: str, out: Path, row: str, apply_it: bool) -> None:
-    """OUT's best_params.yaml of ``method`` (else tune.method, else distill.method): print the
-    `dvc exp run -S ...` line, or with ``apply_it`` merge it into the params file; with
-    ``row`` as a new compare.methods row instead of into `distill`."""
+def promote(params_file: str, method: str, path: Path, row: str, apply_it: bool) -> None:
+    """The best_params.yaml (``path``) of a study of ``method``: print the `dvc exp run -S ...`
+    line, or with ``apply_it`` merge it into the params file; with ``row`` as a new
+    compare.methods row of ``method`` instead of into `distill`."""
     params = load_params(params_file)
-    method = method or params.tune.method or params.distill.method
-    path = out / ("" if method in ("drkd", "none") else method) / "best_params.yaml"
     if not path.is_file():
         raise UserError(f"{path}: not found (run python -m stages.tune first)")
     best = read_yaml_file(path) or {}

@@ -52,7 +52,8 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
 
 @dataclass(frozen=True)
 class Distillation:
-    """What distillation adds to the student's training (``drkd.distiller.distillation``)."""
+    """What distillation adds to the student's training (built by ``stages.distill``, the one
+    stage whose code depends on the methods)."""
 
     teacher: Path  # checkpoint: part of the resume fingerprint and the MLflow lineage
     wrap: Callable[[nn.Module, CocoDetection], nn.Module]  # student -> the module fit trains

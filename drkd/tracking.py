@@ -281,8 +281,10 @@ def stage_run(
     data_files: Sequence[Path] = (),
     enabled: bool = True,
     system_metrics: bool = False,
+    tags: dict[str, str] | None = None,
 ) -> Iterator[StageRun]:
     """Open the MLflow run of one stage; ``enabled=False`` (e.g. DDP rank > 0) opens nothing.
+    ``tags``: more tags beside the lineage every stage run carries.
 
     ``system_metrics`` (the training stages): MLflow samples CPU, memory, disk and GPU into
     ``system/*`` metrics while the run is open, if ``tracking.system_metrics`` is on."""
@@ -290,14 +292,15 @@ def stage_run(
         yield StageRun()
         return
     mlflow = open_experiment(cfg)
-    tags = {
+    lineage = {
         "git_commit": git_commit(),
         "dvc_stage": stage,
         "data_hash": data_hash(data_files),
         "pipeline_id": pipeline_id(),
     }
     with mlflow.start_run(
-        run_name=stage, tags=tags, log_system_metrics=system_metrics and cfg.system_metrics
+        run_name=stage, tags={**lineage, **(tags or {})},
+        log_system_metrics=system_metrics and cfg.system_metrics,
     ):
         flat = {k: ("" if v is None else str(v))[:500] for k, v in flatten(params).items()}
         items = list(flat.items())
@@ -311,18 +314,7 @@ def parent_run(
     params: Params, study_name: str, url: str, n_trials: int, data: Path
 ) -> Iterator[StageRun]:
     """The MLflow run of this invocation (this worker); trials nest under it."""
-    if not params.tracking.enabled:
-        yield StageRun()
-        return
-    mlflow = open_experiment(params.tracking)
-    tags = {
-        "git_commit": git_commit(),
-        "dvc_stage": "tune",
-        "pipeline_id": pipeline_id(),
-        "study": study_name,
-        "data_hash": data_hash([data / "train.json", data / "val.json"]),
-    }
-    with mlflow.start_run(run_name="tune", tags=tags):
-        logged = {**flatten({"tune": to_dict(params.tune)}), "storage": url, "n_trials": n_trials}
-        mlflow.log_params({k: str(v)[:500] for k, v in logged.items()})
-        yield StageRun(mlflow)
+    logged = {"tune": to_dict(params.tune), "storage": url, "n_trials": n_trials}
+    with stage_run(params.tracking, "tune", logged, [data / "train.json", data / "val.json"],
+                   tags={"study": study_name}) as run:
+        yield run

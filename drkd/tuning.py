@@ -493,6 +493,12 @@ def run_study(
             gate.release()
 
 
+def study_dir(out: Path, method: str) -> Path:
+    """Where the study of ``method`` writes: OUT for DRKD (the pipeline's own method), else
+    OUT/<method>."""
+    return out if method == "drkd" else out / method
+
+
 def tuned_method(params: Params, given: str) -> str:
     """The method a study tunes: ``given`` (--method), else tune.method, else distill.method."""
     method = given or params.tune.method or params.distill.method
@@ -508,7 +514,7 @@ def tune(params_file: str, method: str, data: Path, teacher_path: Path, storage:
     other than DRKD)."""
     params = load_params(params_file)
     method = tuned_method(params, method)
-    out = out if method == "drkd" else out / method
+    out = study_dir(out, method)
     if not teacher_path.is_file():
         raise UserError(f"{teacher_path}: teacher checkpoint not found (dvc repro train_teacher)")
     if not (data / "train.json").is_file():

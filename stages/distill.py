@@ -10,7 +10,6 @@ plus with ``--modules-out`` the training-only modules (DRKD's relation plots).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import cast
@@ -40,13 +39,8 @@ def distillation(cfg: DistillConfig, teacher: Path, modules_out: Path | None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/prepared")
+    parser = cli.training_arguments(__doc__)
     parser.add_argument("--teacher", required=True, help="teacher checkpoint to distil from")
-    parser.add_argument("--out", required=True, help="model checkpoint to write")
-    parser.add_argument("--history", required=True, help="loss history CSV to write")
-    parser.add_argument("--work-dir", required=True, help="resumable state (not a DVC out)")
     parser.add_argument("--modules-out", help="save the training-only modules (DRKD's relations)")
     args = parser.parse_args(argv)
     params = load_params(args.params)

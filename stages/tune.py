@@ -19,10 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from drkd import cli
-from drkd.config import method_names
+from drkd import cli, tuning
+from drkd.config import load_params, method_names
 from drkd.params_file import promote
-from drkd.tuning import DEFAULT_STORAGE, print_calibration, run_workers, tune
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--data", default="data/prepared")
     add("--teacher", default="models/teacher.pt")
     add("--storage", default="", help=f"Optuna RDB URL (default: tune.storage, else "
-        f"{DEFAULT_STORAGE})")
+        f"{tuning.DEFAULT_STORAGE})")
     add("--n-trials", type=int, default=0,
         help="finished trials in total over all workers (default: tune.n_trials)")
     add("--method", default="", choices=method_names("", tunable=True),
@@ -59,17 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error("--workers must be positive")
     if args.workers > 1 and not (args.promote or args.calibrate):
-        run_workers(["--params", args.params, "--data", args.data, "--teacher", args.teacher,
-                     "--storage", args.storage, "--n-trials", str(args.n_trials),
-                     "--method", args.method, "--out", args.out], args.workers)
+        tuning.run_workers(["--params", args.params, "--data", args.data, "--teacher",
+                            args.teacher, "--storage", args.storage, "--n-trials",
+                            str(args.n_trials), "--method", args.method, "--out", args.out],
+                           args.workers)
     elif args.calibrate:
-        print_calibration(args.params, args.method, Path(args.data), Path(args.teacher),
-                          args.calibrate)
+        tuning.print_calibration(args.params, args.method, Path(args.data),
+                                 Path(args.teacher), args.calibrate)
     elif args.promote:
-        promote(args.params, args.method, Path(args.out), args.row, args.apply)
+        method = tuning.tuned_method(load_params(args.params), args.method)
+        best = tuning.study_dir(Path(args.out), method) / "best_params.yaml"
+        promote(args.params, method, best, args.row, args.apply)
     else:
-        tune(args.params, args.method, Path(args.data), Path(args.teacher), args.storage,
-             args.n_trials, Path(args.out))
+        tuning.tune(args.params, args.method, Path(args.data), Path(args.teacher),
+                    args.storage, args.n_trials, Path(args.out))
     return 0
 
 

@@ -20,7 +20,7 @@ from drkd import checkpoint
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 120  # normally well under 60 s; generous for a busy 2-core box
+TIMEOUT_S = 120  # generous for a busy 2-core box
 
 
 def free_port() -> int:

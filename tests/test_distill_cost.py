@@ -6,12 +6,14 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from benchmarks import distill_cost
 from benchmarks.distill_cost import rounds, row_settings
 from drkd.config import merge
 
@@ -66,21 +68,45 @@ def test_an_unknown_method_is_one_error_line_before_any_work() -> None:
     assert done.stdout == ""
 
 
-def test_rounds_interleave_the_functions_after_the_warmup() -> None:
+class Clock:
+    """A stand-in for the benchmark's ``time``: only the timed functions move it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def clocked_functions(monkeypatch: pytest.MonkeyPatch, seconds: dict[str, float],
+                      calls: list[str]) -> dict[str, Callable[[], None]]:
+    """Functions that each take ``seconds[name]`` on the benchmark's clock and log their call."""
+    clock = Clock()
+    monkeypatch.setattr(distill_cost, "time", clock)
+
+    def call(name: str) -> None:
+        calls.append(name)
+        clock.now += seconds[name]
+
+    return {name: (lambda name=name: call(name)) for name in seconds}
+
+
+def test_rounds_interleave_the_functions_after_the_warmup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    fns = clocked_functions(monkeypatch, {"a": 1.0, "b": 2.0, "c": 4.0}, calls)
     times = rounds(fns, 4, torch.device("cpu"), warmup=2)
     assert calls == ["a", "b", "c"] * 6  # 2 warm-up rounds, then 4 timed ones, in turn
-    assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
-    assert all(t >= 0 for seconds in times.values() for t in seconds)
+    assert times == {"a": [1.0] * 4, "b": [2.0] * 4, "c": [4.0] * 4}  # each call's own time
 
 
-def test_settled_rounds_time_each_call_right_after_an_untimed_one_of_its_own() -> None:
+def test_settled_rounds_time_each_call_right_after_an_untimed_one_of_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    fns = clocked_functions(monkeypatch, {"a": 1.0, "b": 2.0}, calls)
     times = rounds(fns, 2, torch.device("cpu"), warmup=1, settle=1)
     assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
-    assert {name: len(t) for name, t in times.items()} == {"a": 2, "b": 2}
+    assert times == {"a": [1.0, 1.0], "b": [2.0, 2.0]}  # the untimed call is not counted
 
 
 @pytest.mark.slow  # a subprocess training 2 rows' distillers (smoke preset)

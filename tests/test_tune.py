@@ -265,9 +265,12 @@ def test_study_writes_best_params_trials_and_plots(
     assert [(list(line.get_xdata()), list(line.get_ydata())) for line in epochs.get_lines()] == [
         ([0, 1], [t.intermediate_values[0], t.intermediate_values[1]]) for t in done]
     importances = saved_figures["param_importances.png"].axes[0]
-    assert {t.get_text() for t in importances.get_yticklabels()} <= set(done[0].params)
-    assert saved_figures["parallel_coordinate.png"].axes[0].get_title() == (
-        "Parallel Coordinate Plot")
+    labels = {t.get_text() for t in importances.get_yticklabels()}
+    assert labels and labels <= set(done[0].params)
+    parallel = saved_figures["parallel_coordinate.png"].axes[0]
+    assert parallel.get_title() == "Parallel Coordinate Plot"
+    (lines,) = parallel.collections  # one polyline per trial
+    assert len(lines.get_segments()) == len(done)
     assert list((tmp_path / "tmp").iterdir()) == []  # deleted after each trial
     log = capsys.readouterr().out
     assert log.count("[tune] trial ") == 3 and "| best: trial" in log
