@@ -51,6 +51,7 @@ from torchvision.transforms.v2 import functional as F
 
 from benchmarks import cpu_model
 from benchmarks.distill_cost import positive_int, quartiles, resident_mib, rounds, timed, train_step
+from drkd import registry
 from drkd.config import (
     DistillConfig,
     ModelConfig,
@@ -141,7 +142,7 @@ def random_detector(cfg: ModelConfig, classes: int) -> torch.nn.Module:
     return model
 
 
-PEERS = ("mgd", "cwd", "pkd", "fgd")
+PEERS = tuple(m for m in registry.names() if m != "drkd")  # every other registered method
 ROWS = {"drkd_release": "drkd (paper preset, release)", "drkd": "drkd (params.yaml)",
         **{m: m for m in PEERS}}  # --methods name -> row
 

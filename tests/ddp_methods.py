@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import toy_model
+from drkd import registry
 from drkd.config import DistillConfig, InstanceRelationConfig, PixelRelationConfig
 from drkd.distiller import Distiller
 from drkd.models import build_detector
@@ -28,7 +29,7 @@ CONFIGS = {
     "drkd-release-ir": DistillConfig(
         release=True, reduction="norm", w_pr=0.0, w_ins=0.0, pixel=SMALL["pixel"],
         instance=InstanceRelationConfig(filter=False, **LEARNED)),  # type: ignore[arg-type]
-    **{m: DistillConfig(method=m) for m in ("pkd", "cwd", "mgd", "fgd", "mimic")},
+    **{m: DistillConfig(method=m) for m in registry.names() if m != "drkd"},  # every other one
 }
 
 

@@ -25,8 +25,16 @@ from drkd.registry import CwdConfig, FgdConfig, MgdConfig, PkdConfig
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
 PEERS = ("pkd", "cwd", "mgd", "fgd")
+# Each method's loss terms, written out: the independent check of what its module returns.
 TERMS = {"mimic": {"loss_mimic"}, "pkd": {"loss_pkd"}, "cwd": {"loss_cwd"}, "mgd": {"loss_mgd"},
          "fgd": {"loss_fgd_fg", "loss_fgd_bg", "loss_fgd_att", "loss_fgd_global"}}
+
+
+def test_the_tables_above_cover_every_registered_method() -> None:
+    """A newly registered method must be added here, so the per-method tests below run on it."""
+    from drkd import registry
+
+    assert {*PEERS, "mimic"} == set(TERMS) and set(registry.names()) == {*TERMS, "drkd"}
 
 
 def maps(channels: int, sizes: tuple[tuple[int, int], ...], batch: int = 2,

@@ -20,7 +20,7 @@ def test_every_method_steps_with_finite_losses_and_named_parts(tmp_path: Path) -
                              "--no-memory", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["retinanet"]["rows"]
     assert set(rows) == {"none", "drkd (paper preset, release)", "drkd (params.yaml)",
-                         "mgd", "cwd", "pkd", "fgd"}
+                         "mimic", "mgd", "cwd", "pkd", "fgd"}
     assert all(r["finite"] and r["s_per_step"] > 0 for r in rows.values())
     assert rows["none"]["vs_baseline"] == 1.0
     default = rows["drkd (params.yaml)"]["parts_ms"]
