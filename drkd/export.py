@@ -20,6 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from drkd.checkpoint import load_detector
+from drkd.config import UserError
+from drkd.data.coco import CocoDetection
+from drkd.data.transforms import eval_transforms
+from drkd.files import atomic_path, require_files
+
 OPSET = 17  # torchvision's detection export needs >= 11; 17 is what ONNX Runtime runs natively
 
 
@@ -57,3 +63,24 @@ def compare_onnx(model: nn.Module, path: Path, images: list[torch.Tensor]) -> di
             score_diff = max(score_diff, float(np.abs(scores - ref["scores"].numpy()).max()))
     return {"images": len(images), "detections": detections, "mismatched_images": mismatched,
             "max_box_diff_px": box_diff, "max_score_diff": score_diff}
+
+
+def export_checked(checkpoint: Path, data: Path, out: Path, check_images: int, box_tol: float,
+                   score_tol: float) -> dict[str, Any]:
+    """The detector of ``checkpoint`` as ONNX at ``out``, written only if ONNX Runtime agrees
+    with PyTorch on the first ``check_images`` validation images of ``data``: the same number
+    of detections and labels, boxes within ``box_tol`` pixels, scores within ``score_tol``
+    (else one UserError line, nothing written). Returns ``compare_onnx``'s report."""
+    require_files([data / "val.json"])
+    model, _ = load_detector(checkpoint)
+    val = CocoDetection(data / "val.json", eval_transforms())
+    count = min(check_images, len(val))
+    images = [val[i][0].as_subclass(torch.Tensor) for i in range(max(count, 1))]
+    with atomic_path(out) as tmp:
+        export_onnx(model, images[0], tmp)
+        report = compare_onnx(model, tmp, images[:count])
+        bad = (report["mismatched_images"] or report["max_box_diff_px"] > box_tol
+               or report["max_score_diff"] > score_tol)
+        if bad:  # nothing is written: the temporary file goes with the error
+            raise UserError(f"{out}: ONNX Runtime differs from PyTorch on {data}: {report}")
+    return report

@@ -16,15 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from drkd import cli
-from drkd.checkpoint import load_detector
-from drkd.config import UserError
-from drkd.data.coco import CocoDetection
-from drkd.data.transforms import eval_transforms
-from drkd.export import OPSET, compare_onnx, export_onnx
-from drkd.files import atomic_path, require_files
+from drkd.export import OPSET, export_checked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,19 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--box-tol", type=float, default=0.01, help="pixels")
     parser.add_argument("--score-tol", type=float, default=1e-4)
     args = parser.parse_args(argv)
-    require_files([args.data / "val.json"])
-    model, _ = load_detector(args.checkpoint)
-    val = CocoDetection(args.data / "val.json", eval_transforms())
-    count = min(args.check_images, len(val))
-    images = [val[i][0].as_subclass(torch.Tensor) for i in range(max(count, 1))]
-    with atomic_path(args.out) as tmp:
-        export_onnx(model, images[0], tmp)
-        report = compare_onnx(model, tmp, images[:count])
-        bad = (report["mismatched_images"] or report["max_box_diff_px"] > args.box_tol
-               or report["max_score_diff"] > args.score_tol)
-        if bad:  # nothing is written: the temporary file goes with the error
-            raise UserError(f"{args.out}: ONNX Runtime differs from PyTorch on {args.data}: "
-                            f"{report}")
+    report = export_checked(Path(args.checkpoint), args.data, args.out, args.check_images,
+                            args.box_tol, args.score_tol)
     print(f"{args.out}: ONNX opset {OPSET}; ONNX Runtime vs PyTorch on {report['images']} "
           f"validation images ({report['detections']} detections): same counts and labels, "
           f"boxes within {report['max_box_diff_px']:.2g} px, scores within "
