@@ -4,6 +4,7 @@ that detects, fake evaluation metrics and the figures the plotting code saves.""
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -174,3 +175,17 @@ def saved_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, Figure]:
     for module in (plots, relations_plot, leaderboard, tuning):
         monkeypatch.setattr(module, "save_figure", record)
     return figures
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def single_process_env() -> dict[str, str]:
+    """This environment without a parent torchrun's variables, on the CPU, one thread."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    return env

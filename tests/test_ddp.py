@@ -5,36 +5,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import toy_params, toy_teacher
+from conftest import free_port, single_process_env, toy_params, toy_teacher
 from drkd import checkpoint
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120  # generous for a busy 2-core box
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def single_process_env() -> dict[str, str]:
-    """This environment without a parent torchrun's variables, on the CPU, one thread."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    return env
 
 
 # `python -m stages.train ARGV` that exits with 3 right after epoch 0's checkpoint. A script of

@@ -337,7 +337,7 @@ def test_method_keys_cover_every_method_and_key() -> None:
 def test_every_method_under_ddp(tmp_path: Path) -> None:
     """2 gloo processes, DDP without find_unused_parameters, 2 steps per method (DRKD also
     with a term off): an unused parameter or a rank mismatch fails the second step."""
-    from test_ddp import free_port, single_process_env
+    from conftest import free_port, single_process_env
 
     env = {**single_process_env(), "PYTHONPATH": str(ROOT / "tests")}
 

@@ -5,7 +5,6 @@ giving the detections `stages.predict` writes for the same image."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import toy_model
+from conftest import free_port, toy_model
 from drkd.checkpoint import model_card, model_checkpoint, save_atomic
 from drkd.config import TrackingConfig
 from drkd.data.coco import CocoDetection
@@ -85,9 +84,7 @@ def test_loaded_by_uri_in_a_fresh_process(logged: dict[str, str], tmp_path: Path
 
 @pytest.mark.slow
 def test_served_by_mlflow_models_serve(logged: dict[str, str], tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen(
         [str(mlflow_cli), "models", "serve", "-m", "models:/toy-student@candidate",
