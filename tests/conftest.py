@@ -189,3 +189,17 @@ def single_process_env() -> dict[str, str]:
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     return env
+
+
+class Clock:
+    """A stand-in for a module's ``time`` (monkeypatched in): only ``advance`` moves it, so
+    timed code measures exactly what a test says each call takes."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

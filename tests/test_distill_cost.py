@@ -15,6 +15,7 @@ import yaml
 
 from benchmarks import distill_cost
 from benchmarks.distill_cost import rounds, row_settings
+from conftest import Clock
 from drkd.config import merge
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,16 +69,6 @@ def test_an_unknown_method_is_one_error_line_before_any_work() -> None:
     assert done.stdout == ""
 
 
-class Clock:
-    """A stand-in for the benchmark's ``time``: only the timed functions move it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-
 def clocked_functions(monkeypatch: pytest.MonkeyPatch, seconds: dict[str, float],
                       calls: list[str]) -> dict[str, Callable[[], None]]:
     """Functions that each take ``seconds[name]`` on the benchmark's clock and log their call."""
@@ -86,7 +77,7 @@ def clocked_functions(monkeypatch: pytest.MonkeyPatch, seconds: dict[str, float]
 
     def call(name: str) -> None:
         calls.append(name)
-        clock.now += seconds[name]
+        clock.advance(seconds[name])
 
     return {name: (lambda name=name: call(name)) for name in seconds}
 

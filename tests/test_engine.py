@@ -18,7 +18,7 @@ from torch.utils.data import Subset
 import conftest
 import drkd.recipe
 import stages.train
-from conftest import toy_model, toy_teacher, toy_train
+from conftest import Clock, toy_model, toy_teacher, toy_train
 from drkd import checkpoint, cli, engine
 from drkd.config import NonFiniteLoss
 from drkd.data.coco import CocoDetection
@@ -166,19 +166,6 @@ COST_COLUMNS = ("seconds", "peak_memory_mb")  # what a run cost: differs between
 
 def without_cost(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in row.items() if k not in COST_COLUMNS} for row in history]
-
-
-class Clock:
-    """A stand-in for the engine's ``time``: only ``advance`` moves it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_seconds_count_every_step_of_a_resumed_run_and_nothing_else(
