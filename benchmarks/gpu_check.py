@@ -3,8 +3,9 @@
     python -m benchmarks.gpu_check [--params params.yaml] [--steps 10]
 
 For two settings, the embedded default (the models, image size and batch of ``params``) and
-a COCO-like one (RetinaNet R50-FPN256 student, R101-FPN256 teacher, random weights, 800x1333
-inputs, batch 2 per GPU, the release's GloRe sizes), and for fp32, bf16 and fp16 autocast:
+the paper's RetinaNet preset (presets/paper_retinanet.yaml: R101-FPN256 teacher, R50-FPN256
+student, random weights, 800x1333 inputs, its batch per GPU and its DRKD settings, as
+benchmarks.paper_scale builds them), and for fp32, bf16 and fp16 autocast:
 student train steps/s, teacher backbone forwards/s, distill steps/s, whether every loss term
 stayed finite, and the peak memory of a distill step (``torch.cuda.max_memory_allocated``).
 Then the batched-vs-per-image instance-relation speed-up on CUDA, and a 2-step distillation
@@ -34,7 +35,7 @@ import yaml
 from benchmarks import paper_scale
 from benchmarks.distill_cost import relation_speed, timed, train_step
 from drkd.checkpoint import load_detector
-from drkd.config import ModelConfig, Params, PixelRelationConfig, load_params
+from drkd.config import DistillConfig, ModelConfig, Params, load_params
 from drkd.distiller import Distiller
 from drkd.models import build_detector
 
@@ -48,35 +49,28 @@ class Setting:
     name: str
     student: ModelConfig
     teacher: ModelConfig
+    distill: DistillConfig
     size: tuple[int, int]  # (H, W) of the input images
     batch_size: int
     num_classes: int
+    paper: bool = False  # random R101/R50 weights need paper_scale.random_detector
 
 
 def settings(params: Params, smoke: bool) -> list[Setting]:
     s, t = params.student.model, params.teacher.model
-    default = Setting(
-        "default", s, t, (s.max_size, s.max_size), params.student.train.batch_size, 9
-    )
-    coco_s = dataclasses.replace(
-        s, arch="retinanet", backbone="resnet50", fpn_channels=256, min_size=800,
-        max_size=1333, anchor_size=32, head_convs=4, norm="batch",
-    )
-    coco = Setting(
-        "coco-like R101->R50",
-        coco_s,
-        dataclasses.replace(coco_s, backbone="resnet101"),
-        (800, 1333),
-        2,
-        COCO_CLASSES,
-    )
+    default = Setting("default", s, t, params.distill, (s.max_size, s.max_size),
+                      params.student.train.batch_size, 9)
+    paper = paper_scale.paper_params("retinanet", smoke=False)
+    coco = Setting("paper RetinaNet R101->R50", paper.student.model, paper.teacher.model,
+                   paper.distill, (paper.student.model.min_size, paper.student.model.max_size),
+                   paper.student.train.batch_size, COCO_CLASSES, paper=True)
     if smoke:  # every code path, toy sizes
         # 64x160, not 64x64: no FPN map is 1x1 (P7 is 1x2). On a 1x1 map, CPU bf16 autocast's
         # conv backward (torch 2.14.1) now and then returns NaN weight gradients (P7's conv,
         # ~0.2% of calls on a busy CPU; fp32 and CUDA are not affected, and training on a
         # CPU runs in fp32), which would fail this smoke check at random.
         tiny = dataclasses.replace(s, fpn_channels=16, min_size=64, max_size=160)
-        return [Setting("smoke", tiny, tiny, (64, 160), 2, 9)]
+        return [Setting("smoke", tiny, tiny, params.distill, (64, 160), 2, 9)]
     return [default, coco]
 
 
@@ -105,16 +99,12 @@ def measure(
     """Steps/s of student step, teacher forward and distill step; the loss terms that went
     non-finite (the first of each step); peak MiB."""
     torch.manual_seed(0)
-    coco = setting.name.startswith("coco")
     # Random R101/R50 weights: residual branches at zero, or the teacher's maps reach ~1e4
     # (paper_scale.random_detector).
-    build = paper_scale.random_detector if coco else build_detector
+    build = paper_scale.random_detector if setting.paper else build_detector
     student = build(setting.student, setting.num_classes).to(device).train()
     teacher = build(setting.teacher, setting.num_classes).to(device).eval()
-    distill_cfg = params.distill
-    if coco:  # the release's GloRe sizes, made for 800 px inputs
-        distill_cfg = dataclasses.replace(distill_cfg, pixel=PixelRelationConfig())
-    distiller = Distiller(build(setting.student, setting.num_classes), teacher, distill_cfg
+    distiller = Distiller(build(setting.student, setting.num_classes), teacher, setting.distill
                           ).to(device)
     images, targets = detector_batch(setting, device)
     dtype = AMP[amp]

@@ -13,8 +13,8 @@ PyTorch eager and, with --onnx, in ONNX Runtime (CPU; its export takes one image
 batch 8 is 8 calls). Inputs are the validation images' size (params' `min_size`..`max_size`,
 random pixels: what costs time is the size, not the content; a trained checkpoint's detection
 count is what post-processing costs, so give trained checkpoints where they exist).
---paper adds the paper-scale pairs at 800x1333 with random weights: R101-FPN256 teacher,
-R50-FPN256 student, and an R18-FPN256 student for comparison.
+--paper adds the paper preset's detector for params' architecture (presets/paper_<arch>.yaml:
+FPN256 at 800x1333) with random weights and an R101, R50 and R18 backbone.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import cpu_model
+from benchmarks.paper_scale import paper_params
 from drkd.checkpoint import load_detector
 from drkd.config import ModelConfig, load_params
 from drkd.models import build_detector, count_parameters
@@ -118,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.manual_seed(0)
             models.append((f"{name} (random)", build_detector(cfg, 9), cfg))
     if args.paper:
-        paper = dataclasses.replace(params.teacher.model, fpn_channels=256, min_size=800,
-                                    max_size=1333, anchor_size=32, head_convs=4)
+        paper = paper_params(params.teacher.model.arch, smoke=False).teacher.model
         for backbone in ("resnet101", "resnet50", "resnet18"):
             cfg = dataclasses.replace(paper, backbone=backbone)
             torch.manual_seed(0)

@@ -133,7 +133,7 @@ def calibrate(params: Params, method: str, teacher: nn.Module, train: CocoDetect
     method_params = dataclasses.replace(params.distill, method=method)  # type: ignore[arg-type]
     history = fit(Distiller(student, teacher, method_params), train, cfg, seed=params.seed,
                   work_dir=work_dir, desc=f"calibrate {method}")
-    not_detection = {"step", "loss", *NOT_LOSSES, *registry.loss_terms()}
+    not_detection = {*NOT_LOSSES, *registry.loss_terms()}
     space = space_of(params, method)
     rows = []
     for term, dim in registry.METHODS[method].terms.items():

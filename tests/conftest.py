@@ -1,11 +1,12 @@
-"""Shared fixtures: a tiny prepared synthetic dataset, toy detector configs, a toy detector
-that detects, fake evaluation metrics and the figures the plotting code saves."""
+"""Shared fixtures and helpers: a tiny prepared synthetic dataset, toy detector configs, a toy
+detector that detects, toy distillers and FPN maps, the tuning tests' toy study, fake
+evaluation metrics and the figures the plotting code saves."""
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,15 +14,22 @@ import pytest
 import torch
 import yaml
 
+from drkd.checkpoint import model_checkpoint, save_atomic
 from drkd.config import (
     DataConfig,
+    DistillConfig,
+    InstanceRelationConfig,
     ModelConfig,
+    PixelRelationConfig,
     SyntheticConfig,
     TrainConfig,
     load_params,
     merge,
 )
+from drkd.data.coco import CocoDetection
 from drkd.data.prepare import prepare
+from drkd.distiller import Distiller
+from drkd.models import build_detector
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -122,10 +130,6 @@ def assert_kd_reaches_student_features_only(distiller: torch.nn.Module,
 def toy_teacher(data_dir: Path, path: Path, category_offset: int = 0) -> Path:
     """A random toy teacher checkpoint for ``data_dir``'s categories (ids shifted by the
     offset), as stages.train writes one."""
-    from drkd.checkpoint import model_checkpoint, save_atomic
-    from drkd.data.coco import CocoDetection
-    from drkd.models import build_detector
-
     data = CocoDetection(data_dir / "train.json")
     ids = [i + category_offset for i in data.category_ids]
     model = build_detector(toy_model(), data.num_classes)
@@ -203,3 +207,126 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+# -- toy distillers and their inputs (DRKD's and the peer methods' tests, the relation benchmark)
+
+# FPN map sizes of a 64 px batch, finest first.
+LEVEL_SIZES = {"retinanet": (8, 4, 2, 1, 1), "faster_rcnn": (16, 8, 4, 2, 1)}
+DRKD_EMBED, DRKD_HIDDEN = 32, 8
+# Raw GloRe outputs (the formulas the tests write out); standardised L_PR has its own test.
+SMALL_PIXEL = PixelRelationConfig(nodes=(4,) * 5, states=(8,) * 5, standardize=False)
+
+
+def drkd_config(target: str = "features", reduction: str = "mse", **kw: Any) -> DistillConfig:
+    """DRKD with small relation modules, every term at weight 1; ``instance`` and ``pixel``
+    override those sections, other keywords DistillConfig's fields."""
+    inst: dict[str, Any] = dict(embed_dim=DRKD_EMBED, filter_hidden=DRKD_HIDDEN, target=target,
+                                tau=1.0, topk=0, similarity="learned")  # the paper's
+    inst.update(kw.pop("instance", {}))
+    weights = {"w_pr": 1.0, "w_ir": 1.0, "w_ins": 1.0, "w_mimic": 1.0}  # terms unweighted
+    return DistillConfig(reduction=reduction, pixel=kw.pop("pixel", SMALL_PIXEL),
+                         instance=InstanceRelationConfig(**inst), **{**weights, **kw})
+
+
+def toy_distiller(cfg: DistillConfig, arch: str = "retinanet", c_s: int = 16,
+                  c_t: int = 24) -> Distiller:
+    """A Distiller between two random toy detectors with ``c_s`` / ``c_t`` FPN channels."""
+    student = build_detector(toy_model(arch, fpn_channels=c_s), 4)  # background + 3
+    teacher = build_detector(toy_model(arch, fpn_channels=c_t), 4)
+    return Distiller(student, teacher, cfg)
+
+
+def fpn_maps(channels: int, sizes: Sequence[int | tuple[int, int]], batch_size: int = 2,
+             seed: int = 0, mean: float = 0.0, std: float = 1.0) -> list[torch.Tensor]:
+    """Seeded normal maps, (batch_size, channels, h, w) per level; a size is h = w or (h, w)."""
+    g = torch.Generator().manual_seed(seed)
+    hws = [(s, s) if isinstance(s, int) else s for s in sizes]
+    return [torch.randn(batch_size, channels, h, w, generator=g) * std + mean for h, w in hws]
+
+
+def box_targets(*boxes: list[list[float]]) -> list[dict[str, torch.Tensor]]:
+    return [{"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
+             "labels": torch.ones(len(b), dtype=torch.int64)} for b in boxes]
+
+
+SMALL_DRKD = dict(pixel=PixelRelationConfig(nodes=(4,) * 5, states=(8,) * 5),
+                  instance=InstanceRelationConfig(embed_dim=32, filter_hidden=8))
+
+
+def write_relation_models(data: Path, out: Path, **distill: Any) -> dict[str, Path]:
+    """teacher.pt (24-channel FPN), student_drkd.pt (16) and the modules of a toy Distiller."""
+    dataset = CocoDetection(data / "train.json")
+    paths = {}
+    models = {}
+    for name, channels in (("teacher", 24), ("student_drkd", 16)):
+        cfg = toy_model(fpn_channels=channels)
+        models[name] = build_detector(cfg, dataset.num_classes)
+        paths[name] = out / f"{name}.pt"
+        save_atomic(model_checkpoint(models[name], cfg, dataset.category_ids,
+                                     dataset.category_names), paths[name])
+    distiller = Distiller(models["student_drkd"], models["teacher"],
+                          DistillConfig(**SMALL_DRKD, **distill))  # type: ignore[arg-type]
+    paths["modules"] = out / "drkd_modules.pt"
+    save_atomic(distiller.modules_checkpoint(), paths["modules"])
+    return paths
+
+
+# -- the tuning tests' toy study (tests/test_tune.py, tests/test_postgres.py)
+
+_TUNE_MODEL = {"fpn_channels": 16, "min_size": 64, "max_size": 64}
+_TUNE_TRAIN = {"batch_size": 4, "warmup_steps": 2, "num_workers": 0, "log_every": 1, "amp": "off"}
+TUNE_PARAMS: dict[str, Any] = {
+    "seed": 0,
+    "teacher": {"model": _TUNE_MODEL, "train": _TUNE_TRAIN},
+    "student": {"model": _TUNE_MODEL, "train": _TUNE_TRAIN},
+    "distill": {  # tiny relation modules: a trial takes about a second
+        "w_pr": 1e-3,
+        "w_ir": 1e-2,
+        "w_ins": 1e-2,
+        "pixel": {"nodes": [4] * 5, "states": [8] * 5},
+        "instance": {"embed_dim": 16, "filter_hidden": 8, "tau": 1.0, "topk": 0},
+    },
+    "tune": {
+        "study_name": "toy",
+        "n_trials": 3,
+        "pruner": "none",
+        "epochs": 1,
+        "space": {
+            "w_pr": [1e-4, 1e-2],
+            "w_ir": [1e-3, 1e-1],
+            "w_ins": [1e-3],
+            "tau": [0.5, 2.0],
+            "topk": [0, 2],
+            "filter_hidden": [8, 16],
+            "filter": [True, False],
+            "target": ["matrix", "features", "both"],
+            "lr": [],
+        },
+    },
+    "evaluate": {"batch_size": 4},
+    "tracking": {"enabled": False},
+}
+
+
+def tune_args(params: Path, data: Path, teacher: Path, folder: Path, *extra: str) -> list[str]:
+    return [
+        "--params", str(params), "--data", str(data), "--teacher", str(teacher),
+        "--storage", f"sqlite:///{folder / 'optuna.db'}", "--out", str(folder / "tuning"), *extra,
+    ]  # fmt: skip
+
+
+def dvc_stages(dvc_yaml: Path) -> dict[str, dict[str, Any]]:
+    """dvc.yaml's stages by the name DVC gives them (``evaluate@teacher`` for ``foreach``),
+    with ``${item}`` filled in; YAML anchors (``*train_deps``) are resolved by the loader.
+    A ``matrix`` stage counts once: its code deps do not depend on the item."""
+    stages: dict[str, dict[str, Any]] = {}
+    for name, stage in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
+        if "foreach" not in stage:
+            stages[name] = stage
+            continue
+        assert isinstance(stage["foreach"], list), f"{name}: only a list foreach is handled"
+        for item in stage["foreach"]:
+            text = yaml.safe_dump(stage["do"]).replace("${item}", str(item))
+            stages[f"{name}@{item}"] = yaml.safe_load(text)
+    return stages

@@ -7,18 +7,27 @@ import copy
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from conftest import assert_kd_reaches_student_features_only, toy_model
+from conftest import (
+    DRKD_EMBED,
+    DRKD_HIDDEN,
+    LEVEL_SIZES,
+    SMALL_PIXEL,
+    assert_kd_reaches_student_features_only,
+    box_targets,
+    drkd_config,
+    fpn_maps,
+    toy_distiller,
+    toy_model,
+)
 from drkd.config import (
     DistillConfig,
-    InstanceRelationConfig,
-    PixelRelationConfig,
     UserError,
     from_dict,
     merge,
@@ -42,30 +51,9 @@ from drkd.taps import capture
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4  # background + 3
-EMBED, HIDDEN = 32, 8
-# Raw GloRe outputs (the formulas these tests write out); standardised L_PR has its own test.
-SMALL_PIXEL = PixelRelationConfig(nodes=(4,) * 5, states=(8,) * 5, standardize=False)
 DRKD_LISTS = ("glore_s", "glore_t", "pixel_adapters", "instance_adapters", "relation_s",
               "relation_t", "filters")
-# FPN map sizes of a 64 px batch, finest first.
-LEVEL_SIZES = {"retinanet": (8, 4, 2, 1, 1), "faster_rcnn": (16, 8, 4, 2, 1)}
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
-
-
-def config(target: str = "features", reduction: str = "mse", **kw: Any) -> DistillConfig:
-    inst: dict[str, Any] = dict(embed_dim=EMBED, filter_hidden=HIDDEN, target=target, tau=1.0,
-                                topk=0, similarity="learned")  # the paper's; cosine: asked for
-    inst.update(kw.pop("instance", {}))
-    weights = {"w_pr": 1.0, "w_ir": 1.0, "w_ins": 1.0, "w_mimic": 1.0}  # terms unweighted
-    return DistillConfig(reduction=reduction, pixel=kw.pop("pixel", SMALL_PIXEL),
-                         instance=InstanceRelationConfig(**inst), **{**weights, **kw})
-
-
-def distiller(arch: str = "retinanet", c_s: int = 16, c_t: int = 24,
-              cfg: DistillConfig | None = None) -> Distiller:
-    student = build_detector(toy_model(arch, fpn_channels=c_s), NUM_CLASSES)
-    teacher = build_detector(toy_model(arch, fpn_channels=c_t), NUM_CLASSES)
-    return Distiller(student, teacher, cfg or config())
 
 
 def batch(counts: tuple[int, ...] = (0, 1, 4)) -> Batch:
@@ -79,17 +67,6 @@ def batch(counts: tuple[int, ...] = (0, 1, 4)) -> Batch:
         targets.append({"boxes": torch.cat([xy, xy + wh], 1),
                         "labels": torch.randint(1, NUM_CLASSES, (n,), generator=g)})
     return images, targets
-
-
-def fpn_maps(channels: int, sizes: tuple[int, ...], batch_size: int = 2,
-             seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch_size, channels, s, s, generator=g) for s in sizes]
-
-
-def box_targets(*boxes: list[list[float]]) -> list[dict[str, torch.Tensor]]:
-    return [{"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
-             "labels": torch.ones(len(b), dtype=torch.int64)} for b in boxes]
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -118,7 +95,7 @@ def identity_adapters(d: Distiller) -> None:
 
 @pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
 def test_forward_on_both_detectors(arch: str) -> None:
-    d = distiller(arch)
+    d = toy_distiller(drkd_config(), arch)
     assert len(d.method.glore_s) == len(d.method.glore_t) == len(d.method.pixel_adapters) == 5
     assert len(d.method.instance_adapters) == len(d.method.relation_s) == len(d.method.filters) == 2
     for adapter in [*d.method.pixel_adapters, *d.method.instance_adapters]:
@@ -197,7 +174,7 @@ def test_glore_equals_the_papers_convolution_form(training: bool) -> None:
 
 @pytest.mark.parametrize("target", ["features", "matrix", "both"])
 def test_zero_or_one_instance_is_exactly_zero(target: str) -> None:
-    d = distiller(cfg=config(target))
+    d = toy_distiller(drkd_config(target))
     d.train()
     # Small: the terms are unweighted here, and a diverged student would hide a NaN source.
     optimizer = torch.optim.SGD(trainable(d), lr=1e-5)
@@ -226,7 +203,7 @@ def test_zero_or_one_instance_is_exactly_zero(target: str) -> None:
 @pytest.mark.parametrize("reduction", ["norm", "mse"])
 @pytest.mark.parametrize("train", [False, True])  # eval: BN running stats; train: batch stats
 def test_identical_features_give_zero_loss(reduction: str, train: bool) -> None:
-    d = distiller(c_s=16, c_t=16, cfg=config("both", reduction))
+    d = toy_distiller(drkd_config("both", reduction), c_s=16, c_t=16)
     identity_adapters(d)
     d.train(train)
     maps = fpn_maps(16, LEVEL_SIZES["retinanet"])
@@ -253,7 +230,7 @@ def test_identical_features_give_zero_loss(reduction: str, train: bool) -> None:
 
 
 def test_gradients_reach_student_and_modules_never_teacher() -> None:
-    d = distiller(cfg=config("both"))
+    d = toy_distiller(drkd_config("both"))
     d.train()
     assert d.student.training and not d.teacher.training
     assert not any(m.training for m in d.teacher.modules())
@@ -299,11 +276,11 @@ def reference_relation(block: InstanceRelation, filt: RelationFilter | None, e: 
     0.5 + sigmoid(query . key / sqrt(h)) of the standardised features; without ``self_pairs``
     the diagonal is no pair and a row without any pair is 0."""
     n = len(e)
-    logits = block.theta(e) @ block.phi(e).T / math.sqrt(EMBED)
+    logits = block.theta(e) @ block.phi(e).T / math.sqrt(DRKD_EMBED)
     strength = torch.exp(logits / tau)  # a relation's softmax numerator
     if filt is not None:
         x = standardise(e)
-        scores = filt.query(x) @ filt.key(x).T / math.sqrt(HIDDEN)
+        scores = filt.query(x) @ filt.key(x).T / math.sqrt(DRKD_HIDDEN)
         strength = strength * (0.5 + torch.sigmoid(scores))
     keep = torch.ones(n, n, dtype=torch.bool)
     if not self_pairs:
@@ -338,7 +315,7 @@ def test_pad_instances_keeps_order_and_masks() -> None:
 def test_batched_relations_equal_per_image_reference(topk: int, use_filter: bool,
                                                      self_pairs: bool) -> None:
     dim = 12
-    block, filt = InstanceRelation(dim, EMBED), RelationFilter(dim, HIDDEN)
+    block, filt = InstanceRelation(dim, DRKD_EMBED), RelationFilter(dim, DRKD_HIDDEN)
     with torch.no_grad():
         nn.init.normal_(block.out.weight)  # W starts at 0; make refine non-trivial
     feats = instance_features(dim=dim)
@@ -386,7 +363,7 @@ def test_filter_weights_raise_a_relation_whatever_its_logit_sign() -> None:
 def test_both_sides_relate_over_the_teachers_top_k() -> None:
     """With top-k, R_s spreads over the teacher's k strongest partners, not its own: a partner
     the teacher keeps and the student does not must still pull the student (a gradient)."""
-    d = distiller(cfg=config(target="matrix", instance={"similarity": "cosine", "tau": 0.1,
+    d = toy_distiller(drkd_config(target="matrix", instance={"similarity": "cosine", "tau": 0.1,
                                                         "topk": 2, "filter": False}))
     dim = 24 * 9  # the teacher's width times RoIAlign's 3x3
 
@@ -413,7 +390,7 @@ def test_relation_loss_batched_equals_per_image(matrix: bool, self_pairs: bool) 
     feats_s, feats_t = torch.randn(9, 12, generator=g), torch.randn(9, 12, generator=g)
     e_s, mask = pad_instances(feats_s, IMAGE_INDEX, 4)
     e_t, _ = pad_instances(feats_t, IMAGE_INDEX, 4)
-    block = InstanceRelation(12, EMBED)
+    block = InstanceRelation(12, DRKD_EMBED)
     with torch.no_grad():
         if matrix:
             s = relation_matrix(block.affinity(e_s), mask, 1.0, self_pairs=self_pairs)
@@ -448,7 +425,7 @@ def test_relation_loss_batched_equals_per_image(matrix: bool, self_pairs: bool) 
 
 
 def test_filter_weights_bounded_zero_on_invalid() -> None:
-    filt = RelationFilter(12, HIDDEN)
+    filt = RelationFilter(12, DRKD_HIDDEN)
     e, mask = pad_instances(instance_features(), IMAGE_INDEX, 4)
     w = filt(e, mask)
     assert w.shape == (4, 5, 5) and torch.isfinite(w).all()
@@ -465,7 +442,7 @@ def test_filter_weights_bounded_zero_on_invalid() -> None:
 
 
 def test_filter_changes_relations() -> None:
-    block, filt = InstanceRelation(12, EMBED), RelationFilter(12, HIDDEN)
+    block, filt = InstanceRelation(12, DRKD_EMBED), RelationFilter(12, DRKD_HIDDEN)
     e, mask = pad_instances(instance_features(), IMAGE_INDEX, 4)
     logits = block.affinity(e)
     with_filter = relation_matrix(logits, mask, 1.0, 0, filt(e, mask))
@@ -503,7 +480,7 @@ def test_filter_does_not_start_saturated_on_large_features() -> None:
     """A teacher's raw instance features have norms in the tens; the filter's loss at
     initialisation stays near log 2 (unsaturated scores) whatever their scale."""
     torch.manual_seed(0)
-    filt = RelationFilter(12, HIDDEN)
+    filt = RelationFilter(12, DRKD_HIDDEN)
     labels = torch.tensor([1, 2, 1, 3, 1, 2, 2, 1, 3])
     padded, mask = pad_instances(labels[:, None].float(), IMAGE_INDEX, 4)
     for scale in (1.0, 30.0, 300.0):
@@ -517,7 +494,7 @@ def test_filter_is_trained_by_its_own_loss_never_by_the_relation_loss(target: st
     """The filter is saved with the modules; L_IR gives it no gradient (its weights are a
     constant to L_IR), loss_filter gives it one and reaches nothing else; a few steps of it
     separate same-class pairs from the others."""
-    d = distiller(cfg=config(target))
+    d = toy_distiller(drkd_config(target))
     keys = [k for k in d.state_dict() if k.startswith("method.filters.")]
     assert {k.split(".", 3)[3] for k in keys} == {"query.weight", "query.bias", "key.weight",
                                                    "key.bias"}
@@ -622,7 +599,7 @@ def test_relation_loss_has_no_trivial_solution(name: str, cfg: DistillConfig,
     its own partner (the release's block keeps self-pairs). Pair labels either mixed or all
     different (the filter then lowers every weight: it still cannot flatten the rows)."""
     cfg = replace(cfg, w_pr=0.0, w_ins=0.0)  # the relation path alone
-    d = distiller(c_s=24, c_t=24, cfg=cfg)
+    d = toy_distiller(cfg, c_s=24, c_t=24)
     d.method.relation_s.requires_grad_(False)
     if labels == "mixed":
         pair_labels = torch.tensor([[1, 1, 2, 2, 3, 1]] * 4)
@@ -650,13 +627,13 @@ def test_anchored_target_cannot_collapse_but_a_drifting_one_does() -> None:
     control: with them trainable the target follows the student and L_IR vanishes, so the
     check above can fail."""
     labels = torch.tensor([[1, 1, 2, 2, 3, 1]] * 4)
-    d = distiller(c_s=24, c_t=24, cfg=config("matrix"))
+    d = toy_distiller(drkd_config("matrix"), c_s=24, c_t=24)
     d.method.relation_s.requires_grad_(False)
     frozen = snapshot(d.method.relation_t)
     history, _ = fit_relation_modules(d, 150, labels)
     assert not changed(frozen, d.method.relation_t)
     assert min(history) > 0.5 * history[0], (history[0], min(history))
-    control = distiller(c_s=24, c_t=24, cfg=config("matrix"))
+    control = toy_distiller(drkd_config("matrix"), c_s=24, c_t=24)
     control.method.relation_s.requires_grad_(False)
     control.method.relation_t.requires_grad_(True)
     unanchored, _ = fit_relation_modules(control, 150, labels)
@@ -677,7 +654,7 @@ def test_hooks_removed_after_exception(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("inside")
     assert no_hooks(detector)
 
-    d = distiller()
+    d = toy_distiller(drkd_config())
     d.train()
     images, targets = batch((1, 2))
     bad = [dict(t, labels=t["labels"].float()) for t in targets]  # labels must be int64
@@ -705,14 +682,14 @@ def test_incompatible_teacher_refused() -> None:
     for overrides, word in (({"min_size": 48}, "min_size"), ({"max_size": 96}, "max_size")):
         teacher = build_detector(toy_model(**overrides), NUM_CLASSES)
         with pytest.raises(ValueError, match=word):
-            Distiller(student, teacher, config())
+            Distiller(student, teacher, drkd_config())
     teacher = build_detector(toy_model(), NUM_CLASSES)
     teacher.transform.image_mean = [0.5, 0.5, 0.5]
     with pytest.raises(ValueError, match="image_mean"):
-        Distiller(student, teacher, config())
+        Distiller(student, teacher, drkd_config())
     teacher = build_detector(toy_model("faster_rcnn"), NUM_CLASSES)
     with pytest.raises(ValueError, match="pyramids differ"):
-        Distiller(student, teacher, config())
+        Distiller(student, teacher, drkd_config())
 
 
 def test_init_student_starts_neck_and_head_from_the_teacher_and_keeps_the_body() -> None:
@@ -722,7 +699,7 @@ def test_init_student_starts_neck_and_head_from_the_teacher_and_keeps_the_body()
     torch.manual_seed(1)
     student = build_detector(toy_model(), NUM_CLASSES)
     own = {k: v.clone() for k, v in student.state_dict().items()}
-    Distiller(student, teacher, config(method="mgd", init_student=True))
+    Distiller(student, teacher, drkd_config(method="mgd", init_student=True))
     t_state, s_state = teacher.state_dict(), student.state_dict()
     body = [k for k in s_state if k.startswith("backbone.body.")]
     rest = [k for k in s_state if not k.startswith("backbone.body.")]
@@ -739,7 +716,7 @@ def test_init_student_refuses_another_neck_in_one_line() -> None:
     own = {k: v.clone() for k, v in student.state_dict().items()}
     with pytest.raises(UserError, match=r"^distill.init_student: the teacher's backbone\.fpn\."
                        r"\S+ is \(24,.*the student's \(16,") as error:
-        Distiller(student, teacher, config(method="mgd", init_student=True))
+        Distiller(student, teacher, drkd_config(method="mgd", init_student=True))
     assert "\n" not in str(error.value)
     assert all(torch.equal(v, own[k]) for k, v in student.state_dict().items())  # untouched
 
@@ -748,7 +725,7 @@ def test_init_student_refuses_another_neck_in_one_line() -> None:
 
 
 def test_exported_student_is_plain_detector() -> None:
-    d = distiller()
+    d = toy_distiller(drkd_config())
     d.train()
     optimizer = torch.optim.SGD(trainable(d), lr=0.1)
     sum(d(*batch()).values()).backward()
@@ -780,29 +757,29 @@ def distill_keys(d: Distiller) -> set[str]:
 
 
 def test_switching_terms_off() -> None:
-    d = distiller(cfg=config(w_pr=0.0))
+    d = toy_distiller(drkd_config(w_pr=0.0))
     assert built(d) == {"instance_adapters", "relation_s", "relation_t", "filters"}
     assert distill_keys(d) == {"loss_ir", "loss_ins", "loss_filter"}
-    d = distiller(cfg=config(w_ir=0.0))
+    d = toy_distiller(drkd_config(w_ir=0.0))
     assert built(d) == {"glore_s", "glore_t", "pixel_adapters", "instance_adapters"}
     assert distill_keys(d) == {"loss_pr", "loss_ins"}
-    d = distiller(cfg=config(w_ir=0.0, w_ins=0.0))
+    d = toy_distiller(drkd_config(w_ir=0.0, w_ins=0.0))
     assert built(d) == {"glore_s", "glore_t", "pixel_adapters"}
     assert distill_keys(d) == {"loss_pr"}
-    d = distiller(cfg=config(instance={"filter": False}))
+    d = toy_distiller(drkd_config(instance={"filter": False}))
     assert "filters" not in built(d) and "relation_s" in built(d)
     assert "loss_filter" not in distill_keys(d)
     # The release's L_IR alone (presets/paper_retinanet.yaml) relates unadapted features: no
     # instance adapter, which would get no gradient (DDP without find_unused_parameters stops).
-    d = distiller(cfg=config(release=True, w_pr=0.0, w_ins=0.0, instance={"filter": False}))
+    d = toy_distiller(drkd_config(release=True, w_pr=0.0, w_ins=0.0, instance={"filter": False}))
     assert built(d) == {"relation_s", "relation_t"} and len(d.method.ir_adapters) == 2
     d.train()
     sum(d(*batch()).values()).backward()
     assert [n for n, p in d.method.named_parameters() if p.requires_grad and p.grad is None] == []
-    d = distiller(cfg=config(method="mimic"))
+    d = toy_distiller(drkd_config(method="mimic"))
     assert built(d) == {"mimic_adapters"} and len(d.method.adapters) == 5
     assert distill_keys(d) == {"loss_mimic"}
-    d = distiller(cfg=config(method="none"))
+    d = toy_distiller(drkd_config(method="none"))
     assert built(d) == set() and distill_keys(d) == set()
     d.train()
     images, targets = batch()
@@ -813,7 +790,7 @@ def test_cosine_similarity_is_parameter_free_and_zero_on_identical_features() ->
     """similarity: cosine builds no theta/phi on either side; with identical features and
     identity adapters the two relation matrices agree from the first step (no embedding to
     align, unlike the learned affinity)."""
-    d = distiller(c_s=16, c_t=16, cfg=config("matrix", instance={"similarity": "cosine"}))
+    d = toy_distiller(drkd_config("matrix", instance={"similarity": "cosine"}), c_s=16, c_t=16)
     assert not any(hasattr(b, "theta") or hasattr(b, "phi")
                    for b in [*d.method.relation_s, *d.method.relation_t])
     identity_adapters(d)
@@ -833,8 +810,8 @@ def test_cosine_similarity_is_parameter_free_and_zero_on_identical_features() ->
 def test_frozen_teacher_glore_keeps_its_weights() -> None:
     """pixel.freeze_teacher: the teacher's GloRe units get no gradient and do not move in
     training, while the student's do."""
-    d = distiller(cfg=config(w_ir=0.0, w_ins=0.0, release=True,
-                             pixel=replace(SMALL_PIXEL, freeze_teacher=True)))
+    d = toy_distiller(drkd_config(w_ir=0.0, w_ins=0.0, release=True,
+                                  pixel=replace(SMALL_PIXEL, freeze_teacher=True)))
     assert not trainable(d.method.glore_t) and trainable(d.method.glore_s)
     before_t, before_s = snapshot(d.method.glore_t), snapshot(d.method.glore_s)
     d.train()
@@ -851,8 +828,8 @@ def test_frozen_teacher_glore_keeps_its_weights() -> None:
 def test_standardized_pixel_loss_equals_its_formula() -> None:
     """pixel.standardize: per level, MSE between the two sides' GloRe outputs, each channel
     standardised over the batch's pixels (mean 0, unbiased std 1), written out here."""
-    d = distiller(c_s=8, c_t=12, cfg=config(w_ir=0.0, w_ins=0.0,
-                                            pixel=replace(SMALL_PIXEL, standardize=True)))
+    cfg = drkd_config(w_ir=0.0, w_ins=0.0, pixel=replace(SMALL_PIXEL, standardize=True))
+    d = toy_distiller(cfg, c_s=8, c_t=12)
     d.eval()
     sizes = (8, 4, 2, 1, 1)
     s_maps, t_maps = fpn_maps(8, sizes, 3, seed=2), fpn_maps(12, sizes, 3, seed=3)
@@ -881,9 +858,9 @@ def test_release_compares_raw_glore_outputs_even_with_standardize_on() -> None:
 
     def loss_pr(release: bool, standardize: bool) -> float:
         torch.manual_seed(0)
-        d = distiller(c_s=16, c_t=16, cfg=config(w_ir=0.0, w_ins=0.0, release=release,
-                                                 pixel=replace(SMALL_PIXEL,
-                                                               standardize=standardize)))
+        pixel = replace(SMALL_PIXEL, standardize=standardize)
+        cfg = drkd_config(w_ir=0.0, w_ins=0.0, release=release, pixel=pixel)
+        d = toy_distiller(cfg, c_s=16, c_t=16)
         with torch.no_grad():
             return d.method(maps_s, maps_t, box_targets([], []), (64, 64))["loss_pr"].item()
 
@@ -913,7 +890,7 @@ def test_glore_drift_is_zero_for_a_fresh_unit_and_its_formula_otherwise() -> Non
 
 
 def test_matrix_target_builds_no_unused_parameters() -> None:
-    d = distiller("faster_rcnn", cfg=config("matrix"))
+    d = toy_distiller(drkd_config("matrix"), "faster_rcnn")
     for block in [*d.method.relation_s, *d.method.relation_t]:
         assert not hasattr(block, "g") and not hasattr(block, "out")
     d.train()
@@ -1095,10 +1072,9 @@ def test_losses_equal_an_independent_computation(reduction: str, target: str, to
     """Each DRKD term against the formulas written out per image (reference_drkd): GloRe from
     its weights, torchvision's roi_align on the whole student map (the implementation adapts
     the pooled patches instead), relations, filter, top-k and both reductions."""
-    d = distiller(c_s=8, c_t=12, cfg=config(target, reduction, w_pr=0.5, w_ir=2.0, w_ins=3.0,
-                                            instance={"tau": 0.5, "topk": topk,
-                                                      "similarity": similarity},
-                                            release=release))
+    cfg = drkd_config(target, reduction, w_pr=0.5, w_ir=2.0, w_ins=3.0, release=release,
+                      instance={"tau": 0.5, "topk": topk, "similarity": similarity})
+    d = toy_distiller(cfg, c_s=8, c_t=12)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # every parameter non-trivial (W, BN weight would start at zero)
         for p in d.method.parameters():
@@ -1126,7 +1102,7 @@ def test_losses_equal_an_independent_computation(reduction: str, target: str, to
 def test_instance_boxes_stay_fp32_under_bf16_autocast() -> None:
     """Boxes rounded to bf16 move by pixels at COCO sizes (1210.6 -> 1208): pooled features
     under bf16 autocast must equal fp32 pooling of the same map with the exact boxes."""
-    d = distiller(c_s=8, c_t=8, cfg=config(w_pr=0.0, w_ir=0.0))
+    d = toy_distiller(drkd_config(w_pr=0.0, w_ir=0.0), c_s=8, c_t=8)
     method = d.method
     size = 1600
     ramp = torch.arange(size // 8, dtype=torch.float32)
@@ -1146,7 +1122,7 @@ def test_instance_boxes_stay_fp32_under_bf16_autocast() -> None:
 def test_batch_one_distills_where_p7_is_one_pixel(standardize: bool) -> None:
     """GloRe's BatchNorm sees B*H*W = 1 pixel on P7 with batch 1: it must not raise; the
     standardised L_PR (one value per channel there) must stay finite."""
-    d = distiller(cfg=config(pixel=replace(SMALL_PIXEL, standardize=standardize)))
+    d = toy_distiller(drkd_config(pixel=replace(SMALL_PIXEL, standardize=standardize)))
     d.train()
     images, targets = batch((3,))
     losses = d(images, targets)
@@ -1173,7 +1149,7 @@ def test_glore_does_not_overflow_under_fp16() -> None:
 
 
 def test_release_switch_builds_the_release_modules() -> None:
-    d = distiller(c_s=8, c_t=12, cfg=config("features", "norm", release=True))
+    d = toy_distiller(drkd_config("features", "norm", release=True), c_s=8, c_t=12)
     m = d.method
     assert all(g.norm.eps == 1e-4 and torch.all(g.norm.weight == 1) and not g.normalize
                for g in [*m.glore_s, *m.glore_t])
@@ -1182,14 +1158,14 @@ def test_release_switch_builds_the_release_modules() -> None:
     assert m.relation_t[0].theta.weight.requires_grad  # the release trains the teacher side
     assert m.relation_s[0].out.weight.abs().sum() > 0  # W not zero-initialised
     assert len(m.ir_adapters) == 2 and m.ir_adapters[0].in_features == 72
-    ours = distiller(c_s=8, c_t=12, cfg=config("features", "norm")).method
+    ours = toy_distiller(drkd_config("features", "norm"), c_s=8, c_t=12).method
     assert len(ours.ir_adapters) == 0 and ours.glore_s[0].normalize
 
 
 def test_distils_under_cpu_bf16_autocast() -> None:
     """What CUDA bf16 autocast does on a GPU, on CPU: every term finite, gradients reach the
     student and the DRKD modules."""
-    d = distiller(cfg=config("both"))
+    d = toy_distiller(drkd_config("both"))
     d.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = d(*batch((0, 2, 4)))

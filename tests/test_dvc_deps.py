@@ -24,10 +24,10 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
+
+from conftest import dvc_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,22 +101,6 @@ def import_closure(module: str, root: Path) -> set[Path]:
             seen.add(file)
             todo.extend(imported_files(file, root) - seen)
     return seen
-
-
-def dvc_stages(dvc_yaml: Path) -> dict[str, dict[str, Any]]:
-    """dvc.yaml's stages by the name DVC gives them (``evaluate@teacher`` for ``foreach``),
-    with ``${item}`` filled in; YAML anchors (``*train_deps``) are resolved by the loader.
-    A ``matrix`` stage counts once: its code deps do not depend on the item."""
-    stages: dict[str, dict[str, Any]] = {}
-    for name, stage in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
-        if "foreach" not in stage:
-            stages[name] = stage
-            continue
-        assert isinstance(stage["foreach"], list), f"{name}: only a list foreach is handled"
-        for item in stage["foreach"]:
-            text = yaml.safe_dump(stage["do"]).replace("${item}", str(item))
-            stages[f"{name}@{item}"] = yaml.safe_load(text)
-    return stages
 
 
 def stage_module(cmd: str) -> str:

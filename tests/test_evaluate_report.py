@@ -12,10 +12,16 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from test_dvc_deps import ROOT, dvc_stages
-from test_relations_plot import write_models
 
-from conftest import STAT_KEYS, detecting, fake_metrics, toy_model, toy_params
+from conftest import (
+    STAT_KEYS,
+    detecting,
+    dvc_stages,
+    fake_metrics,
+    toy_model,
+    toy_params,
+    write_relation_models,
+)
 from drkd import cli, plots
 from drkd import report as rep
 from drkd.checkpoint import load_detector, model_checkpoint, save_atomic
@@ -24,6 +30,8 @@ from drkd.data.transforms import eval_transforms
 from drkd.evaluation import coco_metrics, predict
 from drkd.models import build_detector, count_parameters
 from stages import evaluate, report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 KEYS = STAT_KEYS
 
@@ -310,7 +318,7 @@ def test_dvc_metrics_files_hold_only_headline_numbers(evaluated: Path) -> None:
 def relation_models(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """teacher.pt, student_drkd.pt and the DRKD modules of a toy Distiller."""
     torch.manual_seed(0)
-    return write_models(tiny_data, tmp_path_factory.mktemp("relation_models"))
+    return write_relation_models(tiny_data, tmp_path_factory.mktemp("relation_models"))
 
 
 def test_report_three_models_gain_table_and_relation_plots(

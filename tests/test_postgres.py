@@ -20,9 +20,8 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
-from test_tune import PARAMS, args
 
-from conftest import toy_teacher
+from conftest import TUNE_PARAMS, toy_teacher, tune_args
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -86,10 +85,10 @@ def test_workers_share_a_postgres_study_and_survive_a_killed_one(
     storage, tracking = url(postgres, "optuna"), url(postgres, "mlflow")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
-        **PARAMS, "tune": {**PARAMS["tune"], "n_trials": 5, "grace_s": 6, "epochs": 1},
+        **TUNE_PARAMS, "tune": {**TUNE_PARAMS["tune"], "n_trials": 5, "grace_s": 6, "epochs": 1},
         "tracking": {"enabled": True, "uri": tracking, "system_metrics": False}}))
     teacher = toy_teacher(tiny_data, tmp_path / "teacher.pt")
-    argv = [*args(params, tiny_data, teacher, tmp_path), "--storage", storage]
+    argv = [*tune_args(params, tiny_data, teacher, tmp_path), "--storage", storage]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # params' store
     env["OMP_NUM_THREADS"] = "1"
     doomed = subprocess.Popen([sys.executable, "-m", "stages.tune", *argv], cwd=ROOT, env=env,

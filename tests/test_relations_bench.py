@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks import relations
+from conftest import LEVEL_SIZES, box_targets, drkd_config, fpn_maps, toy_distiller
 
 
 def test_auc_counts_every_positive_negative_pair_ties_as_half() -> None:
@@ -26,13 +27,11 @@ def test_relation_filter_statistics_on_a_toy_run() -> None:
     """benchmarks/relation_filter.py on toy detectors: the filter's top share per row against a
     count written out here, no self-pairs, and L_IR finite under every filter variant (the
     trained filter is put back afterwards)."""
-    from test_drkd import LEVEL_SIZES, box_targets, config, distiller, fpn_maps
-
     from benchmarks.relation_filter import filter_statistics
     from drkd.methods.drkd import instance_rois
 
-    d = distiller(cfg=config("matrix", instance={"similarity": "cosine", "tau": 0.1,
-                                                 "topk": 4}))
+    d = toy_distiller(drkd_config("matrix", instance={"similarity": "cosine", "tau": 0.1,
+                                                      "topk": 4}))
     s_maps, t_maps = fpn_maps(16, LEVEL_SIZES["retinanet"]), fpn_maps(24, (8, 4, 2, 1, 1), seed=1)
     targets = box_targets([[2, 3, 30, 40], [10, 10, 20, 22], [30, 5, 55, 60], [0, 0, 9, 9]],
                           [[0, 0, 16, 16], [20, 24, 60, 50]])

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import toy_model
+from conftest import SMALL_DRKD, toy_model, write_relation_models
 from drkd import cli
 from drkd.checkpoint import load, model_checkpoint, save_atomic
-from drkd.config import DistillConfig, InstanceRelationConfig, PixelRelationConfig
+from drkd.config import DistillConfig
 from drkd.data.coco import CocoDetection
 from drkd.distiller import Distiller
 from drkd.models import build_detector
@@ -23,32 +23,11 @@ from drkd.modules.glore import GloRe
 from drkd.relations_plot import load_distiller, pixel_relation, plot_relations
 from stages import report
 
-SMALL = dict(pixel=PixelRelationConfig(nodes=(4,) * 5, states=(8,) * 5),
-             instance=InstanceRelationConfig(embed_dim=32, filter_hidden=8))
-
-
-def write_models(data: Path, out: Path, **distill: Any) -> dict[str, Path]:
-    """teacher.pt (24-channel FPN), student_drkd.pt (16) and the modules of a toy Distiller."""
-    dataset = CocoDetection(data / "train.json")
-    paths = {}
-    models = {}
-    for name, channels in (("teacher", 24), ("student_drkd", 16)):
-        cfg = toy_model(fpn_channels=channels)
-        models[name] = build_detector(cfg, dataset.num_classes)
-        paths[name] = out / f"{name}.pt"
-        save_atomic(model_checkpoint(models[name], cfg, dataset.category_ids,
-                                     dataset.category_names), paths[name])
-    distiller = Distiller(models["student_drkd"], models["teacher"],
-                          DistillConfig(**SMALL, **distill))  # type: ignore[arg-type]
-    paths["modules"] = out / "drkd_modules.pt"
-    save_atomic(distiller.modules_checkpoint(), paths["modules"])
-    return paths
-
 
 @pytest.fixture(scope="module")
 def models(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
-    return write_models(tiny_data, tmp_path_factory.mktemp("models"))
+    return write_relation_models(tiny_data, tmp_path_factory.mktemp("models"))
 
 
 def test_relation_plots_written(models: dict[str, Path], tiny_data: Path, tmp_path: Path,
@@ -119,7 +98,7 @@ def test_a_student_started_from_the_teacher_is_loaded_as_distilled(
         save_atomic(model_checkpoint(detectors[name], toy_model(), dataset.category_ids,
                                      dataset.category_names), paths[name])
     trained = Distiller(detectors["student"], detectors["teacher"],
-                        DistillConfig(**SMALL, init_student=True))  # type: ignore[arg-type]
+                        DistillConfig(**SMALL_DRKD, init_student=True))  # type: ignore[arg-type]
     save_atomic(trained.modules_checkpoint(), tmp_path / "modules.pt")
     saved = load(paths["student"])["model"]  # as distilled: its neck differs from the teacher's
     logits = "head.classification_head.cls_logits.weight"
@@ -164,7 +143,7 @@ def test_not_a_modules_file_names_the_file(models: dict[str, Path]) -> None:
 @pytest.mark.parametrize("off", ["w_pr", "w_ir"])
 def test_switched_off_term_skips_its_plot(tiny_data: Path, tmp_path: Path, off: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    paths = write_models(tiny_data, tmp_path, **{off: 0.0})
+    paths = write_relation_models(tiny_data, tmp_path, **{off: 0.0})
     written = plot_relations(paths["teacher"], paths["student_drkd"], paths["modules"],
                              tiny_data / "val.json", 2, tmp_path / "plots")
     skipped = "pixel_relations.png" if off == "w_pr" else "instance_relations.png"

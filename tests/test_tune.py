@@ -22,7 +22,7 @@ import yaml
 from optuna.trial import TrialState
 from torch import nn
 
-from conftest import toy_teacher
+from conftest import TUNE_PARAMS, toy_teacher, tune_args
 from drkd import tuning
 from drkd.compare import cell_params
 from drkd.config import (
@@ -40,39 +40,6 @@ from stages import tune
 
 ROOT = Path(__file__).resolve().parents[1]
 PNGS = ["optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"]
-MODEL = {"fpn_channels": 16, "min_size": 64, "max_size": 64}
-TRAIN = {"batch_size": 4, "warmup_steps": 2, "num_workers": 0, "log_every": 1, "amp": "off"}
-PARAMS: dict[str, Any] = {
-    "seed": 0,
-    "teacher": {"model": MODEL, "train": TRAIN},
-    "student": {"model": MODEL, "train": TRAIN},
-    "distill": {  # tiny relation modules: a trial takes about a second
-        "w_pr": 1e-3,
-        "w_ir": 1e-2,
-        "w_ins": 1e-2,
-        "pixel": {"nodes": [4] * 5, "states": [8] * 5},
-        "instance": {"embed_dim": 16, "filter_hidden": 8, "tau": 1.0, "topk": 0},
-    },
-    "tune": {
-        "study_name": "toy",
-        "n_trials": 3,
-        "pruner": "none",
-        "epochs": 1,
-        "space": {
-            "w_pr": [1e-4, 1e-2],
-            "w_ir": [1e-3, 1e-1],
-            "w_ins": [1e-3],
-            "tau": [0.5, 2.0],
-            "topk": [0, 2],
-            "filter_hidden": [8, 16],
-            "filter": [True, False],
-            "target": ["matrix", "features", "both"],
-            "lr": [],
-        },
-    },
-    "evaluate": {"batch_size": 4},
-    "tracking": {"enabled": False},
-}
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +50,10 @@ def teacher(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_params(folder: Path, **tune_overrides: Any) -> Path:
     path = folder / "params.yaml"
-    params = merge(PARAMS, {"tune": tune_overrides})
+    params = merge(TUNE_PARAMS, {"tune": tune_overrides})
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     load_params(path)
     return path
-
-
-def args(params: Path, data: Path, teacher: Path, folder: Path, *extra: str) -> list[str]:
-    return [
-        "--params", str(params), "--data", str(data), "--teacher", str(teacher),
-        "--storage", f"sqlite:///{folder / 'optuna.db'}", "--out", str(folder / "tuning"), *extra,
-    ]  # fmt: skip
 
 
 def load_study(folder: Path) -> optuna.Study:
@@ -179,7 +139,7 @@ def test_the_default_space_keeps_the_params_target() -> None:
 
 def test_a_trial_runs_the_student_recipe_compressed_to_the_tune_budget() -> None:
     over = {"student": {"train": {"epochs": 8, "warmup_steps": 300}}, "tune": {"epochs": 2}}
-    trial = tuning.trial_params(parse_params(merge(PARAMS, over)), {"w_pr": 5e-3})
+    trial = tuning.trial_params(parse_params(merge(TUNE_PARAMS, over)), {"w_pr": 5e-3})
     assert (trial.student.train.epochs, trial.student.train.warmup_steps) == (2, 75)
     assert trial.distill.w_pr == 5e-3
 
@@ -210,7 +170,7 @@ def test_a_trial_and_the_distill_stage_start_from_the_same_state(
             "--out", str(tmp_path / "s.pt"), "--history", str(tmp_path / "s.csv"),
             "--work-dir", str(tmp_path / "work"),
         ])  # fmt: skip
-    assert tune.main(args(params, tiny_data, teacher, tmp_path, "--n-trials", "1")) == 0
+    assert tune.main(tune_args(params, tiny_data, teacher, tmp_path, "--n-trials", "1")) == 0
     (stage, stage_rng), (trial, trial_rng) = started
     assert stage.keys() == trial.keys()
     assert any(k.startswith("method.glore_s.") for k in stage)
@@ -232,7 +192,7 @@ def test_study_writes_best_params_trials_and_plots(
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # trials' work dirs
     start = time.perf_counter()
-    assert tune.main(args(params, tiny_data, teacher, tmp_path)) == 0
+    assert tune.main(tune_args(params, tiny_data, teacher, tmp_path)) == 0
     print(f"3 trials in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     out = tmp_path / "tuning"
     done = trials(tmp_path)
@@ -275,7 +235,7 @@ def test_study_writes_best_params_trials_and_plots(
     log = capsys.readouterr().out
     assert log.count("[tune] trial ") == 3 and "| best: trial" in log
     # Rerunning with the budget met runs nothing and rewrites the same outputs.
-    assert tune.main(args(params, tiny_data, teacher, tmp_path)) == 0
+    assert tune.main(tune_args(params, tiny_data, teacher, tmp_path)) == 0
     assert len(trials(tmp_path)) == 3
 
 
@@ -297,7 +257,7 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
     # 4 falls below the median only in its last epoch: complete (it ran its whole budget).
     bad = NonFiniteLoss("[trial 2] step 1: loss term 'loss_ir' is nan")
     fake_ap(monkeypatch, [0.3, 0.4, 0.2, 0.5, bad, 0.0, 0.45, 0.0])
-    assert tune.main(args(params, tiny_data, teacher, tmp_path)) == 0
+    assert tune.main(tune_args(params, tiny_data, teacher, tmp_path)) == 0
     done = trials(tmp_path)
     assert [t.state for t in done] == [
         TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED,
@@ -360,7 +320,7 @@ def test_resume_fails_the_stale_trial_of_a_killed_worker(
     study_id = storage.get_study_id_from_name("toy")
     storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, 0))
     time.sleep(3.5)  # past tune.grace_s
-    assert tune.main(args(params, tiny_data, teacher, tmp_path)) == 0
+    assert tune.main(tune_args(params, tiny_data, teacher, tmp_path)) == 0
     done = trials(tmp_path)
     assert [t.state for t in done] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     rows = list(csv.DictReader((tmp_path / "tuning" / "trials.csv").open()))
@@ -372,7 +332,7 @@ def test_two_workers_share_one_study(tiny_data: Path, teacher: Path, tmp_path: P
     """`--workers 2`: two processes, each with its share of the cores, one study."""
     params = write_params(tmp_path, n_trials=5, epochs=1)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    cmd = [sys.executable, "-m", "stages.tune", *args(params, tiny_data, teacher, tmp_path),
+    cmd = [sys.executable, "-m", "stages.tune", *tune_args(params, tiny_data, teacher, tmp_path),
            "--workers", "2"]
     done_run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = done_run.stdout + done_run.stderr
@@ -462,10 +422,10 @@ def test_errors_are_one_line(
 ) -> None:
     params = write_params(tmp_path)
     missing = tmp_path / "none.pt"
-    assert tune.cli.run(tune.main, args(params, tiny_data, missing, tmp_path)) == 2
+    assert tune.cli.run(tune.main, tune_args(params, tiny_data, missing, tmp_path)) == 2
     assert "none.pt: teacher checkpoint not found" in capsys.readouterr().err
     params.write_text(params.read_text().replace("n_trials: 3", "n_trials: many"))
-    assert tune.cli.run(tune.main, args(params, tiny_data, teacher, tmp_path)) == 2
+    assert tune.cli.run(tune.main, tune_args(params, tiny_data, teacher, tmp_path)) == 2
     assert "tune.n_trials: expected a positive int" in capsys.readouterr().err
     assert tune.cli.run(tune.main, ["--promote", "--out", str(tmp_path / "nothing")]) == 2
     assert "best_params.yaml: not found" in capsys.readouterr().err
@@ -491,7 +451,7 @@ def test_any_method_can_be_tuned_in_its_own_study(
                           spaces={"pkd": {"weight": [1.0, 30.0]}})
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    assert tune.main(args(params, tiny_data, teacher, tmp_path, "--method", "pkd")) == 0
+    assert tune.main(tune_args(params, tiny_data, teacher, tmp_path, "--method", "pkd")) == 0
     assert trained == ["pkd", "pkd"]
     study = optuna.load_study(study_name="toy-pkd", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     done = study.get_trials()
@@ -536,7 +496,7 @@ def test_calibrate_measures_each_term_against_the_detection_loss(
     assert again["loss_fgd_fg"]["ratio"] == pytest.approx(10 * fg["ratio"], rel=1e-4)
     assert again["loss_fgd_bg"]["ratio"] == pytest.approx(rows["loss_fgd_bg"]["ratio"], rel=1e-4)
 
-    argv = args(write_params(tmp_path), tiny_data, teacher, tmp_path, "--method", "pkd",
+    argv = tune_args(write_params(tmp_path), tiny_data, teacher, tmp_path, "--method", "pkd",
                 "--calibrate", "2")
     assert tune.main(argv) == 0
     out = capsys.readouterr().out
