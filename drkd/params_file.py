@@ -17,9 +17,9 @@ from ruamel.yaml.comments import CommentedSeq
 
 from drkd.config import (
     ConfigError,
+    Params,
     UserError,
     flatten,
-    load_params,
     merge,
     parse_params,
     read_yaml_file,
@@ -94,11 +94,11 @@ def comments(text: str) -> Counter[str]:
     return Counter(m.group(1) for m in re.finditer(r"(?:^|\s)(#[^\n]*)", text))
 
 
-def promote(params_file: str, method: str, path: Path, row: str, apply_it: bool) -> None:
+def promote(params_file: str, params: Params, method: str, path: Path, row: str,
+            apply_it: bool) -> None:
     """The best_params.yaml (``path``) of a study of ``method``: print the `dvc exp run -S ...`
-    line, or with ``apply_it`` merge it into the params file; with ``row`` as a new
-    compare.methods row of ``method`` instead of into `distill`."""
-    params = load_params(params_file)
+    line, or with ``apply_it`` merge it into the params file (``params``: it, loaded); with
+    ``row`` as a new compare.methods row of ``method`` instead of into `distill`."""
     if not path.is_file():
         raise UserError(f"{path}: not found (run python -m stages.tune first)")
     best = read_yaml_file(path) or {}

@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         tuning.print_calibration(args.params, args.method, Path(args.data),
                                  Path(args.teacher), args.calibrate)
     elif args.promote:
-        method = tuning.tuned_method(load_params(args.params), args.method)
+        params = load_params(args.params)
+        method = tuning.tuned_method(params, args.method)
         best = tuning.study_dir(Path(args.out), method) / "best_params.yaml"
-        promote(args.params, method, best, args.row, args.apply)
+        promote(args.params, params, method, best, args.row, args.apply)
     else:
         tuning.tune(args.params, args.method, Path(args.data), Path(args.teacher),
                     args.storage, args.n_trials, Path(args.out))
