@@ -27,12 +27,33 @@ from drkd.config import (
 from drkd.files import write_text
 
 
-def flags(partial: dict[str, Any], add: bool = False) -> str:
-    """`-S key=value` flags that make `dvc exp run` apply ``partial`` (values as YAML); ``add``:
-    keys params.yaml may not have yet (`++key=value`, Hydra's add-or-override)."""
-    pairs = ((k, v if isinstance(v, str) else json.dumps(v)) for k, v in flatten(partial).items())
-    prefix = "++" if add else ""
-    return " ".join(f"-S {shlex.quote(f'{prefix}{k}={v}')}" for k, v in pairs)
+def hydra_value(value: Any) -> str:
+    """``value`` in the override grammar `dvc exp run -S` parses (Hydra's): strings quoted, so
+    `=`, spaces and number-like text stay strings; lists and dicts without spaces."""
+    if isinstance(value, str):  # Hydra doubles only the backslashes before a quote or the end
+        return "'" + re.sub(r"(\\*)('|$)", lambda m: 2 * m[1] + "\\" * len(m[2]) + m[2],
+                            value) + "'"
+    if isinstance(value, list):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)  # numbers, true / false, null
+
+
+def overrides(partial: dict[str, Any]) -> list[str]:
+    """`dvc exp run -S` values that apply ``partial``: `++key=value`, Hydra's add-or-override,
+    since a preset may set keys params.yaml leaves at their defaults."""
+    return [f"++{key}={hydra_value(value)}" for key, value in flatten(partial).items()]
+
+
+def flags(partial: dict[str, Any]) -> str:
+    """``overrides`` as `-S` flags quoted for a shell prompt (paste them, or ``eval`` them:
+    ``$(...)`` alone splits a quoted value at its spaces)."""
+
+    def quoted(word: str) -> str:  # "..." reads better than '...'"'"'...' around Hydra's quotes
+        return f'"{word}"' if not set(word) & set('"$`\\!') else shlex.quote(word)
+
+    return " ".join(f"-S {quoted(o)}" for o in overrides(partial))
 
 
 def check(params_file: Path, partial: dict[str, Any], source: str) -> None:
@@ -77,7 +98,7 @@ def apply(params_file: Path, partial: dict[str, Any], source: str) -> None:
         raise ConfigError(
             f"{params_file}:{line}: cannot keep the comment {comment!r} when writing (it sits in a "
             "{...} or [...] over several lines); write that one in block style or "
-            "apply by hand: " + flags(partial, add=True)
+            "apply by hand: " + flags(partial)
         )
     write_text(buffer.getvalue(), params_file)
 
@@ -118,7 +139,7 @@ def promote(params_file: str, params: Params, method: str, path: Path, row: str,
     if not apply_it:
         check(params_path, best, str(path))
         target = "compare/dvc.yaml " if row else ""  # the row runs in `make compare`
-        print(f"dvc exp run {target}{flags(best, add=bool(row))}")
+        print(f"dvc exp run {target}{flags(best)}")
         return
     apply(params_path, best, str(path))
     print(f"[tune] {params_path}: set {', '.join(f'{k}={v!r}' for k, v in flat.items())}")

@@ -3,6 +3,7 @@ exit 1, and anything else (a bug) keeps its traceback."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from drkd import cli
-from drkd.config import NonFiniteLoss, UserError, read_yaml
-from drkd.params_file import comment_line
+from drkd.config import NonFiniteLoss, UserError, load_params, read_yaml
+from drkd.params_file import comment_line, overrides
 from stages import prepare, preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +85,40 @@ def test_apply_keeps_every_comment_or_writes_nothing(
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1
     assert err[0].startswith(f"error: {params}:{line}: cannot keep the comment '# first'")
-    assert "-S ++compare.methods.mgd_tuned.method=mgd" in err[0]  # the by-hand way
+    assert "-S \"++compare.methods.mgd_tuned.method='mgd'\"" in err[0]  # the by-hand way
     assert params.read_text() == flow
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "presets").glob("*.yaml")))
+def test_a_presets_dvc_overrides_give_what_apply_writes(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--exp-run` and the printed flags hand `dvc exp run -S` Hydra overrides: applied by DVC's
+    own parser they give the params `--apply` writes (lists, strings with spaces or `=`, keys
+    params.yaml leaves out), and the printed line splits into exactly those overrides."""
+    from dvc.utils.hydra import apply_overrides
+
+    by_apply, by_dvc = tmp_path / "applied.yaml", tmp_path / "dvc.yaml"
+    for path in (by_apply, by_dvc):
+        path.write_text((ROOT / "params.yaml").read_text())
+    assert preset.main([str(ROOT / "presets" / name), "--params", str(by_apply), "--apply"]) == 0
+    assert preset.main([str(ROOT / "presets" / name), "--params", str(by_dvc)]) == 0
+    words = shlex.split(capsys.readouterr().out)
+    assert words[::2] == ["-S"] * (len(words) // 2) and len(words) % 2 == 0
+    apply_overrides(str(by_dvc), words[1::2])
+    assert load_params(by_dvc) == load_params(by_apply)
+
+
+@pytest.mark.parametrize("value", ["it's", "a\\b", "C:\\dir\\", "x=y z", "1e-3", "true", "",
+                                   "a'b\\'c", "[x]", "''"])
+def test_string_overrides_survive_dvcs_parser(value: str, tmp_path: Path) -> None:
+    """Strings stay strings, whatever they hold (quotes, backslashes, number-like text)."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text("launcher: python\n")
+    apply_overrides(str(path), overrides({"launcher": value, "new": {"key": [value, 2]}}))
+    assert read_yaml(path.read_text()) == {"launcher": value, "new": {"key": [value, 2]}}
 
 
 def test_a_lost_comment_is_located_by_its_whole_text() -> None:

@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 from ruamel.yaml import YAML
+
+from drkd.config import load_params
 
 pytestmark = pytest.mark.slow
 
@@ -62,21 +65,22 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     )
     _run(["git", "init", "-q"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
-    _run([sys.executable, "-m", "stages.preset", "presets/smoke.yaml", "--apply"], repo, env)
-    yaml = YAML()
-    params = yaml.load(repo / "params.yaml")
-    params["tracking"]["enabled"] = True
-    for model in ("teacher", "student"):  # 1-epoch models score low: keep every detection
-        params[model]["model"]["score_thresh"] = 0.0
-    yaml.dump(params, repo / "params.yaml")
+    # The smoke preset as the README runs it (`--exp-run`: `dvc exp run -S ...`), tracking on
+    # and, since 1-epoch models score low, every detection kept.
+    preset = yaml.safe_load((repo / "presets" / "smoke.yaml").read_text())
+    preset["tracking"] = {"enabled": True}
+    for model in ("teacher", "student"):
+        preset[model]["model"]["score_thresh"] = 0.0
+    (repo / "presets" / "e2e.yaml").write_text(yaml.safe_dump(preset))
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "init"], repo, env)
-    _run(["dvc", "repro"], repo, env)
+    out = _run([sys.executable, "-m", "stages.preset", "presets/e2e.yaml", "--exp-run"], repo, env)
+    assert "Running stage 'distill'" in out
+    assert load_params(repo / "params.yaml").tracking.enabled  # the workspace holds the run
     return repo, env
 
 
 def test_repro_writes_metrics_reports_and_mlflow_runs(repo: tuple[Path, dict[str, str]]) -> None:
-    from drkd.config import load_params
     from drkd.evaluation import coco_metrics
 
     root, _ = repo
