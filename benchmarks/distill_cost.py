@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import cpu_model
+from drkd import cli
 from drkd.compare import require_rows, resolved_rows
 from drkd.config import (
     DistillConfig,
@@ -322,7 +323,7 @@ def peak_memory(params_file: str, distill: bool) -> float:
     return resident_mib("VmHWM") - imports
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=positive_int, default=20)
@@ -337,10 +338,10 @@ def main() -> None:
                         help="untimed calls of a step right before each timed one, so it follows "
                         "its own kind as in training (0: plain interleaving)")
     parser.add_argument("--memory", choices=["student", "distill"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.memory:  # child process of the memory comparison
         print(json.dumps(peak_memory(args.params, args.memory == "distill")))
-        return
+        return 0
     if args.methods or args.rows:
         try:
             settings = (method_settings(args.params, args.methods) if args.methods
@@ -363,7 +364,7 @@ def main() -> None:
                         "date": datetime.date.today().isoformat(),
                         "command": shlex.join(["python", "-m", "benchmarks.distill_cost",
                                                *sys.argv[1:]])}, args.out)
-        return
+        return 0
     if load_params(args.params).distill.method == "none":
         raise SystemExit(f"{args.params}: distill.method is 'none'; nothing to measure")
     ratio = step_ratio(args.params, args.steps, args.settle)
@@ -386,7 +387,8 @@ def main() -> None:
           f"{speed['speedup_min']:.2f}-{speed['speedup_max']:.2f})")
     print(f"peak memory: student step {mem['student']:.0f} MiB, distill step "
           f"{mem['distill']:.0f} MiB, ratio {mem['distill'] / mem['student']:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

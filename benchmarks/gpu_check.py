@@ -34,6 +34,7 @@ import yaml
 
 from benchmarks import paper_scale
 from benchmarks.distill_cost import relation_speed, timed, train_step
+from drkd import cli
 from drkd.checkpoint import load_detector
 from drkd.config import DistillConfig, ModelConfig, Params, load_params
 from drkd.distiller import Distiller
@@ -239,4 +240,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

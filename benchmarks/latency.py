@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import cpu_model
 from benchmarks.paper_scale import paper_params
+from drkd import cli
 from drkd.checkpoint import load_detector
 from drkd.config import ModelConfig, load_params
 from drkd.models import build_detector, count_parameters
@@ -98,7 +100,7 @@ def label(path: str) -> str:
     return f"{p.parent.name}/{p.stem}" if p.stem == "model" else p.stem
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         cells = [f"{r[c][0]:.1f} ({r[c][1]:.1f})" for c in columns]  # type: ignore[index]
         print(f"| {r['model']} | {r['size']} | {r['params_M']:.2f} | {r['GFLOP']:.2f} | "
               + " | ".join(cells) + " |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

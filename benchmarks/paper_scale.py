@@ -51,7 +51,7 @@ from torchvision.transforms.v2 import functional as F
 
 from benchmarks import cpu_model
 from benchmarks.distill_cost import positive_int, quartiles, resident_mib, rounds, timed, train_step
-from drkd import registry
+from drkd import cli, registry
 from drkd.config import (
     DistillConfig,
     ModelConfig,
@@ -358,4 +358,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -21,12 +21,14 @@ training sees it), per instance level:
 from __future__ import annotations
 
 import argparse
-from typing import cast
+import sys
 
 import torch
 from torch import nn
 
 from benchmarks.relations import auc
+from drkd import cli
+from drkd.config import UserError
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
 from drkd.methods.drkd import DRKD, instance_rois, pad_labels
@@ -79,7 +81,7 @@ def filter_statistics(method: DRKD, student_maps: list[torch.Tensor],
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="models/teacher.pt")
@@ -89,9 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=64)
     args = parser.parse_args(argv)
     distiller, _ = load_distiller(args.teacher, args.student, args.modules)
-    method = cast(DRKD, distiller.method)
-    if not len(method.relation_s):
-        raise SystemExit(f"error: {args.modules}: the run has no instance relations (w_ir = 0)")
+    method = distiller.method
+    if not isinstance(method, DRKD) or not len(method.relation_s):
+        raise UserError(f"{args.modules}: the run has no DRKD instance relations "
+                        f"(method {distiller.cfg.method}, or w_ir 0)")
     dataset = CocoDetection(args.data, eval_transforms())
     items = [dataset[i] for i in range(min(args.images, len(dataset)))]
     images = [im.as_subclass(torch.Tensor) for im, _ in items]
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         cells = [f"{v:.3g}" if "L_IR" in k else f"{v:.3f}" for k, v in row.items()
                  if k != "instances"]
         print(f"| {level} | " + " | ".join(cells) + " |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

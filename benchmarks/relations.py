@@ -16,12 +16,14 @@ similarity, in each model's own feature space. Printed per model:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from torchvision.ops import roi_align
 
+from drkd import cli
 from drkd.checkpoint import load_detector
 from drkd.data.coco import CocoDetection, collate
 from drkd.data.transforms import eval_transforms
@@ -67,14 +69,14 @@ def pair_similarities(
     return torch.cat(sims), torch.cat(same)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="models/teacher.pt")
     parser.add_argument("--students", nargs="+", default=["models/student.pt",
                                                            "models/student_drkd.pt"])
     parser.add_argument("--data", default="data/prepared/val.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     dataset = CocoDetection(args.data, eval_transforms())
     loader = DataLoader(dataset, batch_size=16, collate_fn=collate)
     paths = [Path(p) for p in [args.teacher, *args.students]]
@@ -90,7 +92,8 @@ def main() -> None:
             r = torch.corrcoef(torch.stack([sims, t_sims]))[0, 1]
             print(f"| {level} | {name} | {auc(sims, same):.3f} | {float(r):.3f} |")
     print(f"\n{len(same)} within-image instance pairs, {int(same.sum())} of the same class")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

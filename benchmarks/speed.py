@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.distill_cost import batch, batch_stepper, timed, train_step
+from drkd import cli
 from drkd.config import DetectorConfig, Params, load_params
 from drkd.data.coco import CocoDetection, collate
 from drkd.data.transforms import train_transforms
@@ -243,7 +245,7 @@ def compare_studies(old: Params, new: Params, steps: int) -> None:
           f"(measured side by side; loader and evaluation excluded)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
@@ -253,7 +255,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--only", nargs="*", default=["flops", "levers", "data", "scaling",
                                                        "stages"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     params = load_params(args.params)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.backends.cpu.get_cpu_capability()}")
@@ -267,7 +269,8 @@ def main() -> None:
         scaling(params, args.steps)
     if "stages" in args.only and args.old_params:
         compare_studies(load_params(args.old_params), params, args.steps)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -153,6 +153,9 @@ def run_cell(params_file: str, row: str, seed: int, out: Path, data: Path, teach
                    [*train, "--teacher", str(teacher), *modules])
         with (out / "history.csv").open() as fh:
             history = list(csv.DictReader(fh))
+        if not history:  # e.g. student.train.epochs 0, which keeps given weights
+            raise UserError(f"{out / 'history.csv'}: the cell trained no step "
+                            "(student.train.epochs is 0 and compare.epochs does not set one)")
         # The step loops' time, summed over a killed run's parts, and the training's peak
         # memory over those parts (rank 0's under DDP), as drkd.engine.fit records them.
         steps, seconds = int(history[-1]["step"]), float(history[-1]["seconds"])

@@ -46,6 +46,12 @@ def non_negative(kind: str = "number") -> dict[str, Any]:
     return {"check": lambda v: v >= 0, "expect": f"a non-negative {kind}"}
 
 
+def name() -> dict[str, Any]:
+    """A name MLflow or Optuna keys things by: not empty, no surrounding spaces."""
+    return {"check": lambda v: bool(v) and v == v.strip(),
+            "expect": "a non-empty name without surrounding spaces"}
+
+
 def fraction() -> dict[str, Any]:
     return {"check": lambda v: 0 <= v <= 1, "expect": "a float in [0, 1]"}
 
@@ -154,8 +160,8 @@ class DetectorConfig:
 class PixelRelationConfig:
     """GloRe sizes per FPN level, finest first (release: N=64, S=128 on the two finest)."""
 
-    nodes: tuple[int, ...] = (64, 32, 16, 8, 4)
-    states: tuple[int, ...] = (128, 64, 64, 32, 32)
+    nodes: tuple[int, ...] = field(default=(64, 32, 16, 8, 4), metadata=positive("int"))
+    states: tuple[int, ...] = field(default=(128, 64, 64, 32, 32), metadata=positive("int"))
     # True: the teacher's GloRe units stay as initialised, so the KD loss cannot move the
     # target; trained (the release) they drift toward the student's output.
     freeze_teacher: bool = False
@@ -292,7 +298,7 @@ class TuneConfig:
     """`tune` (not run by plain `dvc repro`): a study whose objective is the validation AP of
     the distilled student after a short budget."""
 
-    study_name: str = "drkd"
+    study_name: str = field(default="drkd", metadata=name())
     storage: str = ""  # any Optuna RDB URL; empty: sqlite:///optuna.db in the repo root
     n_trials: int = field(default=20, metadata=positive("int"))  # in total, over all workers
     sampler_seed: int = field(default=0, metadata=non_negative("int"))
@@ -334,7 +340,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = True
-    experiment: str = "drkd"
+    experiment: str = field(default="drkd", metadata=name())
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo root
     # CPU, memory, disk (and GPU with nvidia-ml-py installed) of the training stages, sampled by
     # MLflow every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) as system/* metrics.
@@ -392,8 +398,8 @@ def _convert(tp: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) ->
     if origin is tuple:
         if not isinstance(value, list | tuple):
             fail(_describe(tp))
-        item = typing.get_args(tp)[0]
-        return tuple(_convert(item, v, f"{where}[{i}]", {}) for i, v in enumerate(value))
+        item = typing.get_args(tp)[0]  # a tuple field's metadata checks each of its items
+        return tuple(_convert(item, v, f"{where}[{i}]", meta) for i, v in enumerate(value))
     expect = meta.get("expect", _describe(tp))
     expect = expect() if callable(expect) else expect
     if tp is bool:

@@ -52,6 +52,12 @@ def write_json(data: Any, path: str | Path, indent: int = 2) -> None:
 def sqlite_lock_file(url: str) -> Path | None:
     """``<db>.lock`` beside the file of a ``sqlite:///<db>`` URL, which processes flock to take
     turns at what sqlite cannot make atomic (creating a new store's tables, counting then
-    creating a trial); None for any other URL and for an in-memory database."""
+    creating a trial); None for any other URL and for an in-memory database. A database in a
+    folder that does not exist is a UserError (sqlite would not create the folder either)."""
     db = url.removeprefix("sqlite:///")
-    return Path(f"{db}.lock") if db != url and db not in ("", ":memory:") else None
+    if db == url or db in ("", ":memory:"):
+        return None
+    lock = Path(f"{db}.lock")
+    if not lock.parent.is_dir():
+        raise UserError(f"{url}: the folder {lock.parent} does not exist")
+    return lock

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -70,12 +71,24 @@ def cells_table(cells: dict[str, dict[int, dict[str, Any]]]) -> str:
     return buffer.getvalue()
 
 
+def points(value: float) -> float | None:
+    """A COCO stat in points; None for -1, pycocotools' "no ground truth of this size"."""
+    return None if value < 0 else 100 * value
+
+
+def mean_points(values: list[float | None]) -> float | None:
+    """The mean of the seeds that have the stat (on one val set: all or none)."""
+    present = [v for v in values if v is not None]
+    return statistics.mean(present) if present else None
+
+
 def summarise(cells: dict[str, dict[int, dict[str, Any]]],
               teacher: dict[str, Any] | None) -> dict[str, Any]:
     """Per row: per-seed and mean stats (AP points), spread, gap closed, cost ratios."""
     rows: dict[str, Any] = {}
     for name, seeds in cells.items():
-        per_seed = {s: {k: 100 * r[k] for k in STATS} for s, r in sorted(seeds.items())}
+        per_seed: dict[int, dict[str, Any]] = {  # AP is never None: val has ground truth
+            s: {k: points(r[k]) for k in STATS} for s, r in sorted(seeds.items())}
         aps = [r["AP"] for r in per_seed.values()]
         first = seeds[min(seeds)]
         rows[name] = {
@@ -83,7 +96,7 @@ def summarise(cells: dict[str, dict[int, dict[str, Any]]],
             "overrides": first.get("overrides", {}),
             "seeds": list(per_seed),
             "per_seed": per_seed,
-            "mean": {k: statistics.mean(r[k] for r in per_seed.values()) for k in STATS},
+            "mean": {k: mean_points([r[k] for r in per_seed.values()]) for k in STATS},
             "spread": max(aps) - min(aps) if len(aps) > 1 else None,  # one seed: no spread
             "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in seeds.values()),
             "peak_memory_mb": max(r["peak_memory_mb"] for r in seeds.values()),
@@ -177,8 +190,9 @@ def markdown(summary: dict[str, Any]) -> str:
         spread = "-" if row["spread"] is None else f"{row['spread']:.1f}"
         lines.append(
             f"| {name} | {len(row['seeds'])} | **{m['AP']:.1f}** | {seeds} | "
-            f"{spread} | {vs_top(row)} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | "
-            f"{m['APl']:.1f} | {gain} | {gap} | {ratio(row, 'step_time_vs_baseline')} | "
+            f"{spread} | {vs_top(row)} | "
+            + " | ".join("-" if m[k] is None else f"{m[k]:.1f}" for k in STATS[1:])
+            + f" | {gain} | {gap} | {ratio(row, 'step_time_vs_baseline')} | "
             f"{ratio(row, 'memory_vs_baseline')} |")
     teacher = summary["teacher_AP"]
     head = f"Teacher AP {teacher:.1f}. " if teacher is not None else ""
@@ -216,7 +230,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ap.legend()
     ap.set_title("AP: mean over seeds (bars), each seed (dots)")
     for offset, key in zip((-0.27, 0.0, 0.27), ("APs", "APm", "APl"), strict=True):
-        sizes.bar([i + offset for i in x], [row["mean"][key] for _, row in ranked], 0.27,
+        heights = [row["mean"][key] for _, row in ranked]  # None: no object of that size
+        sizes.bar([i + offset for i in x], [math.nan if h is None else h for h in heights], 0.27,
                   label=key)
     sizes.legend()
     sizes.set_title("AP by object size (mean over seeds)")

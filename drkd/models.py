@@ -50,10 +50,22 @@ def _load_state(module: nn.Module, path: str, what: str, strict: bool = True) ->
     file = Path(path)
     if not file.is_file():
         raise UserError(f"{what}: weights file not found: {path}")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise UserError(f"{what}: {path}: not a readable state dict ({type(err).__name__})"
+                        ) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    result = module.load_state_dict(state, strict=strict)
+    if not isinstance(state, dict):
+        raise UserError(f"{what}: {path}: not a state dict (top level is {type(state).__name__})")
+    try:
+        result = module.load_state_dict(state, strict=strict)
+    except RuntimeError as err:  # shapes of another architecture (resnet50 weights, resnet18)
+        first = next((line.strip() for line in str(err).splitlines()
+                      if "size mismatch" in line or "Missing key" in line
+                      or "Unexpected key" in line), str(err).splitlines()[0])
+        raise UserError(f"{what}: {path} does not fit this model: {first}") from None
     if not strict and result.missing_keys:
         raise UserError(
             f"{what}: {path} lacks {len(result.missing_keys)} keys, e.g. {result.missing_keys[0]}"

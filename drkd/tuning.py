@@ -32,7 +32,16 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from drkd import registry
-from drkd.config import Params, TrainConfig, UserError, load_params, merge, parse_params, to_dict
+from drkd.config import (
+    ConfigError,
+    Params,
+    TrainConfig,
+    UserError,
+    load_params,
+    merge,
+    parse_params,
+    to_dict,
+)
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms, train_transforms
 from drkd.devices import pick_device, thread_share
@@ -152,6 +161,20 @@ def calibrate(params: Params, method: str, teacher: nn.Module, train: CocoDetect
                                     and searched[0] <= suggested[0]
                                     and suggested[1] <= searched[1])})
     return rows
+
+
+def check_space(params: Params, method: str) -> None:
+    """Every choice and range end of ``method``'s space must give valid params: a study whose
+    trials the strict loader refuses would spend its whole budget on failures."""
+    where = "tune.space" if method == "drkd" else f"tune.spaces.{method}"
+    space = space_of(params, method)
+    for field in dataclasses.fields(space):
+        for value in getattr(space, field.name):
+            try:
+                trial_params(params, {field.name: value}, method)
+            except ConfigError as err:
+                raise ConfigError(f"{where}.{field.name}: {value!r} is not a valid value "
+                                  f"({err})") from None
 
 
 def trial_params(params: Params, values: dict[str, Any], method: str = "drkd") -> Params:
@@ -306,7 +329,7 @@ def at_the_edge(trial: FrozenTrial, margin: float = 0.05) -> list[str]:
     lines = []
     for name, dist in trial.distributions.items():
         value = trial.params[name]
-        if isinstance(dist, FloatDistribution):
+        if isinstance(dist, FloatDistribution) and dist.high > dist.low:  # [a, a]: no edge
             scale: Callable[[float], float] = math.log if dist.log else float
             where = (scale(value) - scale(dist.low)) / (scale(dist.high) - scale(dist.low))
             edge = "floor" if where < margin else "ceiling" if where > 1 - margin else ""
@@ -523,6 +546,7 @@ def tune(params_file: str, method: str, data: Path, teacher_path: Path, storage:
     val = CocoDetection(data / "val.json", eval_transforms())
     teacher = load_teacher(teacher_path, train)
     trial_params(params, {}, method)  # the budget override must itself be valid params
+    check_space(params, method)
     url = storage or params.tune.storage or DEFAULT_STORAGE
     n_trials = n_trials or params.tune.n_trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)

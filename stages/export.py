@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--box-tol", type=float, default=0.01, help="pixels")
     parser.add_argument("--score-tol", type=float, default=1e-4)
     args = parser.parse_args(argv)
+    if args.check_images < 1:
+        parser.error("--check-images must be at least 1: the file is written only once checked")
     report = export_checked(Path(args.checkpoint), args.data, args.out, args.check_images,
                             args.box_tol, args.score_tol)
     print(f"{args.out}: ONNX opset {OPSET}; ONNX Runtime vs PyTorch on {report['images']} "

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-thresh", type=float, default=0.3, help="for --draw")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be positive")
     model, state = load_detector(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         if len(args.inputs) == 1 and args.inputs[0].suffix == ".json":

@@ -121,6 +121,15 @@ def test_string_overrides_survive_dvcs_parser(value: str, tmp_path: Path) -> Non
     assert read_yaml(path.read_text()) == {"launcher": value, "new": {"key": [value, 2]}}
 
 
+def test_a_preset_that_is_not_a_mapping_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- seed\n- 3\n")
+    assert cli.run(preset.main, [str(listed), "--params", str(ROOT / "params.yaml")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {listed}: expected a mapping of params sections, got a list\n")
+
+
 def test_a_lost_comment_is_located_by_its_whole_text() -> None:
     text = "a: 1  # first of all\nb: [0,  # first\n  1]\n# first\n"
     assert comment_line(text, "# first") == 2  # not line 1, whose comment only starts so

@@ -155,6 +155,28 @@ def test_a_tie_reads_dash(tmp_path: Path) -> None:
     assert cwd_line.split(" | ")[11] == "-"  # the gap column reads "-", not 0%
 
 
+def test_a_size_without_ground_truth_reads_dash(tmp_path: Path,
+                                               saved_figures: dict[str, Any]) -> None:
+    """pycocotools writes -1 for a size with no ground-truth object (here: no large ones): the
+    board prints "-" there and leaves the bar out, not -100 points."""
+    cells = tmp_path / "cells"
+    for row, ap in (("none", 0.30), ("cwd", 0.32)):
+        for seed in (0, 1):
+            write_cell(cells, row, seed, ap, 0.5, 1.0)
+            metrics = cells / f"{row}-s{seed}" / "metrics.json"
+            metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "APl": -1.0}))
+    summary = board_lib.summarise(board_lib.read_cells(cells), {"AP": 0.40})
+    assert summary["methods"]["cwd"]["mean"]["APl"] is None
+    assert summary["methods"]["cwd"]["mean"]["APm"] == pytest.approx(32.0)
+    cwd_line = next(line for line in board_lib.markdown(summary).splitlines()
+                    if line.startswith("| cwd |"))
+    assert cwd_line.split(" | ")[6:10] == ["42.0", "16.0", "32.0", "-"]  # AP50, APs, APm, APl
+    board_lib.plot(summary, tmp_path / "board.png")
+    sizes = saved_figures["board.png"].axes[1]
+    heights = [bar.get_height() for bar in sizes.patches]
+    assert len(heights) == 6 and sum(h != h for h in heights) == 2  # the two APl bars: NaN
+
+
 def test_cell_params(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({

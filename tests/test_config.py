@@ -129,6 +129,8 @@ def test_wrong_type_message_exact(tmp_path: Path) -> None:
         ("tracking.enabled", "yes", "expected a boolean, got 'yes'"),
         ("seed", -1, "expected a non-negative int, got -1"),
         ("launcher", " ", "expected a command such as python or torchrun ..., got ' '"),
+        ("tracking.experiment", "", "expected a non-empty name without surrounding spaces, got ''"),
+        ("tune.study_name", " x", "expected a non-empty name without surrounding spaces, got ' x'"),
     ],
 )
 def test_bad_values(tmp_path: Path, key: str, value: object, expect: str) -> None:
@@ -140,6 +142,8 @@ def test_bad_list_item_names_index(tmp_path: Path) -> None:
     message = error_of(tmp_path, with_key("teacher.train.milestones", [1, "two"]))
     assert message.startswith("params.yaml: teacher.train.milestones[1]: expected"), message
     assert "'two'" in message
+    message = error_of(tmp_path, with_key("distill.pixel.nodes", [4, 0, 4, 4, 4]))
+    assert message == "params.yaml: distill.pixel.nodes[1]: expected a positive int, got 0"
 
 
 @pytest.mark.parametrize("key", ["student.train.epochs", "seed", "data.synthetic.num_train"])

@@ -62,3 +62,7 @@ def test_a_failed_check_is_one_line_and_writes_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {out}: ONNX Runtime differs"), err
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit):  # no image to check it on: refused, nothing written
+        export.main([str(detector), "--out", str(out), "--check-images", "0"])
+    assert "--check-images must be at least 1" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -192,6 +192,29 @@ def test_missing_backbone_weights_file(tmp_path: Path) -> None:
         build_detector(toy_model("retinanet", backbone_weights=str(path)), NUM_CLASSES)
 
 
+def test_unusable_weights_files_are_one_line(tmp_path: Path) -> None:
+    """Not a state dict, or one of another architecture: one line naming the key and the file
+    (not an unpickling or size-mismatch traceback)."""
+    from torchvision.models import resnet18
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights")
+    other = tmp_path / "other.pt"  # a first conv of another shape (another architecture's)
+    torch.save({**resnet18(weights=None).state_dict(), "conv1.weight": torch.zeros(64, 3, 3, 3)},
+               other)
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    for path, says in ((text, "not a readable state dict"), (listed, "top level is list"),
+                       (other, "does not fit this model: size mismatch")):
+        with pytest.raises(UserError) as info:
+            build_detector(toy_model("retinanet", backbone_weights=str(path)), NUM_CLASSES)
+        message = str(info.value)
+        assert message.startswith(f"model.backbone_weights: {path}") and says in message
+        assert "\n" not in message
+    with pytest.raises(UserError, match=f"model.weights: {text}: not a readable state dict"):
+        build_detector(toy_model("retinanet", weights=str(text)), NUM_CLASSES)
+
+
 def test_backbone_weights_loaded(tmp_path: Path) -> None:
     """An ImageNet classifier state_dict (with an fc the detector lacks) seeds the backbone."""
     from torchvision.models import resnet18

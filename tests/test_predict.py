@@ -82,9 +82,13 @@ def test_bad_input_is_one_line(detector: Path, tiny_data: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
+    detections = tmp_path / "detections.json"
+    detections.write_text("[]")  # a detections file, not a split
     for argv, message in [
         ([str(tmp_path / "missing.png")], "missing.png: no such file or folder"),
         ([str(broken)], "broken.jpg: not a readable image"),
+        ([str(tmp_path / "vall.json")], "vall.json: not found"),
+        ([str(detections)], "detections.json: not a COCO-format split"),
     ]:
         assert cli.run(predict.main, [str(detector), *argv, "--out", str(tmp_path / "o.json")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -98,6 +102,9 @@ def test_bad_input_is_one_line(detector: Path, tiny_data: Path, tmp_path: Path,
     shifted.write_text(json.dumps({**other, "images": [
         {**im, "file_name": str((tiny_data / im["file_name"]).resolve())}
         for im in other["images"]]}))
+    with pytest.raises(SystemExit):  # argparse's usage line and exit 2
+        predict.main([str(detector), str(tmp_path), "--out", "o.json", "--batch-size", "0"])
+    assert "--batch-size must be positive" in capsys.readouterr().err
     with pytest.raises(UserError, match="trained on categories"):
         predict.main([str(detector), str(shifted), "--out", str(tmp_path / "o.json")])
     assert not (tmp_path / "o.json").exists()  # nothing written

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import relations
-from conftest import LEVEL_SIZES, box_targets, drkd_config, fpn_maps, toy_distiller
+from conftest import (
+    LEVEL_SIZES,
+    box_targets,
+    drkd_config,
+    fpn_maps,
+    toy_distiller,
+    write_relation_models,
+)
+from drkd import cli
 
 
 def test_auc_counts_every_positive_negative_pair_ties_as_half() -> None:
@@ -52,3 +61,21 @@ def test_relation_filter_statistics_on_a_toy_run() -> None:
     assert all(math.isfinite(stats[k]) for k in
                ("L_IR trained filter", "L_IR fresh filter", "L_IR no filter"))
 
+
+
+def test_the_benchmarks_bad_input_is_one_line(tiny_data: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """As the stages: a missing checkpoint, or modules of a run without DRKD's relations, end in
+    one `error:` line and exit 2 (not a traceback)."""
+    from benchmarks import relation_filter
+
+    missing = tmp_path / "missing.pt"
+    assert cli.run(relations.main, ["--teacher", str(missing), "--data",
+                                    str(tiny_data / "val.json")]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: checkpoint not found\n"
+    pkd = write_relation_models(tiny_data, tmp_path, method="pkd")
+    argv = ["--teacher", str(pkd["teacher"]), "--student", str(pkd["student_drkd"]),
+            "--modules", str(pkd["modules"]), "--data", str(tiny_data / "val.json")]
+    assert cli.run(relation_filter.main, argv) == 2
+    assert capsys.readouterr().err == (f"error: {pkd['modules']}: the run has no DRKD instance "
+                                       "relations (method pkd, or w_ir 0)\n")

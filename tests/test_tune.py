@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from conftest import TUNE_PARAMS, toy_teacher, tune_args
 from drkd import tuning
 from drkd.compare import cell_params
 from drkd.config import (
+    ConfigError,
     NonFiniteLoss,
     SearchSpace,
     TrainConfig,
@@ -125,6 +127,26 @@ def test_a_best_trial_at_the_edge_of_the_space_is_named() -> None:
     # 10x the floor is a third of the way up the log range; 0.5 of [0, 1]; a middle choice;
     # topk's 0 means every pair, so 4 is not its largest.
     assert tuning.at_the_edge(trial(alpha=1e-4, beta=0.5, mask=0.65, filter=False, topk=4)) == []
+    # A range of one value ([a, a], which the loader allows) has no edge to be at.
+    fixed = {"w": floats(0.06, 0.06, log=True)}
+    assert tuning.at_the_edge(optuna.trial.create_trial(params={"w": 0.06}, distributions=fixed,
+                                                        value=0.3)) == []
+
+
+@pytest.mark.parametrize(("method", "space", "error"), [
+    ("drkd", {"space": {"topk": [-1, 2]}}, "tune.space.topk: -1 is not a valid value"),
+    ("drkd", {"space": {"filter_hidden": [0, 64]}}, "tune.space.filter_hidden: 0 is not"),
+    ("mgd", {"spaces": {"mgd": {"mask_ratio": [0.5, 1.5]}}},
+     "tune.spaces.mgd.mask_ratio: 1.5 is not a valid value"),
+])
+def test_a_space_value_the_loader_refuses_stops_the_study_first(
+        method: str, space: dict[str, Any], error: str) -> None:
+    """A choice or range end that no trial could run with is one error before any trial, not
+    a study that spends its budget on failed trials."""
+    params = parse_params(merge(TUNE_PARAMS, {"tune": space}))
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        tuning.check_space(params, method)
+    tuning.check_space(parse_params(TUNE_PARAMS), method)  # the toy study's own space is valid
 
 
 def test_the_default_space_keeps_the_params_target() -> None:
@@ -363,9 +385,14 @@ def test_promote_prints_the_dvc_line_and_applies_only_distill(
     base = ["--promote", "--out", str(out), "--params", str(params)]
     assert tune.main(base) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("dvc exp run -S ") and "distill.w_pr=2.5e-05" in line
-    assert "distill.instance.target=both" in line and "student.train.lr=0.0003" in line
+    assert line.startswith("dvc exp run -S ")
     before = yaml.safe_load(params.read_text())
+    from dvc.utils.hydra import apply_overrides  # the line, as DVC applies it
+
+    by_dvc = tmp_path / "by_dvc.yaml"
+    by_dvc.write_text(params.read_text())
+    apply_overrides(str(by_dvc), shlex.split(line)[4::2])
+    assert yaml.safe_load(by_dvc.read_text()) == merge(before, best)
     assert tune.main([*base, "--apply"]) == 0
     assert "baseline student" in capsys.readouterr().out
     text = params.read_text()
@@ -429,6 +456,12 @@ def test_errors_are_one_line(
     assert "tune.n_trials: expected a positive int" in capsys.readouterr().err
     assert tune.cli.run(tune.main, ["--promote", "--out", str(tmp_path / "nothing")]) == 2
     assert "best_params.yaml: not found" in capsys.readouterr().err
+    params = write_params(tmp_path)
+    nowhere = f"sqlite:///{tmp_path / 'no' / 'such' / 'folder.db'}"
+    argv = [*tune_args(params, tiny_data, teacher, tmp_path), "--storage", nowhere]
+    assert tune.cli.run(tune.main, argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: {nowhere}: the folder {tmp_path / 'no' / 'such'} does not exist\n")
 
 
 @pytest.mark.slow

@@ -44,8 +44,15 @@ def load_rgb(path: Path, width: int, height: int) -> Image.Image:
 
 class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any]]]):
     def __init__(self, annotation_file: str | Path, transforms: v2.Transform | None = None) -> None:
-        self.annotation_file = Path(annotation_file)
-        coco = json.loads(self.annotation_file.read_text())
+        self.annotation_file = path = Path(annotation_file)
+        if not path.is_file():
+            raise UserError(f"{path}: not found")
+        try:
+            coco = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{path}: not JSON ({err})") from None
+        if not isinstance(coco, dict) or not {"images", "categories", "annotations"} <= set(coco):
+            raise UserError(f"{path}: not a COCO-format split (images, categories, annotations)")
         self.root = self.annotation_file.parent
         self.images: list[dict[str, Any]] = sorted(coco["images"], key=lambda im: im["id"])
         self.category_ids: list[int] = sorted(c["id"] for c in coco["categories"])
