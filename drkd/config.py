@@ -535,7 +535,8 @@ def _check_whole(params: Params) -> None:
         if model.min_size > model.max_size:
             raise ConfigError(f"{name}.model.min_size: must not exceed max_size")
     space = params.tune.space
-    for name in ("w_pr", "w_ir", "w_ins", "tau", "lr"):
+    hints = typing.get_type_hints(SearchSpace)  # the float dimensions: log ranges or a value
+    for name in (f.name for f in dataclasses.fields(space) if hints[f.name] == tuple[float, ...]):
         values = getattr(space, name)
         if (
             len(values) > 2

@@ -16,8 +16,8 @@ from drkd.config import UserError
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path (same folder and suffix) to write; renamed to ``path`` on success,
-    removed on failure."""
+    """Yield a temp path (same folder and suffix) to write; flushed to disk and renamed to
+    ``path`` on success, removed on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkstemp: its mode 0600 would stay with the renamed file. Created like a
@@ -26,6 +26,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
+        # On disk before the rename: after a power loss the name holds the old or the new
+        # content, never an empty file (the rename may reach the disk before the data).
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -69,6 +69,11 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"method name {spec.name!r}: taken (a method or a `distill` key)")
     if spec.space is not None and spec.config is None and spec.param_path is None:
         raise ValueError(f"method {spec.name!r}: a space needs a config or a param_path")
+    # Combined rows (`plus`) sum every method's terms into one dict: a name twice would clash.
+    taken = {term: m.name for m in METHODS.values() for term in m.terms}
+    clash = next((term for term in spec.terms if term in taken), None)
+    if clash:
+        raise ValueError(f"method {spec.name!r}: loss term {clash!r} is {taken[clash]}'s")
     METHODS[spec.name] = spec
     return spec
 

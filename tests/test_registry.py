@@ -119,4 +119,6 @@ def test_a_name_registers_once() -> None:
         registry.register(registry.MethodSpec("none", Toy, terms={}))
     with pytest.raises(ValueError, match="a space needs a config"):
         registry.register(registry.MethodSpec("spaced", Toy, terms={}, space=ToySpace))
-    assert "spaced" not in registry.METHODS
+    with pytest.raises(ValueError, match="loss term 'loss_mgd' is mgd's"):  # `plus` sums terms
+        registry.register(registry.MethodSpec("mine", Toy, terms={"loss_mgd": "weight"}))
+    assert "spaced" not in registry.METHODS and "mine" not in registry.METHODS
