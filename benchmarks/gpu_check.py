@@ -59,12 +59,6 @@ class Setting:
 
 def settings(params: Params, smoke: bool) -> list[Setting]:
     s, t = params.student.model, params.teacher.model
-    default = Setting("default", s, t, params.distill, (s.max_size, s.max_size),
-                      params.student.train.batch_size, 9)
-    paper = paper_scale.paper_params("retinanet", smoke=False)
-    coco = Setting("paper RetinaNet R101->R50", paper.student.model, paper.teacher.model,
-                   paper.distill, (paper.student.model.min_size, paper.student.model.max_size),
-                   paper.student.train.batch_size, COCO_CLASSES, paper=True)
     if smoke:  # every code path, toy sizes
         # 64x160, not 64x64: no FPN map is 1x1 (P7 is 1x2). On a 1x1 map, CPU bf16 autocast's
         # conv backward (torch 2.14.1) now and then returns NaN weight gradients (P7's conv,
@@ -72,6 +66,12 @@ def settings(params: Params, smoke: bool) -> list[Setting]:
         # CPU runs in fp32), which would fail this smoke check at random.
         tiny = dataclasses.replace(s, fpn_channels=16, min_size=64, max_size=160)
         return [Setting("smoke", tiny, tiny, params.distill, (64, 160), 2, 9)]
+    default = Setting("default", s, t, params.distill, (s.max_size, s.max_size),
+                      params.student.train.batch_size, 9)
+    paper = paper_scale.paper_params("retinanet", smoke=False)
+    coco = Setting("paper RetinaNet R101->R50", paper.student.model, paper.teacher.model,
+                   paper.distill, (paper.student.model.min_size, paper.student.model.max_size),
+                   paper.student.train.batch_size, COCO_CLASSES, paper=True)
     return [default, coco]
 
 

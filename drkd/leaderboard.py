@@ -25,7 +25,7 @@ import scipy.stats
 from drkd.config import UserError, flatten, load_params
 from drkd.files import require_files, write_json, write_text
 from drkd.plots import save_figure, subplots
-from drkd.report import gap_closed
+from drkd.report import gap_closed, points
 
 STATS = ("AP", "AP50", "APs", "APm", "APl")
 
@@ -69,11 +69,6 @@ def cells_table(cells: dict[str, dict[int, dict[str, Any]]]) -> str:
             writer.writerow({**cell, "row": row, "seed": seed,
                              "overrides": json.dumps(cell.get("overrides", {}), sort_keys=True)})
     return buffer.getvalue()
-
-
-def points(value: float) -> float | None:
-    """A COCO stat in points; None for -1, pycocotools' "no ground truth of this size"."""
-    return None if value < 0 else 100 * value
 
 
 def mean_points(values: list[float | None]) -> float | None:

@@ -58,6 +58,9 @@ def flags(partial: dict[str, Any]) -> str:
 
 def check(params_file: Path, partial: dict[str, Any], source: str) -> None:
     """Validate ``params_file`` with ``partial`` merged in (errors name ``source``)."""
+    if not isinstance(partial, dict):
+        raise ConfigError(f"{source}: expected a mapping of params sections, "
+                          f"got a {type(partial).__name__}")
     base = read_yaml_file(params_file) or {}
     try:
         parse_params(merge(base, partial))

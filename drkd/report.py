@@ -119,8 +119,14 @@ def summary_numbers(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
     return numbers
 
 
+def points(value: float) -> float | None:
+    """A COCO stat in points; None for -1, pycocotools' "no ground truth of this size"."""
+    return None if value < 0 else 100 * value
+
+
 def _points(value: float) -> str:
-    return "-" if value < 0 else f"{100 * value:.1f}"
+    p = points(value)
+    return "-" if p is None else f"{p:.1f}"
 
 
 def _signed_points(value: float | None) -> str:

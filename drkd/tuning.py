@@ -164,8 +164,9 @@ def calibrate(params: Params, method: str, teacher: nn.Module, train: CocoDetect
 
 
 def check_space(params: Params, method: str) -> None:
-    """Every choice and range end of ``method``'s space must give valid params: a study whose
-    trials the strict loader refuses would spend its whole budget on failures."""
+    """The budget override and every choice and range end of ``method``'s space must give valid
+    params: a study whose trials the strict loader refuses would spend its budget on failures."""
+    trial_params(params, {}, method)
     where = "tune.space" if method == "drkd" else f"tune.spaces.{method}"
     space = space_of(params, method)
     for field in dataclasses.fields(space):
@@ -537,6 +538,7 @@ def tune(params_file: str, method: str, data: Path, teacher_path: Path, storage:
     other than DRKD)."""
     params = load_params(params_file)
     method = tuned_method(params, method)
+    check_space(params, method)
     out = study_dir(out, method)
     if not teacher_path.is_file():
         raise UserError(f"{teacher_path}: teacher checkpoint not found (dvc repro train_teacher)")
@@ -545,8 +547,6 @@ def tune(params_file: str, method: str, data: Path, teacher_path: Path, storage:
     train = CocoDetection(data / "train.json", train_transforms(params.student.train.hflip))
     val = CocoDetection(data / "val.json", eval_transforms())
     teacher = load_teacher(teacher_path, train)
-    trial_params(params, {}, method)  # the budget override must itself be valid params
-    check_space(params, method)
     url = storage or params.tune.storage or DEFAULT_STORAGE
     n_trials = n_trials or params.tune.n_trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from drkd import cli
-from drkd.config import ConfigError, read_yaml_file
+from drkd.config import read_yaml_file
 from drkd.params_file import apply, check, flags, overrides
 
 
@@ -31,9 +31,6 @@ def main(argv: list[str] | None = None) -> int:
                       help="run `dvc exp run` with the preset's values (params.yaml's folder)")
     args = parser.parse_args(argv)
     preset = read_yaml_file(args.preset) or {}
-    if not isinstance(preset, dict):
-        raise ConfigError(f"{args.preset}: expected a mapping of params sections, "
-                          f"got a {type(preset).__name__}")
     if args.apply:
         apply(Path(args.params), preset, args.preset)
         return 0
