@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,8 +251,9 @@ def box_targets(*boxes: list[list[float]]) -> list[dict[str, torch.Tensor]]:
              "labels": torch.ones(len(b), dtype=torch.int64)} for b in boxes]
 
 
-SMALL_DRKD = dict(pixel=PixelRelationConfig(nodes=(4,) * 5, states=(8,) * 5),
-                  instance=InstanceRelationConfig(embed_dim=32, filter_hidden=8))
+# The same small modules with the shipped switches (standardised L_PR, cosine relations).
+SMALL_DRKD = dict(pixel=replace(SMALL_PIXEL, standardize=True),
+                  instance=InstanceRelationConfig(embed_dim=DRKD_EMBED, filter_hidden=DRKD_HIDDEN))
 
 
 def write_relation_models(data: Path, out: Path, **distill: Any) -> dict[str, Path]:
