@@ -163,7 +163,8 @@ class PixelRelationConfig:
     nodes: tuple[int, ...] = field(default=(64, 32, 16, 8, 4), metadata=positive("int"))
     states: tuple[int, ...] = field(default=(128, 64, 64, 32, 32), metadata=positive("int"))
     # True: the teacher's GloRe units stay as initialised, so the KD loss cannot move the
-    # target; trained (the release) they drift toward the student's output.
+    # target (needs identity_start False: a frozen identity unit would make the target the raw
+    # map); trained (the release) they drift toward the student's output.
     freeze_teacher: bool = False
     # True: both sides' GloRe outputs standardised per channel (over batch and pixels) before
     # the distance, as PKD does to maps, so L_PR is blind to the teacher's feature scale
@@ -495,7 +496,10 @@ def method_distill(distill: dict[str, Any]) -> dict[str, Any]:
     return {k: distill[k] for k in keys}
 
 
-def _check_plus(distill: DistillConfig, where: str) -> None:
+def _check_distill(distill: DistillConfig, where: str) -> None:
+    if distill.instance.topk == 1:  # one partner a row: both relation matrices are one-hot
+        raise ConfigError(f"{where}.instance.topk: 1 makes every relation row one-hot on both "
+                          "sides, so L_IR is 0; use 0 (all partners) or 2 or more")
     if distill.plus and distill.method == "none":
         raise ConfigError(f"{where}.plus: needs a method to add to (method is none)")
     for i, name in enumerate(distill.plus):
@@ -517,11 +521,11 @@ def _check_rows(params: Params) -> None:
                               "stages and files)")
         if "method" not in overrides and name not in method_names("none"):
             raise ConfigError(f"{where}: not a method name, so its overrides need `method`")
-        _check_plus(_build(DistillConfig, row_distill(distill, name, overrides), where), where)
+        _check_distill(_build(DistillConfig, row_distill(distill, name, overrides), where), where)
 
 
 def _check_whole(params: Params) -> None:
-    _check_plus(params.distill, "distill")
+    _check_distill(params.distill, "distill")
     _check_rows(params)
     s = params.data.synthetic
     if s.min_objects > s.max_objects:

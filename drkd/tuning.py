@@ -34,6 +34,7 @@ from torch import nn
 from drkd import registry
 from drkd.config import (
     ConfigError,
+    NonFiniteLoss,
     Params,
     TrainConfig,
     UserError,
@@ -250,7 +251,9 @@ def make_objective(
 
         def on_ap(epoch: int, ap: float, final: bool) -> None:
             track.log_metrics({"epoch_AP": ap}, step=epoch)
-            trial.report(ap, epoch)
+            # Optuna's step is the epochs done (the pruners' resource): with the 0-based
+            # index, Hyperband's first rung (1) fell on the last of 2 epochs, never pruned.
+            trial.report(ap, epoch + 1)
             # A trial that has run its whole budget is complete: pruning it now would save
             # nothing and would hide its final AP from the sampler.
             if not final and trial.should_prune():
@@ -277,6 +280,13 @@ def make_objective(
         except optuna.TrialPruned:
             state = "PRUNED"
             raise
+        except NonFiniteLoss as err:
+            # Diverged: a bad outcome, not a broken trial. TPE learns only from complete and
+            # pruned trials, so as FAIL the diverging region would stay attractive and keep
+            # using up the budget; pruned, it ranks below every complete trial.
+            state, reason = "PRUNED", f"diverged: {type(err).__name__}: {err}".splitlines()[0]
+            trial.set_user_attr("fail_reason", reason)
+            raise optuna.TrialPruned(reason) from None
         except BaseException as err:  # NonFiniteLoss, any bug, or Ctrl-C: FAIL with the reason
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
             trial.set_user_attr("fail_reason", reason)
@@ -299,8 +309,9 @@ def seconds(t: FrozenTrial) -> float | None:
 
 
 def fail_reason(t: FrozenTrial) -> str:
+    """Why a trial failed, or that a pruned one diverged; "" otherwise."""
     if t.state != TrialState.FAIL:
-        return ""
+        return str(t.user_attrs.get("fail_reason", ""))
     return str(t.user_attrs.get("fail_reason", "no heartbeat: its worker died"))
 
 
@@ -311,7 +322,7 @@ def progress(study: optuna.Study, t: FrozenTrial) -> None:
         f"[tune] trial {t.number} {t.state.name:8} AP={'-' if ap is None else f'{ap:.4f}'} "
         f"{took or 0:.1f}s {shown}"
     )
-    if t.state == TrialState.FAIL:
+    if fail_reason(t):
         line += f" ({fail_reason(t)})"
     try:
         best = study.best_trial

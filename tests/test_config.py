@@ -194,6 +194,19 @@ def test_synthetic_cross_checks(tmp_path: Path) -> None:
     assert message == "params.yaml: data.synthetic.max_object_size: must not exceed image_size"
 
 
+def test_topk_1_is_refused(tmp_path: Path) -> None:
+    """One partner a row makes both relation matrices the same one-hot rows: L_IR is 0 whatever
+    the student's features. Refused in `distill` and in a compare row; 0 and 2 load."""
+    message = error_of(tmp_path, with_key("distill.instance.topk", 1))
+    assert message.startswith("params.yaml: distill.instance.topk: 1 makes every relation row "
+                              "one-hot"), message
+    row = with_key("compare.methods", {"k1": {"method": "drkd", "instance": {"topk": 1}}})
+    message = error_of(tmp_path, row)
+    assert message.startswith("params.yaml: compare.methods.k1.instance.topk: 1"), message
+    for topk in (0, 2):
+        assert load_params(write(tmp_path, with_key("distill.instance.topk", topk)))
+
+
 def test_coco_source_needs_paths(tmp_path: Path) -> None:
     data = with_key("data.source", "coco")
     message = error_of(tmp_path, data)

@@ -825,6 +825,21 @@ def test_frozen_teacher_glore_keeps_its_weights() -> None:
     assert missing == []
 
 
+def test_a_frozen_identity_teacher_glore_is_refused() -> None:
+    """Frozen and started as the identity, the teacher's unit returns its map unchanged, so
+    L_PR would have no relations in its target: refused, naming the setting; with a relational
+    start (or the release's) it builds."""
+    frozen = replace(SMALL_PIXEL, freeze_teacher=True)
+    with pytest.raises(UserError, match=r"^distill\.pixel\.freeze_teacher: a frozen unit that "
+                                         r"starts as the identity"):
+        toy_distiller(drkd_config(w_ir=0.0, w_ins=0.0, pixel=frozen))
+    d = toy_distiller(drkd_config(w_ir=0.0, w_ins=0.0,
+                                  pixel=replace(frozen, identity_start=False)))
+    unit = d.method.glore_t[0]
+    x = torch.randn(2, unit.project.in_features, 4, 4)
+    assert not trainable(unit) and not torch.allclose(unit.eval()(x), x)
+
+
 def test_standardized_pixel_loss_equals_its_formula() -> None:
     """pixel.standardize: per level, MSE between the two sides' GloRe outputs, each channel
     standardised over the batch's pixels (mean 0, unbiased std 1), written out here."""

@@ -223,7 +223,7 @@ def test_study_writes_best_params_trials_and_plots(
     defaults = tuning.current_values(load_params(params))
     assert "w_ins" not in defaults and defaults["w_ir"] == 1e-2 and defaults["tau"] == 1
     assert {k: v for k, v in done[0].params.items() if k != "w_ins"} == defaults
-    assert all(sorted(t.intermediate_values) == [0, 1] for t in done)  # AP after each epoch
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in done)  # AP after each epoch
     assert len({tuple(sorted(t.params.items())) for t in done}) == 3
     best = yaml.safe_load((out / "best_params.yaml").read_text())
     assert set(best) == {"distill"} and best["distill"]["w_ins"] == 1e-3
@@ -245,7 +245,7 @@ def test_study_writes_best_params_trials_and_plots(
         [float(t.number), t.value] for t in done]
     (epochs,) = saved_figures["intermediate_values.png"].axes
     assert [(list(line.get_xdata()), list(line.get_ydata())) for line in epochs.get_lines()] == [
-        ([0, 1], [t.intermediate_values[0], t.intermediate_values[1]]) for t in done]
+        ([1, 2], [t.intermediate_values[1], t.intermediate_values[2]]) for t in done]
     importances = saved_figures["param_importances.png"].axes[0]
     labels = {t.get_text() for t in importances.get_yticklabels()}
     assert labels and labels <= set(done[0].params)
@@ -275,26 +275,30 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
     monkeypatch.setenv(PIPELINE_ENV, "pipe-tune")
     params = write_params(tmp_path, n_trials=5, epochs=2, pruner="median")
     params.write_text(params.read_text().replace("enabled: false", "enabled: true"))
-    # Trials 0 and 1 complete; 2 hits a non-finite loss; 3 is far below the median: pruned;
-    # 4 falls below the median only in its last epoch: complete (it ran its whole budget).
+    # Trials 0 and 1 complete; 2 hits a non-finite loss: pruned as diverged (a bad outcome the
+    # sampler learns from, not a FAIL it ignores); 3 is far below the median: pruned; 4 falls
+    # below the median only in its last epoch: complete (it ran its whole budget).
     bad = NonFiniteLoss("[trial 2] step 1: loss term 'loss_ir' is nan")
     fake_ap(monkeypatch, [0.3, 0.4, 0.2, 0.5, bad, 0.0, 0.45, 0.0])
     assert tune.main(tune_args(params, tiny_data, teacher, tmp_path)) == 0
     done = trials(tmp_path)
     assert [t.state for t in done] == [
-        TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED,
+        TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED,
         TrialState.COMPLETE,
     ]  # fmt: skip
-    assert done[2].user_attrs["fail_reason"].startswith("NonFiniteLoss: [trial 2] step 1")
-    assert done[3].intermediate_values == {0: 0.0}  # stopped after its first epoch
+    assert done[2].user_attrs["fail_reason"].startswith("diverged: NonFiniteLoss: [trial 2]")
+    assert done[2].intermediate_values == {}
+    assert done[3].intermediate_values == {1: 0.0}  # stopped after its first epoch
     rows = list(csv.DictReader((tmp_path / "tuning" / "trials.csv").open()))
     assert [(r["state"], r["AP"]) for r in rows] == [
-        ("COMPLETE", "0.4"), ("COMPLETE", "0.5"), ("FAIL", ""), ("PRUNED", "0"), ("COMPLETE", "0"),
+        ("COMPLETE", "0.4"), ("COMPLETE", "0.5"), ("PRUNED", ""), ("PRUNED", "0"),
+        ("COMPLETE", "0"),
     ]  # fmt: skip
-    assert "NonFiniteLoss" in rows[2]["fail_reason"]
+    assert rows[2]["fail_reason"].startswith("diverged: NonFiniteLoss")
+    assert rows[3]["fail_reason"] == ""  # pruned by the median: no reason
     best = yaml.safe_load((tmp_path / "tuning" / "best_params.yaml").read_text())
     assert best["distill"]["w_pr"] == done[1].params["w_pr"]
-    assert "(NonFiniteLoss: [trial 2]" in capsys.readouterr().out
+    assert "(diverged: NonFiniteLoss: [trial 2]" in capsys.readouterr().out
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["drkd"], output_format="list")
@@ -303,7 +307,7 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
     tags = parent.data.tags
     assert tags["dvc_stage"] == "tune" and tags["pipeline_id"] == "pipe-tune"
     assert tags["study"] == "toy" and tags["git_commit"]
-    assert parent.data.metrics["best_AP"] == 0.5 and parent.data.metrics["pruned"] == 1
+    assert parent.data.metrics["best_AP"] == 0.5 and parent.data.metrics["pruned"] == 2
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"best_params.yaml", "trials.csv", "optimization_history.png"} <= artifacts
     children = sorted(
@@ -313,16 +317,31 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
     assert [(r.data.tags["state"], r.info.status) for r in children] == [
         ("COMPLETE", "FINISHED"),
         ("COMPLETE", "FINISHED"),
-        ("FAIL", "FAILED"),
+        ("PRUNED", "KILLED"),
         ("PRUNED", "KILLED"),
         ("COMPLETE", "FINISHED"),
     ]
     assert children[1].data.metrics["AP"] == 0.5 and "AP" not in children[3].data.metrics
-    assert children[2].data.tags["fail_reason"].startswith("NonFiniteLoss")
+    assert children[2].data.tags["fail_reason"].startswith("diverged: NonFiniteLoss")
     assert children[0].data.params["target"] == done[0].params["target"]
     assert all(r.data.metrics["duration_s"] >= 0 for r in children)
     history = mlflow.MlflowClient().get_metric_history(children[0].info.run_id, "epoch_AP")
     assert [(m.step, m.value) for m in history] == [(0, 0.3), (1, 0.4)]
+
+
+@pytest.mark.slow
+def test_hyperband_prunes_at_the_default_budget(
+    tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hyperband's first rung is one epoch of resource: at 2 epochs a trial behind the rung's
+    best after its first epoch is pruned (reported as step 0, the rung fell on the last epoch,
+    which is never pruned)."""
+    params = write_params(tmp_path, n_trials=3, epochs=2, pruner="hyperband")
+    fake_ap(monkeypatch, [0.5, 0.6, 0.1, 0.9, 0.95])
+    assert tune.main(tune_args(params, tiny_data, teacher, tmp_path)) == 0
+    done = trials(tmp_path)
+    assert [t.state for t in done] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert [t.intermediate_values for t in done] == [{1: 0.5, 2: 0.6}, {1: 0.1}, {1: 0.9, 2: 0.95}]
 
 
 @pytest.mark.slow

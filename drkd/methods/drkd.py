@@ -72,6 +72,12 @@ class DRKD(nn.Module):
                 )
             pairs = list(zip(sizes.nodes, sizes.states, strict=False))[:levels]
             start = sizes.identity_start
+            # Refused here, not when params load, so that a record that ran it still loads.
+            if sizes.freeze_teacher and start and not cfg.release:
+                raise UserError(
+                    "distill.pixel.freeze_teacher: a frozen unit that starts as the identity "
+                    "passes the teacher's map through unchanged, so L_PR's target has no "
+                    "relations; set pixel.identity_start: false with it")
             self.glore_s.extend(GloRe(c_s, n, s, cfg.release, start) for n, s in pairs)
             self.glore_t.extend(GloRe(c_t, n, s, cfg.release, start) for n, s in pairs)
             self.glore_t.requires_grad_(not sizes.freeze_teacher)

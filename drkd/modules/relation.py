@@ -73,7 +73,8 @@ class RelationFilter(nn.Module):
         self.scale = 1 / math.sqrt(hidden)
 
     def scores(self, e: torch.Tensor) -> torch.Tensor:
-        """e: (B, n, D) -> same-class logits (B, n, n), fp32. Zero (padding) rows stay zero."""
+        """e: (B, n, D) -> same-class logits (B, n, n), fp32. Padding rows get scores too (the
+        biases): every use masks them (``weights_of``, ``relation_filter_loss``)."""
         e = nn.functional.layer_norm(e, e.shape[-1:])
         return ((self.query(e) @ self.key(e).transpose(1, 2)) * self.scale).float()
 
