@@ -108,7 +108,10 @@ def code_digest(root: Path = REPO) -> str:
 
 def check_categories(checkpoint: str | Path, state: dict[str, Any], dataset: Any) -> None:
     """A checkpoint trained on another class set than ``dataset`` (a CocoDetection) is refused
-    with one line: its predictions would carry the wrong category ids."""
-    if list(state["category_ids"]) != list(dataset.category_ids):
-        raise UserError(f"{checkpoint}: trained on categories {list(state['category_ids'])}, but "
-                        f"{dataset.annotation_file} has {list(dataset.category_ids)}")
+    with one line: its predictions would carry the wrong category ids. Names count too: VOC
+    numbers its classes in `classes` order, so the same ids can mean other classes."""
+    trained = list(zip(state["category_ids"], state["category_names"], strict=True))
+    given = list(zip(dataset.category_ids, dataset.category_names, strict=True))
+    if trained != given:
+        raise UserError(f"{checkpoint}: trained on categories {dict(trained)}, but "
+                        f"{dataset.annotation_file} has {dict(given)}")

@@ -72,19 +72,15 @@ def coco_metrics(annotation_file: str | Path, detections: list[dict[str, Any]]) 
     ground truth), plus ``per_class_AP`` by category name."""
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(annotation_file))
-    if not detections:  # COCO's loadRes cannot take an empty list
-        areas = [a["area"] for a in gt.dataset["annotations"] if not a.get("iscrowd", 0)]
-        present = {
-            "APs": any(a < 32**2 for a in areas),
-            "APl": any(a > 96**2 for a in areas),
-            "APm": any(32**2 <= a <= 96**2 for a in areas),
-        }
-        empty = {name: 0.0 if present.get(name, True) else -1.0 for name in STAT_NAMES}
-        return {**empty, "per_class_AP": {c["name"]: 0.0 for c in gt.cats.values()}}
     with contextlib.redirect_stdout(io.StringIO()):
-        # loadRes adds area, id, iscrowd and a segmentation to each dict it gets: give it
-        # copies, so the caller's detections (and the json written from them) stay as made.
-        dt = gt.loadRes([dict(d) for d in detections])
+        if detections:
+            # loadRes adds area, id, iscrowd and a segmentation to each dict it gets: give it
+            # copies, so the caller's detections (and the json written from them) stay as made.
+            dt = gt.loadRes([dict(d) for d in detections])
+        else:  # loadRes cannot take an empty list; COCOeval scores an empty result as usual
+            dt = COCO()
+            dt.dataset = {**gt.dataset, "annotations": []}
+            dt.createIndex()
         ev = COCOeval(gt, dt, iouType="bbox")
         ev.evaluate()
         ev.accumulate()

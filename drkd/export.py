@@ -4,7 +4,8 @@ The export is torchvision's detector as it is, pre- and post-processing included
 one float image (3, H, W) in [0, 1], any H and W (the resize to ``min_size``/``max_size``
 happens inside, as in PyTorch); its outputs are ``boxes`` (N, 4) x1, y1, x2, y2 in the input
 image's pixels, ``scores`` (N,) and ``labels`` (N,) (training labels 1..K; the checkpoint's
-``category_ids[label - 1]`` is the dataset's id). It uses PyTorch's TorchScript-based exporter
+``category_ids[label - 1]`` is the dataset's id; RetinaNet and FCOS score label 0, the
+background, too: drop it, as evaluation does). It uses PyTorch's TorchScript-based exporter
 (``dynamo=False``), the path torchvision documents for its detection models, at ``OPSET``.
 What torchvision's export does not cover: a batch of several images in one call (the graph is
 traced with one image), and a different score threshold, NMS IoU or detections cap without

@@ -113,9 +113,9 @@ def _anchors(
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """A torchvision detector; ``num_classes`` includes the background."""
-    common = dict(
-        min_size=cfg.min_size, max_size=cfg.max_size, detections_per_img=cfg.detections_per_img
-    )
+    common = dict(min_size=cfg.min_size, max_size=cfg.max_size)
+    # Faster R-CNN names it box_detections_per_img; its **kwargs would swallow the other name.
+    per_image = dict(detections_per_img=cfg.detections_per_img)
     model: nn.Module
     if cfg.arch == "retinanet":
         backbone = _backbone(cfg, "p3")
@@ -136,6 +136,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
             head=head,
             score_thresh=cfg.score_thresh,
             **common,
+            **per_image,
         )
     elif cfg.arch == "fcos":
         backbone = _backbone(cfg, "p3")
@@ -155,6 +156,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
             head=head,
             score_thresh=cfg.score_thresh,
             **common,
+            **per_image,
         )
     else:
         backbone = _backbone(cfg, "p2")
@@ -169,6 +171,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
             rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n,
             box_batch_size_per_image=cfg.roi_batch_size,
             box_score_thresh=cfg.score_thresh,
+            box_detections_per_img=cfg.detections_per_img,
             **common,
         )
     if cfg.weights:

@@ -508,6 +508,6 @@ def test_distill_stage_refuses_a_teacher_of_other_categories(
         "--work-dir", str(tmp_path / "work")])
     assert code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"error: {path}: trained on categories [10") and (
-        f"but {tiny_data / 'train.json'} has [1, " in line)
+    assert line.startswith(f"error: {path}: trained on categories {{10") and (
+        f"but {tiny_data / 'train.json'} has {{1: " in line)
     assert not out.exists() and not (tmp_path / "s.csv").exists()

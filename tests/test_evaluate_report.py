@@ -54,6 +54,23 @@ def test_ground_truth_scores_perfect(tiny_data: Path) -> None:
     assert metrics["AP50"] == pytest.approx(1.0)
 
 
+def test_no_detections_score_as_cocoeval_scores_a_miss(tmp_path: Path) -> None:
+    """An empty detection list (which pycocotools' loadRes refuses) gets COCOeval's own
+    numbers: those of one detection that matches nothing. A 32x32 box is "small" (COCO's
+    ranges include their ends), and a class or size without ground truth is -1."""
+    gt = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.png"}],
+          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 32, 32],
+                           "area": 1024, "iscrowd": 0}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    miss = [{"image_id": 1, "category_id": 1, "bbox": [60, 60, 10, 10], "score": 0.9}]
+    empty = coco_metrics(path, [])
+    assert empty == coco_metrics(path, miss)
+    assert empty["APs"] == 0.0 and empty["APm"] == 0.0 and empty["APl"] == -1.0
+    assert empty["per_class_AP"] == {"a": 0.0, "b": -1.0}
+
+
 def test_predict_leaves_the_global_rng_alone(tiny_data: Path) -> None:
     """Evaluating between training epochs must not change training's random stream."""
     data = CocoDetection(tiny_data / "val.json", eval_transforms())

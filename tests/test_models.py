@@ -79,6 +79,17 @@ def test_train_and_eval_forward(arch: str, backbone: str) -> None:
         assert boxes[:, 2].max() <= w + 1e-3 and boxes[:, 3].max() <= h + 1e-3
 
 
+@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn", "fcos"])
+def test_detections_per_img_caps_every_arch(arch: str) -> None:
+    """`detections_per_img` reaches each detector under its own name (Faster R-CNN's is
+    box_detections_per_img: given the other, it kept 100)."""
+    model = detecting(build_detector(toy_model(arch, detections_per_img=3), NUM_CLASSES)).eval()
+    images, _ = batch()
+    with torch.no_grad():
+        out = model(images)
+    assert [len(det["scores"]) for det in out] == [3] * len(images)
+
+
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
 @pytest.mark.parametrize(
     ("arch", "strides"),

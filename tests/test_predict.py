@@ -107,4 +107,15 @@ def test_bad_input_is_one_line(detector: Path, tiny_data: Path, tmp_path: Path,
     assert "--batch-size must be positive" in capsys.readouterr().err
     with pytest.raises(UserError, match="trained on categories"):
         predict.main([str(detector), str(shifted), "--out", str(tmp_path / "o.json")])
+    # The same ids naming other classes (VOC numbers classes in `classes` order): refused too.
+    names = [c["name"] for c in other["categories"]]
+    renamed = json.loads(shifted.read_text())
+    renamed["categories"] = [{**c, "id": c["id"] - 100, "name": n} for c, n in
+                             zip(renamed["categories"], names[1:] + names[:1], strict=True)]
+    renamed["annotations"] = [{**a, "category_id": a["category_id"] - 100}
+                              for a in renamed["annotations"]]
+    (tmp_path / "renamed.json").write_text(json.dumps(renamed))
+    with pytest.raises(UserError, match="trained on categories"):
+        predict.main([str(detector), str(tmp_path / "renamed.json"), "--out",
+                      str(tmp_path / "o.json")])
     assert not (tmp_path / "o.json").exists()  # nothing written
