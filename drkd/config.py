@@ -140,7 +140,7 @@ class TrainConfig:
     weight_decay: float = field(default=1e-4, metadata=non_negative("float"))
     warmup_steps: int = field(default=300, metadata=non_negative("int"))
     schedule: Literal["cosine", "step"] = "cosine"
-    milestones: tuple[int, ...] = ()  # epochs at which the step schedule multiplies by gamma
+    milestones: tuple[float, ...] = ()  # epochs at which the step schedule multiplies by gamma
     gamma: float = field(default=0.1, metadata=positive("float"))
     clip_grad_norm: float = field(default=10.0, metadata=non_negative("float"))  # 0 = off
     amp: Literal["off", "bf16", "fp16"] = "bf16"  # CUDA only; ignored on CPU

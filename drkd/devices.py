@@ -7,8 +7,10 @@ training loop just to choose a device.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
+from pathlib import Path
 
 import torch
 
@@ -28,9 +30,22 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota
+    (cgroup v2 ``cpu.max``: "QUOTA PERIOD" or "max PERIOD"), which affinity does not show."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return count
+    if quota == "max":
+        return count
+    return max(1, min(count, math.ceil(int(quota) / int(period))))
+
+
 def thread_share(workers: int) -> int:
     """This process's cores split among ``workers`` processes running at once, at least 1 each:
     what each should take. Threads beyond the cores do not add speed, they subtract it: libgomp's
     threads spin while they wait, so two 2-thread trainings on 2 cores run several times slower
     than one after the other."""
-    return max(1, len(os.sched_getaffinity(0)) // workers)
+    return max(1, cores() // workers)

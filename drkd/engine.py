@@ -150,7 +150,7 @@ def _loader(dataset: Dataset[Any], cfg: TrainConfig, seed: int, epoch: int) -> D
     sampler: Any
     if size > 1:
         sampler = DistributedSampler(
-            dataset, num_replicas=size, rank=rank, shuffle=True, seed=seed, drop_last=True
+            dataset, num_replicas=size, rank=rank, shuffle=True, seed=seed * 1000, drop_last=True
         )  # as many batches as steps_per_epoch
         sampler.set_epoch(epoch)
     else:
@@ -179,6 +179,15 @@ def schedule(cfg: TrainConfig, num_images: int, processes: int = 1) -> tuple[int
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     return steps_per_epoch, total_steps
+
+
+def gathered(state: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Every rank's ``state`` (a CPU byte tensor, e.g. an RNG state), in rank order."""
+    if size == 1:
+        return [state]
+    states: list[Any] = [None] * size
+    dist.all_gather_object(states, state)
+    return states
 
 
 def fit(
@@ -232,9 +241,12 @@ def fit(
             module.load_state_dict(state["module"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"])
+            rng = state["rng"]  # one state per rank (a single one before per-rank states)
+            torch.set_rng_state(rng[rank] if isinstance(rng, list) else rng)
             if device.type == "cuda" and "cuda_rng" in state:  # MGD's masks are drawn there
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
+                cuda_rng = state["cuda_rng"]
+                torch.cuda.set_rng_state(
+                    cuda_rng[rank] if isinstance(cuda_rng, list) else cuda_rng, device)
             step, start_epoch, history = state["step"], state["epoch"] + 1, state["history"]
             window, window_steps = state["window"], int(state["window_steps"])
             seconds = float(state["seconds"])
@@ -245,6 +257,7 @@ def fit(
                 f"[{desc}] {last} is from another config, dataset or process count; "
                 "starting afresh"
             )
+        del state  # loading copied it into the module: do not hold a second copy all run
 
     def set_lr() -> None:
         for group in optimizer.param_groups:
@@ -271,6 +284,10 @@ def fit(
             names, terms = train_step(
                 train_model, images, targets, optimizer, scaler, cfg, amp_dtype
             )
+            if size > 1:  # log the whole batch's means, and every rank sees a NaN at once
+                dist.all_reduce(terms)
+                terms /= size
+            # One transfer a step (the NaN check needs the values): the only wait on a GPU.
             values = dict(zip(names, terms.tolist(), strict=True))
             for name, value in values.items():
                 if not math.isfinite(value):
@@ -297,6 +314,11 @@ def fit(
                     on_step(step, row)
                 window, window_steps = {}, 0
         seconds += time.perf_counter() - epoch_start
+        # Every rank's random state (each draws its own MGD masks and samples), so that a
+        # resumed run continues each rank's stream: a collective, so before rank 0 saves.
+        rng = gathered(torch.get_rng_state(), size)
+        cuda_rng = (gathered(torch.cuda.get_rng_state(device), size)
+                    if device.type == "cuda" else None)
         if rank == 0:
             save_atomic(
                 {
@@ -305,9 +327,8 @@ def fit(
                     "module": module.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    **({"cuda_rng": torch.cuda.get_rng_state(device)}
-                       if device.type == "cuda" else {}),
+                    "rng": rng,
+                    **({"cuda_rng": cuda_rng} if cuda_rng is not None else {}),
                     "step": step,
                     "epoch": epoch,
                     "history": history,

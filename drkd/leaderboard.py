@@ -103,12 +103,17 @@ def summarise(cells: dict[str, dict[int, dict[str, Any]]],
             continue
         row["step_time_vs_baseline"] = row["seconds_per_step"] / base["seconds_per_step"]
         row["memory_vs_baseline"] = row["peak_memory_mb"] / base["peak_memory_mb"]
-        row["gain"] = row["mean"]["AP"] - base["mean"]["AP"]
+        # Over the seeds both ran: means over different seeds can differ in sign from every
+        # per-seed difference (a board of unfinished cells).
+        shared = sorted(set(row["per_seed"]) & set(base["per_seed"]))
+        if not shared:
+            continue
+        row_ap, base_ap = (statistics.mean(r["per_seed"][s]["AP"] for s in shared)
+                           for r in (row, base))
+        row["gain"] = row_ap - base_ap
         # None on a teacher-baseline tie: no gap to close (the table prints "-", not 0%).
-        row["gap_closed"] = (
-            gap_closed(row["mean"]["AP"] / 100, base["mean"]["AP"] / 100, teacher["AP"])
-            if teacher else None
-        )
+        row["gap_closed"] = (gap_closed(row_ap / 100, base_ap / 100, teacher["AP"])
+                             if teacher else None)
     # Paired against the best row: same seed = same data order, so a per-seed difference
     # cancels what the seed does to both; below on every seed says more than the means do.
     top = max(rows.values(), key=lambda r: r["mean"]["AP"])
@@ -194,8 +199,8 @@ def markdown(summary: dict[str, Any]) -> str:
     note = (f"{head}AP in points on val; spread = max - min over seeds; vs best, paired = the "
             "row's AP minus the best row's on the same seed: mean [95% interval, Student's t over "
             "the seeds both ran; \"within noise\" when it covers 0] (min..max); gain and gap "
-            "closed against "
-            "`none` (the baseline student); step time and peak memory relative to it"
+            "closed against `none` (the baseline student), over the seeds both ran; step time "
+            "and peak memory relative to it"
             + (f" (step time: every method timed side by side, {summary['step_times']}; a "
                "variant row not timed under its own name shows its method's, one adding other "
                "methods' terms none)."

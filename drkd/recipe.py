@@ -25,19 +25,28 @@ from drkd.checkpoint import code_digest, model_card, model_checkpoint, save_atom
 from drkd.config import Params, TrainConfig, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import train_transforms
-from drkd.engine import distributed, fit, is_main
+from drkd.engine import distributed, fit, is_main, schedule
 from drkd.files import atomic_path, require_files
 from drkd.models import build_detector, count_parameters
 from drkd.tracking import stage_run
 
 
-def shorten(train: TrainConfig, epochs: int, max_steps: int = 0) -> TrainConfig:
-    """The recipe ``train`` at a budget of ``epochs`` (and ``max_steps``, 0 = no cap): the
-    warm-up shrinks by the same factor, rounded, and never grows (a warm-up as long as a short
-    run would leave the student untrained; a longer run does not need a longer one)."""
-    share = min(1.0, epochs / max(train.epochs, 1))
+def shorten(train: TrainConfig, epochs: int, max_steps: int = 0,
+            num_images: int = 0) -> TrainConfig:
+    """The recipe ``train`` at a budget of ``epochs`` (and ``max_steps``, 0 = no cap): its
+    warm-up (rounded) and its step schedule's milestones shrink by the run's share of the full
+    recipe, and never grow. A warm-up as long as a short run would leave the student
+    untrained, and milestones past its end would leave the LR undecayed (cosine compresses by
+    itself). The share counts steps when ``max_steps`` caps the run and ``num_images`` gives
+    the steps an epoch has; epochs otherwise."""
+    share = epochs / max(train.epochs, 1)
+    if max_steps and num_images:
+        per_epoch, _ = schedule(train, num_images)
+        share = min(share, max_steps / (max(train.epochs, 1) * per_epoch))
+    share = min(1.0, share)
     return dataclasses.replace(train, epochs=epochs, max_steps=max_steps,
-                               warmup_steps=round(train.warmup_steps * share))
+                               warmup_steps=round(train.warmup_steps * share),
+                               milestones=tuple(m * share for m in train.milestones))
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:

@@ -179,14 +179,14 @@ def check_space(params: Params, method: str) -> None:
                                   f"({err})") from None
 
 
-def trial_params(params: Params, values: dict[str, Any], method: str = "drkd") -> Params:
+def trial_params(params: Params, values: dict[str, Any], method: str = "drkd",
+                 num_images: int = 0) -> Params:
     """``params`` with ``method`` and its suggested values applied and the student's recipe
-    compressed to `tune`'s budget: fewer epochs, and the warm-up shortened by the same factor
-    (a warm-up as long as the whole trial would leave the student untrained and the study
-    blind)."""
+    compressed to `tune`'s budget (``shorten``; ``num_images``, the training images, lets a
+    `tune.max_steps` cap count in the share)."""
     partial = merge(partial_params(values, method), {"distill": {"method": method}})
     applied = parse_params(merge(to_dict(params), partial))
-    train = shorten(applied.student.train, params.tune.epochs, params.tune.max_steps)
+    train = shorten(applied.student.train, params.tune.epochs, params.tune.max_steps, num_images)
     return dataclasses.replace(applied, student=dataclasses.replace(applied.student, train=train))
 
 
@@ -264,7 +264,7 @@ def make_objective(
             track.log_params(values)
             with tempfile.TemporaryDirectory(prefix=f"drkd-tune-{trial.number}-") as work:
                 ap = distill_and_evaluate(
-                    trial_params(params, values, method),
+                    trial_params(params, values, method, len(train)),
                     teacher,
                     train,
                     val,

@@ -278,6 +278,19 @@ def test_one_seed_has_no_spread(tmp_path: Path) -> None:
     assert "| pkd | 1 | **20.0** | 20.0 | - |" in board_lib.markdown(summary)
 
 
+def test_gain_and_gap_closed_count_the_seeds_both_rows_ran(tmp_path: Path) -> None:
+    """A board of unfinished cells: the baseline has seeds 0-2 (30, 32, 34), drkd only seed 0
+    (31). Its gain is +1 on the seed both ran, not -1 (31 against the baseline's 3-seed mean)."""
+    cells = tmp_path / "cells"
+    for seed, ap in enumerate((0.30, 0.32, 0.34)):
+        write_cell(cells, "none", seed, ap, 0.5, 1.0)
+    write_cell(cells, "drkd", 0, 0.31, 0.5, 1.0)
+    summary = board_lib.summarise(board_lib.read_cells(cells), {"AP": 0.40})
+    drkd = summary["methods"]["drkd"]
+    assert drkd["gain"] == pytest.approx(1.0)
+    assert drkd["gap_closed"] == pytest.approx(1.0 / 10.0)  # teacher 40 vs the baseline's 30
+
+
 @pytest.mark.parametrize("rows, error", [
     ({"x": {"w_pr": 0}}, "compare.methods.x: not a method name"),
     ({"a-b": {}}, "compare.methods.a-b: a row name is letters"),

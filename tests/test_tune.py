@@ -36,7 +36,9 @@ from drkd.config import (
     parse_params,
     to_dict,
 )
-from drkd.devices import thread_share
+from drkd.devices import cores, thread_share
+from drkd.engine import lr_factor, schedule
+from drkd.recipe import shorten
 from drkd.tracking import PIPELINE_ENV
 from stages import tune
 
@@ -164,6 +166,38 @@ def test_a_trial_runs_the_student_recipe_compressed_to_the_tune_budget() -> None
     trial = tuning.trial_params(parse_params(merge(TUNE_PARAMS, over)), {"w_pr": 5e-3})
     assert (trial.student.train.epochs, trial.student.train.warmup_steps) == (2, 75)
     assert trial.distill.w_pr == 5e-3
+
+
+def test_the_cores_to_share_count_a_container_quota(tmp_path: Path) -> None:
+    """A CPU quota (cgroup v2 cpu.max) caps the cores affinity shows, rounded up; "max" or no
+    file leaves affinity's count."""
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert cores(cpu_max) == affinity  # no file
+    for text, expect in [("max 100000", affinity), ("50000 100000", 1),
+                         ("150000 100000", min(affinity, 2)), ("6400000 100000", affinity)]:
+        cpu_max.write_text(text + "\n")
+        assert cores(cpu_max) == expect, text
+
+
+def test_a_shortened_recipe_warms_up_and_decays_over_the_same_fractions_of_its_length() -> None:
+    """The paper's step recipe (24 epochs, drops at 16 and 22, 500 warm-up steps) at 2 epochs:
+    its LR drops at 2/3 and 11/12 of the short run and ends at gamma^2, as the full one does
+    (milestones left in full-recipe epochs never came, so it ended at the full LR). Under a
+    `max_steps` cap the share counts steps, so the warm-up fits inside the run."""
+    full = TrainConfig(epochs=24, batch_size=2, warmup_steps=500, schedule="step",
+                       milestones=(16, 22), gamma=0.1)
+    images = 2000  # 1000 steps an epoch
+    for cfg in (full, shorten(full, 2, num_images=images)):
+        per_epoch, total = schedule(cfg, images)
+        factors = [lr_factor(round(f * total), cfg, total, per_epoch) for f in (0.6, 0.7, 0.95)]
+        assert factors == pytest.approx([1.0, 0.1, 0.01]), (cfg.epochs, factors)
+    short = shorten(full, 2)
+    assert short.milestones == pytest.approx((16 / 12, 22 / 12)) and short.warmup_steps == 42
+    capped = shorten(dataclasses.replace(full, schedule="cosine"), 2, 100, num_images=images)
+    per_epoch, total = schedule(capped, images)
+    assert total == 100 and capped.warmup_steps == round(500 * 100 / 24000) == 2
+    assert shorten(full, 48, num_images=images) == dataclasses.replace(full, epochs=48)
 
 
 @pytest.mark.slow
