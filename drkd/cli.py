@@ -4,6 +4,7 @@ failed stage ends."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
@@ -28,10 +29,17 @@ def training_arguments(description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, _: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """``main(argv)``'s exit code. Bad input (UserError) ends in one ``error:`` line and exit
     code 2; a loss gone NaN/inf (a setting that diverges) in its one-line message, a hint and
-    exit code 1. Anything else is a bug and keeps its traceback."""
+    exit code 1. Anything else is a bug and keeps its traceback. A SIGTERM (a queue or a
+    scheduler stopping the stage) unwinds like an error, exit code 143: the MLflow run ends
+    FAILED instead of staying RUNNING, and no half-written file is left."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return main(argv)
     except UserError as err:
@@ -40,3 +48,5 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     except NonFiniteLoss as err:
         print(f"error: {err}\n{NON_FINITE_HINT}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -142,7 +142,8 @@ def run_cell(params_file: str, row: str, seed: int, out: Path, data: Path, teach
              "--history", str(out / "history.csv"), "--work-dir", str(work)]
     user = load_params(params_file)  # the params file as given: its tracking and launcher
     tags = {"row": row, "method": method, "seed": str(seed), "compare_id": cell_id}
-    with stage_run(user.tracking, f"compare_{out.name}", params, [data / "train.json"]) as run:
+    data_files = [data / "train.json", data / "val.json"]  # as every stage hashes them
+    with stage_run(user.tracking, f"compare_{out.name}", params, data_files) as run:
         run.set_tags(tags)
         if method == "none":
             launch(user.launcher, "stages.train", ["student", *train])

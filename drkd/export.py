@@ -4,8 +4,9 @@ The export is torchvision's detector as it is, pre- and post-processing included
 one float image (3, H, W) in [0, 1], any H and W (the resize to ``min_size``/``max_size``
 happens inside, as in PyTorch); its outputs are ``boxes`` (N, 4) x1, y1, x2, y2 in the input
 image's pixels, ``scores`` (N,) and ``labels`` (N,) (training labels 1..K; the checkpoint's
-``category_ids[label - 1]`` is the dataset's id; RetinaNet and FCOS score label 0, the
-background, too: drop it, as evaluation does). It uses PyTorch's TorchScript-based exporter
+``category_ids[label - 1]`` is the dataset's id, and the file's metadata holds the ids and
+names; RetinaNet and FCOS score label 0, the background, too: drop it, as evaluation does).
+It uses PyTorch's TorchScript-based exporter
 (``dynamo=False``), the path torchvision documents for its detection models, at ``OPSET``.
 What torchvision's export does not cover: a batch of several images in one call (the graph is
 traced with one image), and a different score threshold, NMS IoU or detections cap without
@@ -14,6 +15,7 @@ re-exporting (they are constants of the graph).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,11 @@ from drkd.files import atomic_path, require_files
 OPSET = 17  # torchvision's detection export needs >= 11; 17 is what ONNX Runtime runs natively
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Write ``model`` (eval mode) as ONNX to ``path``, traced on ``example`` (3, H, W)."""
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path,
+                categories: dict[int, str] | None = None) -> None:
+    """Write ``model`` (eval mode) as ONNX to ``path``, traced on ``example`` (3, H, W), with
+    ``categories`` (dataset id -> name, in label order) in the file's metadata, so the file
+    alone maps its labels: ``category_ids`` and ``category_names`` (JSON lists), ``labels``."""
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
@@ -40,6 +45,18 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
                       "scores": {0: "detections"}, "labels": {0: "detections"}},
     )
+    if categories:
+        import onnx
+
+        proto = onnx.load(str(path))
+        for key, value in {
+            "category_ids": json.dumps(list(categories)),
+            "category_names": json.dumps(list(categories.values())),
+            "labels": "label L is category_ids[L - 1]; label 0 is the background: drop it",
+        }.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(path))
 
 
 @torch.no_grad()
@@ -73,12 +90,13 @@ def export_checked(checkpoint: Path, data: Path, out: Path, check_images: int, b
     of detections and labels, boxes within ``box_tol`` pixels, scores within ``score_tol``
     (else one UserError line, nothing written). Returns ``compare_onnx``'s report."""
     require_files([data / "val.json"])
-    model, _ = load_detector(checkpoint)
+    model, state = load_detector(checkpoint)
+    categories = dict(zip(state["category_ids"], state["category_names"], strict=True))
     val = CocoDetection(data / "val.json", eval_transforms())
     count = min(check_images, len(val))
     images = [val[i][0].as_subclass(torch.Tensor) for i in range(max(count, 1))]
     with atomic_path(out) as tmp:
-        export_onnx(model, images[0], tmp)
+        export_onnx(model, images[0], tmp, categories)
         report = compare_onnx(model, tmp, images[:count])
         bad = (report["mismatched_images"] or report["max_box_diff_px"] > box_tol
                or report["max_score_diff"] > score_tol)

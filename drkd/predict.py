@@ -5,7 +5,11 @@ Inputs are image files, folders of them, or a prepared COCO-format split (a json
 ``data/prepared/val.json``; a VOC split is prepared into one by `dvc repro prepare`). Files and
 folders become a split of their own, images numbered 1..N in the order given (a folder's
 images sorted by name), so the same code path as evaluation runs them
-(``drkd.evaluation.predict``): on a split, the detections are exactly what `evaluate` scored.
+(``drkd.evaluation.predict``): on a split, at `evaluate.batch_size`, the detections are
+exactly what `evaluate` scored. At another batch size they can differ slightly where images of
+different sizes share a batch (a batch is padded to its largest image, and the padding reaches
+the features near the border); where every image resizes to one size (the synthetic data,
+BCCD) they do not.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes
 
@@ -50,8 +54,8 @@ def split_of_images(files: list[Path], category_ids: list[int], category_names: 
     images = []
     for number, path in enumerate(files, start=1):
         try:
-            with Image.open(path) as image:
-                width, height = image.size
+            with Image.open(path) as image:  # the size it is displayed at (EXIF rotation)
+                width, height = (ImageOps.exif_transpose(image) or image).size
         except (UnidentifiedImageError, OSError) as err:
             raise UserError(f"{path}: not a readable image ({err.__class__.__name__})") from None
         images.append({"id": number, "file_name": str(path.resolve()), "width": width,

@@ -201,13 +201,16 @@ def markdown_table(metrics: dict[str, dict[str, Any]]) -> str:
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
-    """A loss-history CSV (``step`` + loss columns) as {column: values}."""
+    """A loss-history CSV (``step`` + loss columns) as {column: values}; a header alone is the
+    history of a run of 0 steps (a teacher given trained): {"step": []}."""
     require_files([path])
     with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or "step" not in rows[0]:
-        raise UserError(f"{path}: not a loss history (needs a 'step' column and rows)")
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    if "step" not in columns:
+        raise UserError(f"{path}: not a loss history (needs a 'step' column)")
     return {
         key: [float(r[key]) if r[key] not in ("", None) else math.nan for r in rows]
-        for key in rows[0]
+        for key in columns
     }

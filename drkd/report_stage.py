@@ -29,6 +29,7 @@ def write_report(params: Params, models: list[str], eval_dir: Path, histories: l
                    *(relation_files or ()), data / "val.json"])
     metrics = {m: report.read_metrics(f) for m, f in metrics_files.items()}
     curves = {h.stem.removeprefix("train_"): report.read_history(h) for h in histories}
+    curves = {name: h for name, h in curves.items() if h["step"]}  # trained for 0 steps: no panel
     evaluate = params.evaluate
     logged = {
         "models": ",".join(models),

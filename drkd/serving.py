@@ -7,8 +7,8 @@ index, the dataset's own category id and name, the box as x, y, w, h in the imag
 and the score: the same detections ``python -m stages.predict`` writes for that image.
 The model's artifact is the checkpoint as training wrote it. MLflow logs this file as the
 model's code ("models from code": nothing pickled) and this package beside it, so a fresh
-process needs only the pinned torch and torchvision. No stage imports this module (tracking
-passes its path), so editing it reruns no DVC stage.
+process needs only the pinned packages the model lists (torch, torchvision, ruamel.yaml). No
+stage imports this module (tracking passes its path), so editing it reruns no DVC stage.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -38,9 +38,11 @@ def encode_image(path: str | Path) -> str:
 
 
 def decode_image(text: str) -> torch.Tensor:
-    """A base64 image -> float (3, H, W) in [0, 1], RGB, as evaluation feeds the detector."""
+    """A base64 image -> float (3, H, W) in [0, 1], RGB, as evaluation feeds the detector, in
+    the orientation it is displayed in (a phone photo's EXIF rotation applied)."""
     with Image.open(io.BytesIO(base64.b64decode(text))) as image:
-        pixels = tv_tensors.Image(pil_to_tensor(image.convert("RGB")))
+        upright = ImageOps.exif_transpose(image) or image
+        pixels = tv_tensors.Image(pil_to_tensor(upright.convert("RGB")))
     return eval_transforms()(pixels).as_subclass(torch.Tensor)
 
 

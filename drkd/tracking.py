@@ -33,6 +33,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,15 @@ def tracking_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
 
 
 def git_commit() -> str:
+    """HEAD, with "-dirty" when tracked files differ from it; DVC's lock files do not count
+    (DVC rewrites them as a pipeline runs: every stage after the first would read dirty)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude,glob)**/dvc.lock"],
             capture_output=True,
             text=True,
             check=True,
@@ -210,6 +214,7 @@ class StageRun:
             # Exactly what runs it; nothing inferred (inference would import the model).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"torchvision=={torchvision.__version__.split('+')[0]}",
+                              f"ruamel.yaml=={metadata.version('ruamel.yaml')}",
                               "pandas", "pillow", "numpy"],
             input_example=example,
             metadata={"model_config": config},

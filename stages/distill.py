@@ -1,15 +1,18 @@
 """DVC stage `distill`: the student of params.yaml distilled from a teacher checkpoint.
 
     python -m stages.distill --teacher models/teacher.pt --out ... --history ... --work-dir ...
-                             [--modules-out models/drkd_modules.pt]
+                             [--modules-out models/drkd_modules.pt] [--settings FILE]
 
 The student trains as `train_student` trains it (``drkd.recipe.train_detector``: recipe,
 budget, initial weights), wrapped in a Distiller (params `distill`); only the student is saved,
-plus with ``--modules-out`` the training-only modules (DRKD's relation plots).
+plus with ``--modules-out`` the training-only modules (DRKD's relation plots). ``--settings``
+(the stage's DVC dependency, written by `distill_settings`) must hold the `distill` keys the
+method reads, as params give them.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import cast
@@ -18,9 +21,10 @@ from torch import nn
 
 from drkd import cli
 from drkd.checkpoint import save_atomic
-from drkd.config import DistillConfig, load_params
+from drkd.config import DistillConfig, UserError, load_params, method_distill, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.distiller import Distiller, load_teacher
+from drkd.files import require_files
 from drkd.recipe import Distillation, train_detector
 
 
@@ -42,8 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.training_arguments(__doc__)
     parser.add_argument("--teacher", required=True, help="teacher checkpoint to distil from")
     parser.add_argument("--modules-out", help="save the training-only modules (DRKD's relations)")
+    parser.add_argument("--settings", help="the method's settings as distill_settings wrote them")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    if args.settings:
+        require_files([Path(args.settings)])
+        if json.loads(Path(args.settings).read_text()) != method_distill(to_dict(params.distill)):
+            raise UserError(f"{args.settings}: stale, not the distill settings of {args.params} "
+                            "(dvc repro distill_settings writes them)")
     modules = Path(args.modules_out) if args.modules_out else None
     train_detector(params, "student", Path(args.data), Path(args.out), Path(args.history),
                    Path(args.work_dir), distillation(params.distill, Path(args.teacher), modules))

@@ -194,3 +194,31 @@ def test_library_imports_no_stage() -> None:
         for f in (ROOT / "drkd").rglob("*.py")}
     assert not {k: v for k, v in offenders.items() if v}
 
+
+
+def test_distill_reruns_only_for_the_settings_its_method_reads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The `distill` stage depends on distill_settings' file, not on all of params `distill`:
+    another method's weight leaves the file (so distill) as it was, one of DRKD's changes it,
+    and a stale file stops the stage before it trains."""
+    from conftest import toy_params
+    from drkd import cli
+    from stages import distill, distill_settings
+
+    stage = STAGES["distill"]
+    assert "distill" not in stage["params"]
+    assert "models/distill_settings.json" in stage["deps"]
+    assert STAGES["distill_settings"]["params"] == ["distill"]
+    written = []
+    for i, section in enumerate([{}, {"pkd": {"weight": 6.0}}, {"w_ir": 0.5}]):
+        params = toy_params(tmp_path / f"p{i}.yaml", distill=section)
+        out = tmp_path / f"settings{i}.json"
+        assert distill_settings.main(["--params", str(params), "--out", str(out)]) == 0
+        written.append(out.read_text())
+    assert written[1] == written[0] and written[2] != written[0]
+    argv = ["--params", str(tmp_path / "p2.yaml"), "--settings", str(tmp_path / "settings0.json"),
+            "--teacher", "t.pt", "--out", str(tmp_path / "s.pt"), "--history", "h.csv",
+            "--work-dir", str(tmp_path / "w")]
+    assert cli.run(distill.main, argv) == 2
+    assert "settings0.json: stale, not the distill settings of" in capsys.readouterr().err
+    assert not (tmp_path / "s.pt").exists()

@@ -25,6 +25,7 @@ from conftest import (
 from drkd import cli, plots
 from drkd import report as rep
 from drkd.checkpoint import load_detector, model_checkpoint, save_atomic
+from drkd.config import UserError
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
 from drkd.evaluation import coco_metrics, predict
@@ -226,6 +227,24 @@ def test_report_single_model_without_histories(evaluated: Path, tiny_data: Path,
     assert [t.get_text() for t in ax.texts] == ["no training histories given"]
     titles = [ax.get_title() for ax in saved_figures["detections.png"].axes[:2]]
     assert titles == ["ground truth", "student"]
+
+
+def test_report_with_a_teacher_given_trained(evaluated: Path, tiny_data: Path,
+                                             saved_figures: dict[str, Any]) -> None:
+    """`teacher.train.epochs: 0` (the paper presets: the teacher given trained) writes a
+    history of a header alone: the report leaves its loss panel out instead of failing."""
+    given = evaluated / "given_teacher.csv"
+    given.write_text("step\n")
+    assert report.main([
+        "--models", "teacher", "student", "--eval-dir", str(evaluated / "eval"),
+        "--data", str(tiny_data), "--histories", str(given), str(evaluated / "train_student.csv"),
+        "--summary", str(evaluated / "g.json"), "--table", str(evaluated / "g.md"),
+        "--plots-dir", str(evaluated / "g"), "--params", str(evaluated / "params.yaml")]) == 0
+    titles = {ax.get_title() for ax in saved_figures["loss_curves.png"].axes if ax.get_title()}
+    assert titles == {"student"}
+    (evaluated / "bad.csv").write_text("epoch,loss\n1,2\n")
+    with pytest.raises(UserError, match="bad.csv: not a loss history"):
+        rep.read_history(evaluated / "bad.csv")
 
 
 def test_report_missing_metrics_is_one_line_error(evaluated: Path, tiny_data: Path,

@@ -4,6 +4,7 @@ over real detections), any input size, and a failed check that writes nothing.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from conftest import toy_model
-from drkd import cli
+from drkd import checkpoint, cli
 from drkd.checkpoint import model_checkpoint, save_atomic
 from drkd.data.coco import CocoDetection
 from drkd.models import build_detector
@@ -50,6 +51,11 @@ def test_onnx_runtime_gives_what_pytorch_gives(detector: Path, tiny_data: Path, 
     assert np.array_equal(labels, ref["labels"].numpy())
     assert np.abs(boxes - ref["boxes"].numpy()).max() < 0.01
     assert boxes[:, 2].max() <= 96 and boxes[:, 3].max() <= 40  # in the input image's pixels
+    # The file alone maps its labels to the dataset's categories.
+    meta = session.get_modelmeta().custom_metadata_map
+    state = checkpoint.load(detector)
+    assert json.loads(meta["category_ids"]) == list(state["category_ids"])
+    assert json.loads(meta["category_names"]) == list(state["category_names"])
 
 
 def test_a_failed_check_is_one_line_and_writes_nothing(

@@ -183,6 +183,11 @@ def test_second_repro_is_a_no_op_and_student_change_reruns_only_its_branch(
     assert "Running stage 'distill'" in out and "Running stage 'report'" in out
     for stage in ("train_teacher", "train_student", "evaluate@student"):
         assert f"Running stage '{stage}'" not in out
+    # A setting the method does not read (PKD's weight, under DRKD) reruns only the cheap
+    # distill_settings stage, whose file stays the same.
+    out = _run(["dvc", "exp", "run", "-S", "distill.pkd.weight=4.0"], root, env)
+    assert "Running stage 'distill_settings'" in out
+    assert "Running stage 'distill'" not in out and "Running stage 'report'" not in out
 
 
 def test_dvc_metrics_and_plots_read_the_outputs(repo: tuple[Path, dict[str, str]]) -> None:
@@ -323,3 +328,32 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
     for r in runs:  # the training steps' time: above 0, below the cell's setup + train + eval
         wall = (r.info.end_time - r.info.start_time) / 1000
         assert 0 < r.data.metrics["train_seconds"] < wall, (r.data.metrics, wall)
+
+
+def test_cells_run_elsewhere_are_restored_not_retrained(
+        repo: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """Compare cells across machines, as docs/compare-and-tune.md says: cells run on one
+    machine and pushed with their runs (`dvc push --run-cache`) are restored on another, a
+    clone of the same commit, by `dvc fetch --run-cache` and `dvc repro --pull`, not trained
+    again; the board is the same."""
+    root, env = repo
+    _run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], root, env)
+    _run(["dvc", "push", "--run-cache"], root, env)
+    board = tmp_path / "board"
+    for name in [*COPY, "dvc.lock"]:  # the commit: not compare/dvc.lock, which stays local
+        src = root / name
+        if src.is_dir():
+            shutil.copytree(src, board / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (board / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, board / name)
+    _run(["git", "init", "-q"], board, env)
+    _run(["dvc", "init", "-q"], board, env)
+    _run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], board, env)
+    _run(["dvc", "pull", "models/teacher.pt", "data/prepared"], board, env)
+    _run(["dvc", "fetch", "--run-cache"], board, env)
+    out = _run(["dvc", "repro", "--pull", "compare/dvc.yaml"], board, env)
+    assert "Running stage 'compare/dvc.yaml:cell@" not in out, out[-3000:]
+    assert out.count("is cached - skipping run") >= 6  # the rows stage and every cell
+    boards = [json.loads((r / "compare" / "leaderboard.json").read_text()) for r in (root, board)]
+    assert boards[0] == boards[1]

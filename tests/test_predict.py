@@ -18,8 +18,11 @@ from drkd import cli
 from drkd.checkpoint import model_checkpoint, save_atomic
 from drkd.config import UserError
 from drkd.data.coco import CocoDetection
+from drkd.data.transforms import eval_transforms
 from drkd.evaluation import coco_metrics
 from drkd.models import build_detector
+from drkd.predict import split_of_images
+from drkd.serving import decode_image, encode_image
 from stages import evaluate, predict
 
 
@@ -119,3 +122,19 @@ def test_bad_input_is_one_line(detector: Path, tiny_data: Path, tmp_path: Path,
         predict.main([str(detector), str(tmp_path / "renamed.json"), "--out",
                       str(tmp_path / "o.json")])
     assert not (tmp_path / "o.json").exists()  # nothing written
+
+
+def test_a_rotated_photo_is_read_upright(tmp_path: Path) -> None:
+    """A phone photo stored 96x40 with EXIF orientation 6 (displayed 40 wide, 96 high): predict's
+    split records the displayed size, so the detector sees it upright, as evaluation would,
+    and the served model decodes it upright too."""
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.new("RGB", (96, 40), "red").save(path, exif=exif)
+    split = split_of_images([path], [1], ["a"], tmp_path / "split.json")
+    info = json.loads(split.read_text())["images"][0]
+    assert (info["width"], info["height"]) == (40, 96)
+    image, _ = CocoDetection(split, eval_transforms())[0]
+    assert tuple(image.shape) == (3, 96, 40)
+    assert tuple(decode_image(encode_image(path)).shape) == (3, 96, 40)

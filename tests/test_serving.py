@@ -69,6 +69,47 @@ print(json.dumps(model.predict(pd.DataFrame({"image": [image]})).values.tolist()
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Every third-party module the drkd modules loaded with drkd.serving import by name, with the
+# distributions that provide it.
+DIRECT_IMPORTS = """
+import ast, json, sys
+from importlib import metadata
+import drkd.serving
+names = set()
+for name, module in list(sys.modules.items()):
+    if name.split(".")[0] == "drkd" and getattr(module, "__file__", None):
+        for node in ast.walk(ast.parse(open(module.__file__).read())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+names -= set(sys.stdlib_module_names) | {"drkd", "__future__"}
+dists = metadata.packages_distributions()
+print(json.dumps({n: sorted(d.lower() for d in dists.get(n, [n])) for n in sorted(names)}))
+"""
+
+
+def test_the_model_lists_every_package_its_code_imports(logged: dict[str, str]) -> None:
+    """`mlflow models serve` builds an environment from the model's requirements: each
+    distribution the served code imports is there (MLflow adds itself), torch and torchvision
+    and ruamel.yaml at this environment's versions."""
+    from importlib import metadata
+
+    import mlflow
+
+    listed = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{logged['model_id']}"))
+    requirements = {line.split("==")[0].lower(): line for line in listed.read_text().split()}
+    done = subprocess.run([sys.executable, "-c", DIRECT_IMPORTS], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = json.loads(done.stdout)  # module -> the distributions that provide it
+    assert {"torch", "torchvision", "ruamel", "PIL", "pandas"} <= set(imported)
+    missing = {name for name, dists in imported.items() if not set(dists) & set(requirements)}
+    assert missing == set(), (missing, requirements)
+    for name in ("torch", "torchvision", "ruamel.yaml"):
+        assert requirements[name] == f"{name}=={metadata.version(name).split('+')[0]}"
+
+
 @pytest.mark.slow
 def test_loaded_by_uri_in_a_fresh_process(logged: dict[str, str], tmp_path: Path) -> None:
     """Both the model's own URI and the registry alias load in a process that never imported

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -14,6 +16,7 @@ from drkd.config import TrackingConfig
 from drkd.tracking import (
     EXPERIMENT_KIND_TAG,
     PIPELINE_ENV,
+    git_commit,
     pipeline_id,
     stage_run,
     tracking_uri,
@@ -213,3 +216,61 @@ def test_equal_bytes_of_two_runs_find_the_model_of_the_same_name(store: str,
         moved = tmp_path / "copy.pt"  # a copy under another name: the newest of equal bytes
         moved.write_bytes(b"weights")
         assert run.find_model(moved) == student_id
+
+
+def test_git_commit_is_dirty_for_edits_but_not_for_dvc_lock_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC rewrites dvc.lock after each stage of a run: the later stages' runs must still tag
+    the commit they ran, not "-dirty"; an edited tracked file does make it dirty."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "compare").mkdir()
+    for name in ("dvc.lock", "compare/dvc.lock", "code.py"):
+        (tmp_path / name).write_text("a\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "init"]):
+        subprocess.run([*git, *args], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert git_commit() == head
+    for name in ("dvc.lock", "compare/dvc.lock"):
+        (tmp_path / name).write_text("b\n")
+    assert git_commit() == head
+    (tmp_path / "code.py").write_text("b\n")
+    assert git_commit() == f"{head}-dirty"
+
+
+TERMINATED_STAGE = """
+import sys, time
+from pathlib import Path
+from drkd import cli
+from drkd.config import TrackingConfig
+from drkd.tracking import stage_run
+def main(argv):
+    with stage_run(TrackingConfig(), "train_teacher", {}):
+        Path(argv[0]).write_text("running")
+        time.sleep(120)
+    return 0
+sys.exit(cli.run(main, sys.argv[1:]))
+"""
+
+
+def test_a_terminated_stage_ends_its_run_failed(tmp_path: Path) -> None:
+    """SIGTERM (a queue or scheduler stopping a stage) unwinds the stage: exit code 143 and its
+    MLflow run FAILED, not left RUNNING."""
+    import signal
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ready = tmp_path / "ready"
+    stage = subprocess.Popen([sys.executable, "-c", TERMINATED_STAGE, str(ready)], cwd=tmp_path,
+                             env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline and stage.poll() is None:
+        time.sleep(0.2)
+    assert ready.exists(), "the stage never started its run"
+    stage.send_signal(signal.SIGTERM)
+    assert stage.wait(timeout=60) == 143
+    mlflow.set_tracking_uri(uri)
+    (run,) = mlflow.search_runs(experiment_names=["drkd"], output_format="list")
+    assert run.info.run_name == "train_teacher" and run.info.status == "FAILED"
