@@ -35,6 +35,17 @@ COPY = [
 ]
 
 
+def copy_files(source: Path, names: list[str], dest: Path) -> None:
+    """``names`` (files or folders) from ``source`` into ``dest``, without bytecode."""
+    for name in names:
+        src = source / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dest / name)
+
+
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (
@@ -46,13 +57,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     repo = tmp_path_factory.mktemp("repo")
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, repo / name)
+    copy_files(ROOT, COPY, repo)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -340,13 +345,7 @@ def test_cells_run_elsewhere_are_restored_not_retrained(
     _run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], root, env)
     _run(["dvc", "push", "--run-cache"], root, env)
     board = tmp_path / "board"
-    for name in [*COPY, "dvc.lock"]:  # the commit: not compare/dvc.lock, which stays local
-        src = root / name
-        if src.is_dir():
-            shutil.copytree(src, board / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (board / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, board / name)
+    copy_files(root, [*COPY, "dvc.lock"], board)  # the commit: not compare/dvc.lock (local)
     _run(["git", "init", "-q"], board, env)
     _run(["dvc", "init", "-q"], board, env)
     _run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], board, env)
