@@ -57,7 +57,7 @@ from drkd.config import (
 )
 from drkd.devices import pick_device
 from drkd.distiller import Distiller
-from drkd.engine import make_optimizer, module_device
+from drkd.engine import autocast_dtype, make_optimizer, module_device
 from drkd.engine import train_step as engine_step
 from drkd.files import write_json
 from drkd.models import build_detector
@@ -131,7 +131,9 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     """First and third quartile (one value: itself twice)."""
     if len(values) == 1:
         return values[0], values[0]
-    low, _, high = statistics.quantiles(values, n=4)
+    # "inclusive": quartiles within the values ("exclusive", the default, extrapolates past
+    # them for 2 values and gives the min and max for 3).
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
     return low, high
 
 
@@ -150,12 +152,19 @@ def models(params_file: str, device: torch.device) -> tuple[torch.nn.Module, tor
     return student, teacher
 
 
+AS_TRAINED = "as trained"  # the autocast dtype training uses: train.amp on CUDA, fp32 on a CPU
+
+
 def batch_stepper(
-    module: torch.nn.Module, cfg: TrainConfig, amp: torch.dtype | None = None
+    module: torch.nn.Module, cfg: TrainConfig, amp: torch.dtype | None | str = AS_TRAINED
 ) -> Callable[[list, list], dict[str, float]]:
     """The training loop's own step (drkd.engine.train_step: clipping, one transfer) with one
-    optimizer kept across calls, on the batch it is given."""
+    optimizer kept across calls, on the batch it is given; ``amp``: an autocast dtype, None
+    for fp32, or as training runs it."""
     module.train()
+    if amp == AS_TRAINED:
+        amp = autocast_dtype(cfg, module_device(module))
+    assert amp is None or isinstance(amp, torch.dtype)
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], cfg)
     scaler = torch.amp.GradScaler(module_device(module).type, enabled=amp == torch.float16)
 
@@ -169,7 +178,7 @@ def batch_stepper(
 
 def train_step(
     module: torch.nn.Module, images: list, targets: list, cfg: TrainConfig,
-    amp: torch.dtype | None = None,
+    amp: torch.dtype | None | str = AS_TRAINED,
 ) -> Callable[[], dict[str, float]]:
     """The same on one fixed batch."""
     step = batch_stepper(module, cfg, amp)
@@ -183,9 +192,10 @@ def step_ratio(params_file: str, steps: int, settle: int = 1) -> dict[str, float
     images, targets = batch(image_shape(params), params.student.train.batch_size, device)
     teacher.eval()
     tensors = torch.stack(images)
+    amp = autocast_dtype(params.student.train, device)
 
-    def teacher_forward() -> None:
-        with torch.no_grad():
+    def teacher_forward() -> None:  # as the Distiller runs it: no grad, the student's autocast
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             teacher.backbone(tensors)
 
     # The distiller trains its own copy of the student (same init), so the two steps are
@@ -204,12 +214,13 @@ def step_ratio(params_file: str, steps: int, settle: int = 1) -> dict[str, float
     t = {name: statistics.median(seconds) for name, seconds in r.items()}
     # This machine's step time wanders by several percent from one round to the next: the
     # quartiles of the per-round ratio say how far the ratio of the medians can be trusted.
-    low, high = quartiles([d / (s + f) for d, s, f in zip(r["distill"], r["student"],
-                                                          r["teacher"], strict=True)])
+    per_round = [d / (s + f) for d, s, f in zip(r["distill"], r["student"], r["teacher"],
+                                                 strict=True)]
+    low, high = quartiles(per_round)
     return {"student_step_s": t["student"], "teacher_forward_s": t["teacher"],
             "distill_step_s": t["distill"],
             "ratio": t["distill"] / (t["student"] + t["teacher"]),
-            "ratio_q1": low, "ratio_q3": high}
+            "ratio_q1": low, "ratio_q3": high, "ratio_round_median": statistics.median(per_round)}
 
 
 def method_steps(params_file: str, settings: dict[str, DistillConfig], steps: int,
@@ -311,8 +322,12 @@ def peak_memory(params_file: str, distill: bool) -> float:
     device = pick_device()
     imports = resident_mib("VmRSS") if device.type == "cpu" else 0.0
     params = load_params(params_file)
-    student, teacher = models(params_file, device)
-    module: torch.nn.Module = Distiller(student, teacher, params.distill) if distill else student
+    if distill:
+        student, teacher = models(params_file, device)
+        module: torch.nn.Module = Distiller(student, teacher, params.distill)
+    else:  # the plain student's peak without a teacher in memory
+        torch.manual_seed(0)
+        module = build_detector(params.student.model, NUM_CLASSES)
     module.to(device)
     images, targets = batch(image_shape(params), params.student.train.batch_size, device)
     step = train_step(module, images, targets, params.student.train)
@@ -379,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"student step {ratio['student_step_s']:.3f} s + teacher forward "
           f"{ratio['teacher_forward_s']:.3f} s; distill step {ratio['distill_step_s']:.3f} s")
     print(f"step-time ratio distill / (student + teacher forward): {ratio['ratio']:.3f} "
-          f"(target <= 1.10); quartiles of the {args.steps} rounds' ratios "
+          f"(target <= 1.10); the {args.steps} rounds' ratios: median "
+          f"{ratio['ratio_round_median']:.3f}, quartiles "
           f"{ratio['ratio_q1']:.3f}-{ratio['ratio_q3']:.3f}")
     print(f"instance relations, 4 images x 10 instances, fwd+bwd: batched "
           f"{1000 * speed['batched_s']:.2f} ms, per-image loop {1000 * speed['looped_s']:.2f} ms, "

@@ -103,7 +103,6 @@ def measure(
     # Random R101/R50 weights: residual branches at zero, or the teacher's maps reach ~1e4
     # (paper_scale.random_detector).
     build = paper_scale.random_detector if setting.paper else build_detector
-    student = build(setting.student, setting.num_classes).to(device).train()
     teacher = build(setting.teacher, setting.num_classes).to(device).eval()
     distiller = Distiller(build(setting.student, setting.num_classes), teacher, setting.distill
                           ).to(device)
@@ -139,6 +138,8 @@ def measure(
         distill_step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
+    # Built after the peak: a plain student beside the distiller is not what training holds.
+    student = build(setting.student, setting.num_classes).to(device).train()
     t = timed(
         {"student": stepper("student", student), "teacher": teacher_forward,
          "distill": distill_step},

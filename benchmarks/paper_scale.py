@@ -65,6 +65,7 @@ from drkd.config import (
 from drkd.data.voc import read_annotation, read_split, split_file
 from drkd.devices import pick_device
 from drkd.distiller import Distiller
+from drkd.engine import autocast_dtype
 from drkd.files import write_json
 from drkd.models import build_detector
 
@@ -170,20 +171,28 @@ def parts_ms(step: Any) -> dict[str, float]:
     activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
     with torch.profiler.profile(activities=activities) as prof:
         step()
+    # The CPU range of each label: on CUDA its device_time_total is its kernels' time (the GPU
+    # annotation of the same name is another entry of key_averages, left out).
     found = {e.key: (e.device_time_total if cuda else e.cpu_time_total) / 1000
-             for e in prof.key_averages() if e.key in PARTS}
+             for e in prof.key_averages()
+             if e.key in PARTS and e.device_type == torch.autograd.DeviceType.CPU}
     return {k: round(found[k], 1) for k in PARTS if k in found}
 
 
 def peak_mib(arch: str, row: str, smoke: bool) -> float:
-    """Peak memory of one train step of ``row``, in this (fresh) process, above the imports."""
+    """Peak memory of 3 train steps of ``row`` (from the second on, the optimizer's state and
+    the last step's gradients are live), in this (fresh) process, above the imports; the
+    plain student's without a teacher in memory."""
     device = pick_device()
     imports = resident_mib("VmRSS")
     paper = paper_params(arch, smoke)
-    teacher = random_detector(paper.teacher.model, len(CLASSES) + 1).to(device)
+    teacher = (random_detector(paper.teacher.model, len(CLASSES) + 1).to(device)
+               if row != "none" else torch.nn.Identity())
     module = module_for(row, paper.student.model, teacher, paper, len(CLASSES) + 1).to(device)
     images, targets = bccd_batch(2, 96 if smoke else None, device)
-    train_step(module, images, targets, paper.student.train)()
+    step = train_step(module, images, targets, paper.student.train)
+    for _ in range(3):
+        step()
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resident_mib("VmHWM") - imports
@@ -215,8 +224,10 @@ def methods_table(arch: str, steps: int, smoke: bool, memory: bool,
     transform = random_detector(paper.student.model, classes).transform.eval()
     batch = transform(images)[0].tensors
 
-    def teacher_forward() -> None:
-        with torch.no_grad():
+    amp = autocast_dtype(paper.student.train, device)
+
+    def teacher_forward() -> None:  # as the Distiller runs it: no grad, the student's autocast
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             teacher.backbone(batch)
 
     times = rounds({**steppers, "teacher forward": teacher_forward}, steps, device, warmup=1,

@@ -134,7 +134,9 @@ def per_term_sync_step(
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(list(module.parameters()), section.train.clip_grad_norm)
+        if section.train.clip_grad_norm > 0:  # as the training loop: 0 is off (a max norm of
+            torch.nn.utils.clip_grad_norm_(  # 0 would zero every gradient)
+                list(module.parameters()), section.train.clip_grad_norm)
         optimizer.step()
         [float(v.detach()) for v in (*losses.values(), total)]
 

@@ -139,3 +139,31 @@ def test_an_unknown_row_is_one_error_line_naming_the_rows() -> None:
     assert done.stderr.startswith("error: params.yaml: compare.methods has no row 'drkdx' (rows: ")
     assert len(done.stderr.strip().splitlines()) == 1
     assert done.stdout == ""
+
+
+def test_quartiles_lie_within_the_values() -> None:
+    """The per-round ratios' quartiles are interpolated inside the observations: with 2 or 3
+    rounds they are neither extrapolated past them nor the min and max."""
+    assert distill_cost.quartiles([1.0, 2.0]) == (1.25, 1.75)
+    assert distill_cost.quartiles([1.0, 2.0, 3.0]) == (1.5, 2.5)
+    assert distill_cost.quartiles([4.0]) == (4.0, 4.0)
+
+
+def test_the_plain_students_peak_holds_no_teacher(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baseline's peak memory is the plain student's training alone: only the student's
+    detector is built for it (the teacher's weights in memory raised the baseline's peak)."""
+    from drkd.models import build_detector
+
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                   yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text()))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    built: list[str] = []
+
+    def spy(cfg, num_classes):  # type: ignore[no-untyped-def]
+        built.append(cfg.backbone)
+        return build_detector(cfg, num_classes)
+
+    monkeypatch.setattr(distill_cost, "build_detector", spy)
+    assert distill_cost.peak_memory(str(tmp_path / "params.yaml"), distill=False) > 0
+    assert built == [params["student"]["model"]["backbone"]]
