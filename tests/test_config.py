@@ -124,7 +124,7 @@ def test_wrong_type_message_exact(tmp_path: Path) -> None:
                                        "got 'yolo'"),
         ("teacher.model.norm", "layer", "expected one of 'batch', 'group', 'frozen', got 'layer'"),
         ("data.source", "pascal", "expected one of 'synthetic', 'coco', 'voc', got 'pascal'"),
-        ("teacher.train.milestones", 3, "expected a list of ints, got 3"),
+        ("teacher.train.milestones", 3, "expected a list of floats, got 3"),
         ("teacher.train", [1], "expected a mapping, got [1]"),
         ("tracking.enabled", "yes", "expected a boolean, got 'yes'"),
         ("seed", -1, "expected a non-negative int, got -1"),
