@@ -14,6 +14,9 @@ training sees it), per instance level:
 - filter AUC: how well the filter's weights tell same-class pairs from the others (0.5 = not
   at all; the filter is trained on exactly that);
 - self mass: the teacher matrix's mean weight on an instance's own pair R_t[i, i];
+- R_t top share / R_t one-hot rows: the same two for the teacher's relation rows themselves
+  (what L_IR asks the student to match): a filter's weights are bounded, but a sharp
+  temperature can still put a whole row on one partner;
 - L_IR (unweighted, the run's target and reduction) of the distilled student under the
   trained filter, a fresh filter (seed 0) and no filter.
 """
@@ -50,6 +53,11 @@ def filter_statistics(method: DRKD, student_maps: list[torch.Tensor],
     _, r_t, _ = method.matrices(level, e_s, e_t, mask)
     valid = mask.sum(1) > 0
     out["self mass"] = float(r_t.diagonal(dim1=1, dim2=2)[mask].mean()) if valid.any() else 0.0
+    kept = (r_t > 0).sum(-1) >= 2  # rows relating at least 2 partners
+    if kept.any():
+        top = r_t.max(-1).values[kept]  # rows sum to 1
+        out["R_t top share"] = float(top.mean())
+        out["R_t one-hot rows"] = float((top > 0.99).float().mean())
     filters = method.filters
     if len(filters):
         weights = filters[level](e_t, mask)

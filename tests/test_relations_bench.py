@@ -58,6 +58,12 @@ def test_relation_filter_statistics_on_a_toy_run() -> None:
     shares = [max(w[i, j] for j in range(4) if j != i) / sum(w[i, j] for j in range(4) if j != i)
               for i in range(4)]
     assert stats["top share"] == pytest.approx(float(sum(shares) / 4), rel=1e-5)
+    # The teacher's relation rows themselves: each row's largest entry, over the rows that
+    # relate 2 or more partners (image 0's 4 rows, 3 partners each, top-4 keeps them all).
+    _, r_t, _ = d.method.matrices(0, e_t, e_t, mask)  # R_t does not depend on the student
+    tops = [float(r_t[0, i].max()) for i in range(4)]
+    assert stats["R_t top share"] == pytest.approx(sum(tops) / 4, rel=1e-5)
+    assert stats["R_t one-hot rows"] == sum(t > 0.99 for t in tops) / 4
     assert all(math.isfinite(stats[k]) for k in
                ("L_IR trained filter", "L_IR fresh filter", "L_IR no filter"))
 
