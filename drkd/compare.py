@@ -24,7 +24,7 @@ from drkd.config import (
     row_distill,
     to_dict,
 )
-from drkd.files import require_files, write_json, write_text
+from drkd.files import require_files, require_fresh, write_json, write_text
 from drkd.recipe import shorten
 from drkd.tracking import stage_run
 
@@ -127,11 +127,10 @@ def run_cell(params_file: str, row: str, seed: int, out: Path, data: Path, teach
     lists); ``row_file``, the cell's DVC dependency, must hold what the cell trains with."""
     params = cell_params(params_file, row, seed)
     if row_file:
-        require_files([row_file])
-        if json.loads(row_file.read_text()) != params["distill"]:
-            raise UserError(f"{row_file}: stale, not row {row!r} of {params_file} "
-                            "(run `dvc repro compare/dvc.yaml:rows` first)")
-    require_files([data / "train.json", data / "val.json", teacher])
+        require_fresh(row_file, params["distill"], f"not row {row!r} of {params_file} "
+                      "(run `dvc repro compare/dvc.yaml:rows` first)")
+    splits = [data / "train.json", data / "val.json"]
+    require_files([*splits, teacher])
     method = params["distill"]["method"]
     cell_id = compare_id(params, data, teacher)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,8 +141,7 @@ def run_cell(params_file: str, row: str, seed: int, out: Path, data: Path, teach
              "--history", str(out / "history.csv"), "--work-dir", str(work)]
     user = load_params(params_file)  # the params file as given: its tracking and launcher
     tags = {"row": row, "method": method, "seed": str(seed), "compare_id": cell_id}
-    data_files = [data / "train.json", data / "val.json"]  # as every stage hashes them
-    with stage_run(user.tracking, f"compare_{out.name}", params, data_files) as run:
+    with stage_run(user.tracking, f"compare_{out.name}", params, splits) as run:
         run.set_tags(tags)
         if method == "none":
             launch(user.launcher, "stages.train", ["student", *train])

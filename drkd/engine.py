@@ -190,6 +190,12 @@ def gathered(state: torch.Tensor, size: int) -> list[torch.Tensor]:
     return states
 
 
+def rank_state(saved: Any, rank: int) -> torch.Tensor:
+    """This rank's state of a saved ``gathered`` list (one state alone: a checkpoint from
+    before per-rank states)."""
+    return saved[rank] if isinstance(saved, list) else saved
+
+
 def fit(
     module: nn.Module,
     dataset: Dataset[Any],
@@ -241,12 +247,9 @@ def fit(
             module.load_state_dict(state["module"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
-            rng = state["rng"]  # one state per rank (a single one before per-rank states)
-            torch.set_rng_state(rng[rank] if isinstance(rng, list) else rng)
+            torch.set_rng_state(rank_state(state["rng"], rank))
             if device.type == "cuda" and "cuda_rng" in state:  # MGD's masks are drawn there
-                cuda_rng = state["cuda_rng"]
-                torch.cuda.set_rng_state(
-                    cuda_rng[rank] if isinstance(cuda_rng, list) else cuda_rng, device)
+                torch.cuda.set_rng_state(rank_state(state["cuda_rng"], rank), device)
             step, start_epoch, history = state["step"], state["epoch"] + 1, state["history"]
             window, window_steps = state["window"], int(state["window_steps"])
             seconds = float(state["seconds"])

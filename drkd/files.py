@@ -46,6 +46,14 @@ def require_files(paths: list[Path]) -> None:
             raise UserError(f"{path}: file not found (run the stage that writes it first)")
 
 
+def require_fresh(path: Path, expected: Any, stale: str) -> None:
+    """``path``, a JSON file a cheap DVC stage wrote for a later stage to depend on, must hold
+    ``expected`` (what that stage trains with); else one UserError: "PATH: stale, ``stale``"."""
+    require_files([path])
+    if json.loads(path.read_text()) != expected:
+        raise UserError(f"{path}: stale, {stale}")
+
+
 def write_text(text: str, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

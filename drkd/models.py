@@ -113,9 +113,9 @@ def _anchors(
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """A torchvision detector; ``num_classes`` includes the background."""
+    # detections_per_img is not common: Faster R-CNN names it box_detections_per_img, and its
+    # **kwargs would swallow the other name.
     common = dict(min_size=cfg.min_size, max_size=cfg.max_size)
-    # Faster R-CNN names it box_detections_per_img; its **kwargs would swallow the other name.
-    per_image = dict(detections_per_img=cfg.detections_per_img)
     model: nn.Module
     if cfg.arch == "retinanet":
         backbone = _backbone(cfg, "p3")
@@ -135,8 +135,8 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
             anchor_generator=anchors,
             head=head,
             score_thresh=cfg.score_thresh,
+            detections_per_img=cfg.detections_per_img,
             **common,
-            **per_image,
         )
     elif cfg.arch == "fcos":
         backbone = _backbone(cfg, "p3")
@@ -155,8 +155,8 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
             anchor_generator=anchors,
             head=head,
             score_thresh=cfg.score_thresh,
+            detections_per_img=cfg.detections_per_img,
             **common,
-            **per_image,
         )
     else:
         backbone = _backbone(cfg, "p2")

@@ -310,9 +310,8 @@ def seconds(t: FrozenTrial) -> float | None:
 
 def fail_reason(t: FrozenTrial) -> str:
     """Why a trial failed, or that a pruned one diverged; "" otherwise."""
-    if t.state != TrialState.FAIL:
-        return str(t.user_attrs.get("fail_reason", ""))
-    return str(t.user_attrs.get("fail_reason", "no heartbeat: its worker died"))
+    unrecorded = "no heartbeat: its worker died" if t.state == TrialState.FAIL else ""
+    return str(t.user_attrs.get("fail_reason", unrecorded))
 
 
 def progress(study: optuna.Study, t: FrozenTrial) -> None:

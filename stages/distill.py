@@ -12,7 +12,6 @@ method reads, as params give them.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import cast
@@ -21,10 +20,10 @@ from torch import nn
 
 from drkd import cli
 from drkd.checkpoint import save_atomic
-from drkd.config import DistillConfig, UserError, load_params, method_distill, to_dict
+from drkd.config import DistillConfig, load_params, method_distill, to_dict
 from drkd.data.coco import CocoDetection
 from drkd.distiller import Distiller, load_teacher
-from drkd.files import require_files
+from drkd.files import require_fresh
 from drkd.recipe import Distillation, train_detector
 
 
@@ -50,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.settings:
-        require_files([Path(args.settings)])
-        if json.loads(Path(args.settings).read_text()) != method_distill(to_dict(params.distill)):
-            raise UserError(f"{args.settings}: stale, not the distill settings of {args.params} "
-                            "(dvc repro distill_settings writes them)")
+        require_fresh(Path(args.settings), method_distill(to_dict(params.distill)),
+                      f"not the distill settings of {args.params} "
+                      "(dvc repro distill_settings writes them)")
     modules = Path(args.modules_out) if args.modules_out else None
     train_detector(params, "student", Path(args.data), Path(args.out), Path(args.history),
                    Path(args.work_dir), distillation(params.distill, Path(args.teacher), modules))
