@@ -129,8 +129,7 @@ def run_cell(params_file: str, row: str, seed: int, out: Path, data: Path, teach
     if row_file:
         require_fresh(row_file, params["distill"], f"not row {row!r} of {params_file} "
                       "(run `dvc repro compare/dvc.yaml:rows` first)")
-    splits = [data / "train.json", data / "val.json"]
-    require_files([*splits, teacher])
+    require_files([data / "train.json", data / "val.json", teacher])
     method = params["distill"]["method"]
     cell_id = compare_id(params, data, teacher)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +140,8 @@ def run_cell(params_file: str, row: str, seed: int, out: Path, data: Path, teach
              "--history", str(out / "history.csv"), "--work-dir", str(work)]
     user = load_params(params_file)  # the params file as given: its tracking and launcher
     tags = {"row": row, "method": method, "seed": str(seed), "compare_id": cell_id}
-    with stage_run(user.tracking, f"compare_{out.name}", params, splits) as run:
+    # Named as DVC names the matrix stage (`dvc repro compare/dvc.yaml:cell@ROW-SEED`).
+    with stage_run(user.tracking, f"cell@{row}-{seed}", params, data) as run:
         run.set_tags(tags)
         if method == "none":
             launch(user.launcher, "stages.train", ["student", *train])

@@ -134,8 +134,7 @@ def evaluate_checkpoint(params: Params, name: str, checkpoint: Path, data: Path,
         "evaluate": {"batch_size": params.evaluate.batch_size,
                      "timing_images": params.evaluate.timing_images},
     }
-    inputs = [data / "train.json", data / "val.json"]
-    with stage_run(params.tracking, f"evaluate_{name}", logged, inputs) as run:
+    with stage_run(params.tracking, f"evaluate@{name}", logged, data) as run:
         val = run.log_dataset(data / "val.json", "evaluation")
         # The model its training run logged; else (trained untracked, or in another store)
         # this run logs it, so the metrics below still lead to the weights.

@@ -105,7 +105,7 @@ def train_detector(
             params.tracking,
             stage,
             logged,
-            [data / "train.json", data / "val.json"],
+            data,
             enabled=is_main(),
             system_metrics=True,
         ) as run,

@@ -38,8 +38,7 @@ def write_report(params: Params, models: list[str], eval_dir: Path, histories: l
             "vis_score_thresh": evaluate.vis_score_thresh,
         },
     }
-    with stage_run(params.tracking, "report", logged, [data / "train.json", data / "val.json"]
-                   ) as run:
+    with stage_run(params.tracking, "report", logged, data) as run:
         run.log_dataset(data / "val.json", "evaluation")  # its images in detections.png
         summary = report.summarize(metrics)
         write_json(summary, summary_file)

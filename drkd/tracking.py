@@ -31,7 +31,7 @@ import os
 import re
 import subprocess
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -84,10 +84,11 @@ def mlflow_name(name: str) -> str:
     return re.sub(r"[^\w\-]", "_", name)
 
 
-def data_hash(files: Sequence[Path]) -> str:
-    """md5 over the prepared annotation files (what a stage's result depends on)."""
+def data_hash(data: Path | None) -> str:
+    """md5 over the annotation files of prepared folder ``data``, both splits (what a stage's
+    result depends on); of nothing when ``data`` is None."""
     digest = hashlib.md5()
-    for file in sorted(files):
+    for file in [data / "train.json", data / "val.json"] if data else []:
         if file.is_file():
             digest.update(file.read_bytes())
     return digest.hexdigest()[:12]
@@ -283,7 +284,7 @@ def stage_run(
     cfg: TrackingConfig,
     stage: str,
     params: dict[str, Any],
-    data_files: Sequence[Path] = (),
+    data: Path | None = None,
     enabled: bool = True,
     system_metrics: bool = False,
     tags: dict[str, str] | None = None,
@@ -300,7 +301,7 @@ def stage_run(
     lineage = {
         "git_commit": git_commit(),
         "dvc_stage": stage,
-        "data_hash": data_hash(data_files),
+        "data_hash": data_hash(data),
         "pipeline_id": pipeline_id(),
     }
     with mlflow.start_run(
@@ -320,6 +321,6 @@ def parent_run(
 ) -> Iterator[StageRun]:
     """The MLflow run of this invocation (this worker); trials nest under it."""
     logged = {"tune": to_dict(params.tune), "storage": url, "n_trials": n_trials}
-    with stage_run(params.tracking, "tune", logged, [data / "train.json", data / "val.json"],
+    with stage_run(params.tracking, "tune", logged, data,
                    tags={"study": study_name}) as run:
         yield run

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     logged = {"seed": params.seed, "data": to_dict(params.data)}
     with stage_run(params.tracking, "prepare", logged) as run:
         stats = prepare(params.data, params.seed, out)
-        run.set_tags({"data_hash": data_hash([out / "train.json", out / "val.json"])})
+        run.set_tags({"data_hash": data_hash(out)})
         run.log_metrics(
             {
                 f"{split}.{key}": stats[split][key]

@@ -269,7 +269,7 @@ def test_evaluate_logs_mlflow_run(tiny_data: Path, checkpoint: tuple[Path, int],
     assert run_evaluate("student", checkpoint[0], tiny_data, tmp_path, params) == 0
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["drkd"])
-    run = runs[runs["tags.mlflow.runName"] == "evaluate_student"]
+    run = runs[runs["tags.mlflow.runName"] == "evaluate@student"]
     assert len(run) == 1 and run["status"].iloc[0] == "FINISHED"
     ap = json.loads((tmp_path / "metrics" / "student.json").read_text())["AP"]
     assert run["metrics.AP"].iloc[0] == pytest.approx(ap)

@@ -141,8 +141,8 @@ def test_repro_writes_metrics_reports_and_mlflow_runs(repo: tuple[Path, dict[str
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["drkd"], output_format="list")
     stages = {r.data.tags["dvc_stage"]: r for r in runs}
-    expected = {"prepare", "train_teacher", "train_student", "distill", "evaluate_teacher",
-                "evaluate_student", "evaluate_student_drkd", "report"}
+    expected = {"prepare", "train_teacher", "train_student", "distill", "evaluate@teacher",
+                "evaluate@student", "evaluate@student_drkd", "report"}
     assert expected <= set(stages)
     for run in stages.values():
         assert run.info.status == "FINISHED"
@@ -150,7 +150,7 @@ def test_repro_writes_metrics_reports_and_mlflow_runs(repo: tuple[Path, dict[str
         assert run.data.tags["git_commit"] not in ("", "unknown")
     assert "loss" in stages["train_teacher"].data.metrics
     assert {"loss_pr", "loss_ir", "loss_ins"} <= set(stages["distill"].data.metrics)
-    assert stages["evaluate_teacher"].data.metrics["AP"] >= 0
+    assert stages["evaluate@teacher"].data.metrics["AP"] >= 0
     # Each evaluation's metrics belong to the model its training run logged; distill read the
     # teacher's.
     client = mlflow.MlflowClient()
@@ -159,7 +159,7 @@ def test_repro_writes_metrics_reports_and_mlflow_runs(repo: tuple[Path, dict[str
                         ("distill", "student_drkd")):
         (output,) = stages[stage].outputs.model_outputs
         trained[name] = output.model_id
-        evaluated = client.get_run(stages[f"evaluate_{name}"].info.run_id)
+        evaluated = client.get_run(stages[f"evaluate@{name}"].info.run_id)
         assert [m.model_id for m in evaluated.inputs.model_inputs] == [output.model_id]
         assert "AP" in {m.key for m in client.get_logged_model(output.model_id).metrics}
     distill = client.get_run(stages["distill"].info.run_id)
@@ -229,6 +229,7 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
     set_compare(root, {"none": {}, "pkd": {}}, [0, 1])
     out = _run(["dvc", "repro", "compare/dvc.yaml"], root, env)
     assert out.count("Running stage 'compare/dvc.yaml:cell@") == 4
+    assert "Running stage 'compare/dvc.yaml:cell@pkd-1'" in out  # the runs' dvc_stage, below
     board = json.loads((root / "compare" / "leaderboard.json").read_text())
     assert set(board["methods"]) == {"none", "pkd"}
     for row in board["methods"].values():
@@ -325,6 +326,8 @@ def test_compare_runs_each_cell_once(repo: tuple[Path, dict[str, str]]) -> None:
                               filter_string="tags.row = 'pkd'")
     assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1", "2"]
     assert {r.data.tags["method"] for r in runs} == {"pkd"}
+    assert sorted(r.data.tags["dvc_stage"] for r in runs) == ["cell@pkd-0", "cell@pkd-1",
+                                                                "cell@pkd-2"]
     cells = [r for r in mlflow.search_runs(experiment_names=["drkd"], output_format="list")
              if "row" in r.data.tags]
     assert {r.data.tags["row"] for r in cells} == {"none", "pkd", "pkd_x3"}

@@ -38,12 +38,11 @@ def _runs(uri: str) -> list[mlflow.entities.Run]:
 
 
 def test_stage_run_logs_params_metrics_tags_and_artifacts(store: str, tmp_path: Path) -> None:
-    data = tmp_path / "train.json"
-    data.write_text("{}")
+    (tmp_path / "train.json").write_text("{}")  # the prepared folder's one split here
     artifact = tmp_path / "history.csv"
     artifact.write_text("step,loss\n1,0.5\n")
     params = {"teacher": {"train": {"lr": 0.001, "milestones": [8, 11]}}}
-    with stage_run(TrackingConfig(), "train_teacher", params, [data]) as run:
+    with stage_run(TrackingConfig(), "train_teacher", params, tmp_path) as run:
         assert run.active
         run.log_metrics({"loss": 0.5, "classification": 0.3}, step=1)
         run.log_metrics({"loss": 0.25}, step=2)
@@ -55,7 +54,7 @@ def test_stage_run_logs_params_metrics_tags_and_artifacts(store: str, tmp_path: 
     assert found.data.metrics["loss"] == 0.25
     tags = found.data.tags
     assert tags["dvc_stage"] == "train_teacher" and tags["pipeline_id"] == "pipe-1"
-    assert len(tags["data_hash"]) == 12 and tags["git_commit"]
+    assert tags["data_hash"] == hashlib.md5(b"{}").hexdigest()[:12] and tags["git_commit"]
     history = mlflow.MlflowClient().get_metric_history(found.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25)]
     assert [a.path for a in mlflow.MlflowClient().list_artifacts(found.info.run_id)] == [
@@ -167,7 +166,7 @@ def test_train_and_evaluate_link_datasets_model_and_metrics(
 
     client = mlflow.MlflowClient()
     runs = {r.data.tags["dvc_stage"]: client.get_run(r.info.run_id) for r in _runs(store)}
-    trained, evaluated = runs["train_student"], runs["evaluate_student"]
+    trained, evaluated = runs["train_student"], runs["evaluate@student"]
 
     (train_input,) = trained.inputs.dataset_inputs
     assert train_input.dataset.name == "train"
@@ -209,7 +208,7 @@ def test_equal_bytes_of_two_runs_find_the_model_of_the_same_name(store: str,
         teacher_id = run.log_model("teacher", teacher, {})
     with stage_run(TrackingConfig(), "train_student", {}) as run:
         student_id = run.log_model("student", student, {})
-    with stage_run(TrackingConfig(), "evaluate_teacher", {}) as run:
+    with stage_run(TrackingConfig(), "evaluate@teacher", {}) as run:
         assert teacher_id != student_id
         assert run.find_model(teacher) == teacher_id
         assert run.find_model(student) == student_id
