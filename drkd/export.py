@@ -29,7 +29,20 @@ from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
 from drkd.files import atomic_path, require_files
 
-OPSET = 17  # torchvision's detection export needs >= 11; 17 is what ONNX Runtime runs natively
+OPSET = 17  # torchvision's detection export needs >= 11; ONNX Runtime runs 17 on every provider
+
+
+class _NamedOutputs(nn.Module):
+    """``detector`` returning (boxes, scores, labels) for one image, in that order whatever
+    order its output dict has (Faster R-CNN's is boxes, labels, scores)."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = self.detector(images)[0]
+        return out["boxes"], out["scores"], out["labels"]
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path,
@@ -40,7 +53,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path,
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
-        model, ([example],), str(path), opset_version=OPSET, dynamo=False,
+        _NamedOutputs(model), ([example],), str(path), opset_version=OPSET, dynamo=False,
         input_names=["image"], output_names=["boxes", "scores", "labels"],
         dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
                       "scores": {0: "detections"}, "labels": {0: "detections"}},
@@ -59,11 +72,30 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path,
         onnx.save(proto, str(path))
 
 
+def detection_differences(ref: dict[str, torch.Tensor], boxes: np.ndarray, scores: np.ndarray,
+                          labels: np.ndarray) -> tuple[float, float] | None:
+    """How far one image's detections (N, 4) / (N,) / (N,) are from ``ref`` (a detector's
+    output dict): None when the count of some label differs, else the largest box difference
+    in pixels (each box against the nearest box of its label on the other side, both ways)
+    and the largest score difference (each label's scores sorted). Order-free: two detections
+    with near-equal scores may come out in either order."""
+    if not np.array_equal(np.sort(labels), np.sort(ref["labels"].numpy())):
+        return None
+    box_diff = score_diff = 0.0
+    for label in np.unique(labels):
+        ours, theirs = labels == label, ref["labels"] == int(label)
+        apart = torch.cdist(torch.from_numpy(boxes[ours]), ref["boxes"][theirs], p=float("inf"))
+        box_diff = max(box_diff, float(apart.min(1).values.max()), float(apart.min(0).values.max()))
+        sorted_ref = ref["scores"][theirs].sort().values.numpy()
+        score_diff = max(score_diff, float(np.abs(np.sort(scores[ours]) - sorted_ref).max()))
+    return box_diff, score_diff
+
+
 @torch.no_grad()
 def compare_onnx(model: nn.Module, path: Path, images: list[torch.Tensor]) -> dict[str, Any]:
     """Run PyTorch and ONNX Runtime (CPU) on each image (3, H, W); returns the number of images
-    whose detection count or labels differ, and the largest box (pixels) and score difference
-    over the others."""
+    whose detection count of some label differs, and the largest box (pixels) and score
+    difference over the others (``detection_differences``)."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -73,12 +105,11 @@ def compare_onnx(model: nn.Module, path: Path, images: list[torch.Tensor]) -> di
         ref = model([image])[0]
         boxes, scores, labels = session.run(None, {"image": image.numpy()})
         detections += len(scores)
-        if len(scores) != len(ref["scores"]) or not np.array_equal(labels, ref["labels"].numpy()):
+        differences = detection_differences(ref, boxes, scores, labels)
+        if differences is None:
             mismatched += 1
             continue
-        if len(scores):
-            box_diff = max(box_diff, float(np.abs(boxes - ref["boxes"].numpy()).max()))
-            score_diff = max(score_diff, float(np.abs(scores - ref["scores"].numpy()).max()))
+        box_diff, score_diff = max(box_diff, differences[0]), max(score_diff, differences[1])
     return {"images": len(images), "detections": detections, "mismatched_images": mismatched,
             "max_box_diff_px": box_diff, "max_score_diff": score_diff}
 

@@ -9,7 +9,7 @@ images sorted by name), so the same code path as evaluation runs them
 exactly what `evaluate` scored. At another batch size they can differ slightly where images of
 different sizes share a batch (a batch is padded to its largest image, and the padding reaches
 the features near the border); where every image resizes to one size (the synthetic data,
-BCCD) they do not.
+BCCD) they do not. One image a batch (the stage's default) is what the served model does.
 """
 
 from __future__ import annotations

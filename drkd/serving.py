@@ -14,15 +14,18 @@ stage imports this module (tracking passes its path), so editing it reruns no DV
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -37,12 +40,21 @@ def encode_image(path: str | Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def decode_image(text: str) -> torch.Tensor:
+def decode_image(text: str, row: int = 0) -> torch.Tensor:
     """A base64 image -> float (3, H, W) in [0, 1], RGB, as evaluation feeds the detector, in
-    the orientation it is displayed in (a phone photo's EXIF rotation applied)."""
-    with Image.open(io.BytesIO(base64.b64decode(text))) as image:
-        upright = ImageOps.exif_transpose(image) or image
-        pixels = tv_tensors.Image(pil_to_tensor(upright.convert("RGB")))
+    the orientation it is displayed in (a phone photo's EXIF rotation applied). Anything else
+    is an MLflow error naming ``row`` (the REST service answers 400 with it)."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, TypeError):
+        raise MlflowException(f"row {row}: not base64 text", INVALID_PARAMETER_VALUE) from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            upright = ImageOps.exif_transpose(image) or image
+            pixels = tv_tensors.Image(pil_to_tensor(upright.convert("RGB")))
+    except (UnidentifiedImageError, OSError):
+        raise MlflowException(f"row {row}: not an image file (PNG, JPEG, ...)",
+                              INVALID_PARAMETER_VALUE) from None
     return eval_transforms()(pixels).as_subclass(torch.Tensor)
 
 
@@ -63,7 +75,7 @@ class DetectorModel(PythonModel):  # type: ignore[misc]
         rows = []
         with torch.no_grad():
             for index, text in enumerate(model_input["image"]):
-                out = self.model([decode_image(text)])[0]
+                out = self.model([decode_image(text, index)])[0]
                 rows += [[index, d["category_id"], self.names[d["category_id"]], *d["bbox"],
                           d["score"]] for d in coco_detections(out, self.ids)]
         return pd.DataFrame(rows, columns=COLUMNS)

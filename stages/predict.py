@@ -1,12 +1,14 @@
 """Run a trained detector (teacher, student or distilled student) on images.
 
     python -m stages.predict CHECKPOINT INPUT [INPUT ...] --out detections.json \
-        [--draw DIR] [--score-thresh 0.3] [--batch-size 8]
+        [--draw DIR] [--score-thresh 0.3] [--batch-size 1]
 
 INPUT: image files, folders of images, or a prepared COCO-format split (a .json such as
 data/prepared/val.json). Writes the detections in COCO result format (image_id, category_id,
 bbox [x, y, w, h], score: what pycocotools' loadRes reads), each with its file_name and
-category_name; with --draw, every image with its boxes above --score-thresh.
+category_name; with --draw, every image with its boxes above --score-thresh. One image a batch
+by default, so an image's detections do not depend on which images share its batch (and equal
+the served model's); `--batch-size` of evaluate.batch_size reproduces what `evaluate` scored.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="detections json to write")
     parser.add_argument("--draw", type=Path, help="folder for the images with boxes drawn")
     parser.add_argument("--score-thresh", type=float, default=0.3, help="for --draw")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images a batch (a batch is padded to its largest image)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be positive")

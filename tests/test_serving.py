@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -110,6 +111,20 @@ def test_the_model_lists_every_package_its_code_imports(logged: dict[str, str]) 
         assert requirements[name] == f"{name}=={metadata.version(name).split('+')[0]}"
 
 
+@pytest.mark.parametrize(("text", "why"), [("not base64!", "not base64 text"),
+                                           (12, "not base64 text"),
+                                           ("aGVsbG8=", "not an image file (PNG, JPEG, ...)")])
+def test_a_row_that_is_no_image_is_named(text: object, why: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from drkd.serving import decode_image
+
+    with pytest.raises(MlflowException) as raised:
+        decode_image(text, row=3)  # type: ignore[arg-type]
+    assert raised.value.message == f"row 3: {why}"
+    assert raised.value.get_http_status_code() == 400
+
+
 @pytest.mark.slow
 def test_loaded_by_uri_in_a_fresh_process(logged: dict[str, str], tmp_path: Path) -> None:
     """Both the model's own URI and the registry alias load in a process that never imported
@@ -153,6 +168,13 @@ def test_served_by_mlflow_models_serve(logged: dict[str, str], tmp_path: Path) -
         rows = [[r[c] for c in ("image", "category_id", "category_name", "x", "y", "w", "h",
                                 "score")] for r in answer["predictions"]]
         assert rows == expected_rows(logged)
+        bad = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image], ["x"]]}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", bad.encode(),
+                                         {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
+        assert "row 1: not base64 text" in refused.value.read().decode()
     finally:
         server.terminate()
         server.wait(timeout=30)
