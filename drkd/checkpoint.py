@@ -69,7 +69,7 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     Leaves the global RNG where it was."""
     state = load(path)
-    for key in ("model", "model_config", "num_classes", "category_ids"):
+    for key in ("model", "model_config", "num_classes", "category_ids", "category_names"):
         if key not in state:
             raise UserError(f"{path}: not a model checkpoint (no '{key}')")
     cfg = from_dict(
@@ -79,7 +79,11 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     # move the caller's seeded stream (the distill stage loads its teacher after seeding).
     with torch.random.fork_rng(devices=[]):
         model = build_detector(cfg, int(state["num_classes"]))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:  # torch lists every mismatch; its first line says which kind
+        first = str(err).splitlines()[0].rstrip(":")
+        raise UserError(f"{path}: weights do not fit its model_config ({first})") from None
     return model, state
 
 

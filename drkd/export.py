@@ -124,6 +124,8 @@ def export_checked(checkpoint: Path, data: Path, out: Path, check_images: int, b
     model, state = load_detector(checkpoint)
     categories = dict(zip(state["category_ids"], state["category_names"], strict=True))
     val = CocoDetection(data / "val.json", eval_transforms())
+    if not len(val):
+        raise UserError(f"{data / 'val.json'}: no images to check the export on")
     count = min(check_images, len(val))
     images = [val[i][0].as_subclass(torch.Tensor) for i in range(max(count, 1))]
     with atomic_path(out) as tmp:

@@ -31,10 +31,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def image_files(inputs: list[Path]) -> list[Path]:
-    """Files as given and every image in a folder (sorted by name); a missing path or a folder
-    without images is an error naming it."""
+    """Files as given and every image in a folder (sorted by name); a missing path, a folder
+    without images or a split .json among other inputs is an error naming it."""
     files: list[Path] = []
     for path in inputs:
+        if path.suffix.lower() == ".json":
+            raise UserError(f"{path}: a split .json is read on its own (give it as the only input)")
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
@@ -87,7 +89,7 @@ def draw(split: CocoDetection, detections: list[dict[str, Any]], folder: Path,
     names = dict(zip(split.category_ids, split.category_names, strict=True))
     for info in split.images:
         picture = pil_to_tensor(load_rgb(split.root / info["file_name"], info["width"],
-                                         info["height"]))
+                                         info["height"], split.upright))
         shown = by_image.get(info["id"], [])
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in shown)],
                              dtype=torch.float32).reshape(-1, 4)

@@ -29,7 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from drkd.data.coco import coco_detections
+from drkd.data.coco import as_rgb, coco_detections
 from drkd.data.transforms import eval_transforms
 
 COLUMNS = ["image", "category_id", "category_name", "x", "y", "w", "h", "score"]
@@ -51,7 +51,7 @@ def decode_image(text: str, row: int = 0) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as image:
             upright = ImageOps.exif_transpose(image) or image
-            pixels = tv_tensors.Image(pil_to_tensor(upright.convert("RGB")))
+            pixels = tv_tensors.Image(pil_to_tensor(as_rgb(upright)))
     except (UnidentifiedImageError, OSError):
         raise MlflowException(f"row {row}: not an image file (PNG, JPEG, ...)",
                               INVALID_PARAMETER_VALUE) from None

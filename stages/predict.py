@@ -43,13 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be positive")
     model, state = load_detector(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
-        if len(args.inputs) == 1 and args.inputs[0].suffix == ".json":
+        given_split = len(args.inputs) == 1 and args.inputs[0].suffix.lower() == ".json"
+        if given_split:  # read as the dataset reads it (as evaluate does)
             annotation_file = args.inputs[0]
-        else:
+        else:  # photos: as they are displayed (EXIF orientation applied), as served
             files = image_files(args.inputs)
             annotation_file = split_of_images(files, state["category_ids"],
                                               state["category_names"], Path(tmp) / "images.json")
-        split = CocoDetection(annotation_file, eval_transforms())
+        split = CocoDetection(annotation_file, eval_transforms(), upright=not given_split)
         check_categories(Path(args.checkpoint), state, split)
         detections, _ = predict(model, split, args.batch_size, pick_device())
         write_json(named(detections, split), args.out)

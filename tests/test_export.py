@@ -15,6 +15,7 @@ import torch
 from conftest import detecting, toy_model
 from drkd import checkpoint, cli
 from drkd.checkpoint import model_checkpoint, save_atomic
+from drkd.config import UserError
 from drkd.data.coco import CocoDetection
 from drkd.models import build_detector
 from stages import export
@@ -85,6 +86,13 @@ def test_a_failed_check_is_one_line_and_writes_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {out}: ONNX Runtime differs"), err
     assert list(tmp_path.iterdir()) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "val.json").write_text('{"images": [], "categories": [], "annotations": []}')
+    with pytest.raises(UserError, match="empty/val.json: no images to check the export on"):
+        export.main([str(detector), "--out", str(out), "--data", str(empty)])
+    (empty / "val.json").unlink()
+    empty.rmdir()
     with pytest.raises(SystemExit):  # no image to check it on: refused, nothing written
         export.main([str(detector), "--out", str(out), "--check-images", "0"])
     assert "--check-images must be at least 1" in capsys.readouterr().err

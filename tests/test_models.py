@@ -319,6 +319,18 @@ def test_load_missing_and_foreign_checkpoint(tmp_path: Path) -> None:
     torch.save({"model": {}}, path)
     with pytest.raises(ValueError, match="not a model checkpoint"):
         checkpoint.load_detector(path)
+    model = build_detector(toy_model(), NUM_CLASSES)
+    state = checkpoint.model_checkpoint(model, toy_model(), [1, 2], ["a", "b"])
+    del state["category_names"]
+    checkpoint.save_atomic(state, path)
+    with pytest.raises(UserError, match=r"list.pt: not a model checkpoint \(no 'category_names'\)"):
+        checkpoint.load_detector(path)
+    state = checkpoint.model_checkpoint(model, toy_model(fpn_channels=24), [1, 2], ["a", "b"])
+    checkpoint.save_atomic(state, path)  # 16-channel weights, a 24-channel config
+    with pytest.raises(UserError) as unfit:
+        checkpoint.load_detector(path)
+    assert str(unfit.value).startswith(f"{path}: weights do not fit its model_config (Error(s)")
+    assert "\n" not in str(unfit.value)
 
 
 @pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])

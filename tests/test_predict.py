@@ -18,7 +18,6 @@ from drkd import cli
 from drkd.checkpoint import model_checkpoint, save_atomic
 from drkd.config import UserError
 from drkd.data.coco import CocoDetection
-from drkd.data.transforms import eval_transforms
 from drkd.evaluation import coco_metrics
 from drkd.models import build_detector
 from drkd.predict import split_of_images
@@ -92,6 +91,7 @@ def test_bad_input_is_one_line(detector: Path, tiny_data: Path, tmp_path: Path,
         ([str(broken)], "broken.jpg: not a readable image"),
         ([str(tmp_path / "vall.json")], "vall.json: not found"),
         ([str(detections)], "detections.json: not a COCO-format split"),
+        ([str(broken), str(detections)], "detections.json: a split .json is read on its own"),
     ]:
         assert cli.run(predict.main, [str(detector), *argv, "--out", str(tmp_path / "o.json")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -124,17 +124,50 @@ def test_bad_input_is_one_line(detector: Path, tiny_data: Path, tmp_path: Path,
     assert not (tmp_path / "o.json").exists()  # nothing written
 
 
-def test_a_rotated_photo_is_read_upright(tmp_path: Path) -> None:
-    """A phone photo stored 96x40 with EXIF orientation 6 (displayed 40 wide, 96 high): predict's
-    split records the displayed size, so the detector sees it upright, as evaluation would,
-    and the served model decodes it upright too."""
-    path = tmp_path / "phone.jpg"
+def as_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A float image in [0, 1] (what the detector is fed) back to its 8-bit levels."""
+    return (image * 255).round().to(torch.uint8)
+
+
+# EXIF orientation -> how to store a picture so that the orientation displays it as drawn:
+# the inverse of what the orientation does (2 mirrors, 3 turns 180, 6 turns 90 clockwise, 8 90
+# counter-clockwise), written out here rather than taken from PIL's exif_transpose.
+STORED_AS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+             6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+@pytest.mark.parametrize(("orientation", "size"), [(6, (40, 96)), (3, (64, 40)), (2, (64, 40)),
+                                                   (6, (48, 48)), (8, (48, 48))])
+def test_a_photo_is_read_as_displayed(orientation: int, size: tuple[int, int],
+                                      tmp_path: Path) -> None:
+    """A phone photo with an EXIF orientation (a turned one of a new size, a turn or mirror
+    that keeps the size, a square): predict and the served model both see the picture as it
+    is displayed, pixel for pixel."""
+    shown = Image.fromarray(
+        torch.randint(0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(0),
+                      dtype=torch.uint8).numpy())
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    Image.new("RGB", (96, 40), "red").save(path, exif=exif)
+    exif[0x0112] = orientation
+    path = tmp_path / "phone.png"  # lossless, so pixels compare exactly
+    shown.transpose(STORED_AS[orientation]).save(path, exif=exif)
     split = split_of_images([path], [1], ["a"], tmp_path / "split.json")
     info = json.loads(split.read_text())["images"][0]
-    assert (info["width"], info["height"]) == (40, 96)
-    image, _ = CocoDetection(split, eval_transforms())[0]
-    assert tuple(image.shape) == (3, 96, 40)
-    assert tuple(decode_image(encode_image(path)).shape) == (3, 96, 40)
+    assert (info["width"], info["height"]) == size
+    expected = pil_to_tensor(shown)
+    image, _ = CocoDetection(split, upright=True)[0]  # uint8, before the float transforms
+    assert torch.equal(image.as_subclass(torch.Tensor), expected)
+    assert torch.equal(as_uint8(decode_image(encode_image(path))), expected)
+
+
+def test_a_16_bit_image_keeps_its_levels(tmp_path: Path) -> None:
+    """A 16-bit grayscale image (microscopy, X-ray): its levels scaled to 8 bits, not clipped."""
+    levels = torch.arange(0, 65536, 257, dtype=torch.int32).repeat(8, 1)  # 8x256, 0..65535
+    path = tmp_path / "cells.png"
+    Image.fromarray(levels.numpy().astype("uint16")).save(path)
+    with Image.open(path) as stored:
+        assert stored.mode.startswith("I")  # PIL reads it as 16-bit integers
+    split = split_of_images([path], [1], ["a"], tmp_path / "split.json")
+    image, _ = CocoDetection(split, upright=True)[0]
+    expected = (levels // 257).to(torch.uint8).expand(3, -1, -1)  # 257 * k -> k
+    assert torch.equal(image.as_subclass(torch.Tensor), expected)
+    assert torch.equal(as_uint8(decode_image(encode_image(path))), expected)

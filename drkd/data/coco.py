@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
@@ -22,16 +23,25 @@ from torchvision.transforms import v2
 from drkd.config import UserError
 
 
-def load_rgb(path: Path, width: int, height: int) -> Image.Image:
-    """Open an image as RGB in the orientation its annotations use.
+def as_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB: grayscale, palette and RGBA images converted; 16-bit grayscale
+    (microscopy, X-ray) scaled to 8 bits (PIL's own conversion clips it at 255: nearly white)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        levels = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
+        image = Image.fromarray(levels.clip(0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
 
-    An EXIF-rotated file is transposed when that makes its size match the json's
-    width/height (annotation tools label what they display); grayscale, palette
-    and RGBA images become RGB.
+
+def load_rgb(path: Path, width: int, height: int, upright: bool = False) -> Image.Image:
+    """Open an image as 8-bit RGB (``as_rgb``) in the orientation its annotations use.
+
+    An EXIF-rotated file is transposed when that makes its size match the json's width/height
+    (annotation tools label what they display; a file labelled as stored stays so); with
+    ``upright`` (images without annotations, as displayed) it always is.
     """
     with Image.open(path) as raw:
         image: Image.Image = raw
-        if raw.size != (width, height):
+        if upright or raw.size != (width, height):
             turned = ImageOps.exif_transpose(raw)
             if turned is None or turned.size != (width, height):
                 raise UserError(
@@ -39,12 +49,17 @@ def load_rgb(path: Path, width: int, height: int) -> Image.Image:
                     f"file says {width}x{height}"
                 )
             image = turned
-        return image.convert("RGB")
+        return as_rgb(image)
 
 
 class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any]]]):
-    def __init__(self, annotation_file: str | Path, transforms: v2.Transform | None = None) -> None:
+    """A COCO-format split: (image (3, H, W) uint8, target) pairs, target boxes XYXY in pixels
+    and labels 1..K in the categories' id order; ``upright``: read as ``load_rgb`` says."""
+
+    def __init__(self, annotation_file: str | Path, transforms: v2.Transform | None = None,
+                 upright: bool = False) -> None:
         self.annotation_file = path = Path(annotation_file)
+        self.upright = upright
         if not path.is_file():
             raise UserError(f"{path}: not found")
         try:
@@ -82,7 +97,8 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any]]]):
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         info = self.images[index]
-        pil = load_rgb(self.root / info["file_name"], info["width"], info["height"])
+        pil = load_rgb(self.root / info["file_name"], info["width"], info["height"],
+                       self.upright)
         image = tv_tensors.Image(v2.functional.pil_to_tensor(pil))
         boxes, labels = self.targets[info["id"]]
         target = {
