@@ -65,9 +65,11 @@ class DetectorModel(PythonModel):  # type: ignore[misc]
     # the input example) is the schema.
     def load_context(self, context: Any) -> None:
         from drkd.checkpoint import load_detector
+        from drkd.devices import pick_device
 
+        self.device = pick_device()  # a GPU where there is one
         self.model, state = load_detector(context.artifacts["checkpoint"])
-        self.model.eval()
+        self.model.to(self.device).eval()
         self.names = dict(zip(state["category_ids"], state["category_names"], strict=True))
         self.ids = list(state["category_ids"])
 
@@ -75,7 +77,7 @@ class DetectorModel(PythonModel):  # type: ignore[misc]
         rows = []
         with torch.no_grad():
             for index, text in enumerate(model_input["image"]):
-                out = self.model([decode_image(text, index)])[0]
+                out = self.model([decode_image(text, index).to(self.device)])[0]
                 rows += [[index, d["category_id"], self.names[d["category_id"]], *d["bbox"],
                           d["score"]] for d in coco_detections(out, self.ids)]
         return pd.DataFrame(rows, columns=COLUMNS)
