@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes
 
 from drkd.config import UserError
-from drkd.data.coco import CocoDetection, load_rgb
+from drkd.data.coco import CocoDetection, displayed, load_rgb
 from drkd.files import atomic_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -57,7 +57,7 @@ def split_of_images(files: list[Path], category_ids: list[int], category_names: 
     for number, path in enumerate(files, start=1):
         try:
             with Image.open(path) as image:  # the size it is displayed at (EXIF rotation)
-                width, height = (ImageOps.exif_transpose(image) or image).size
+                width, height = displayed(image).size
         except (UnidentifiedImageError, OSError) as err:
             raise UserError(f"{path}: not a readable image ({err.__class__.__name__})") from None
         images.append({"id": number, "file_name": str(path.resolve()), "width": width,

@@ -25,11 +25,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from drkd.data.coco import as_rgb, coco_detections
+from drkd.data.coco import as_rgb, coco_detections, displayed
 from drkd.data.transforms import eval_transforms
 
 COLUMNS = ["image", "category_id", "category_name", "x", "y", "w", "h", "score"]
@@ -50,8 +50,7 @@ def decode_image(text: str, row: int = 0) -> torch.Tensor:
         raise MlflowException(f"row {row}: not base64 text", INVALID_PARAMETER_VALUE) from None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            upright = ImageOps.exif_transpose(image) or image
-            pixels = tv_tensors.Image(pil_to_tensor(as_rgb(upright)))
+            pixels = tv_tensors.Image(pil_to_tensor(as_rgb(displayed(image))))
     except (UnidentifiedImageError, OSError):
         raise MlflowException(f"row {row}: not an image file (PNG, JPEG, ...)",
                               INVALID_PARAMETER_VALUE) from None

@@ -32,6 +32,12 @@ def as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def displayed(image: Image.Image) -> Image.Image:
+    """``image`` as it is displayed: its EXIF orientation (a phone photo's turn or mirror)
+    applied."""
+    return ImageOps.exif_transpose(image) or image  # None only when asked to work in place
+
+
 def load_rgb(path: Path, width: int, height: int, upright: bool = False) -> Image.Image:
     """Open an image as 8-bit RGB (``as_rgb``) in the orientation its annotations use.
 
@@ -42,8 +48,8 @@ def load_rgb(path: Path, width: int, height: int, upright: bool = False) -> Imag
     with Image.open(path) as raw:
         image: Image.Image = raw
         if upright or raw.size != (width, height):
-            turned = ImageOps.exif_transpose(raw)
-            if turned is None or turned.size != (width, height):
+            turned = displayed(raw)
+            if turned.size != (width, height):
                 raise UserError(
                     f"{path}: image is {raw.size[0]}x{raw.size[1]} but its annotation "
                     f"file says {width}x{height}"
