@@ -17,6 +17,7 @@ import json
 import math
 import os
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,10 @@ def summarise(cells: dict[str, dict[int, dict[str, Any]]],
                              if teacher else None)
     # Paired against the best row: same seed = same data order, so a per-seed difference
     # cancels what the seed does to both; below on every seed says more than the means do.
-    top = max(rows.values(), key=lambda r: r["mean"]["AP"])
+    # Among the rows with the most seeds: a row of one lucky finished seed would otherwise lead
+    # and leave every other row a single difference without an interval.
+    most = max(len(r["seeds"]) for r in rows.values())
+    top = max((r for r in rows.values() if len(r["seeds"]) == most), key=lambda r: r["mean"]["AP"])
     for row in rows.values():
         diffs = {s: row["per_seed"][s]["AP"] - top["per_seed"][s]["AP"]
                  for s in sorted(set(row["per_seed"]) & set(top["per_seed"]))}
@@ -125,7 +129,12 @@ def summarise(cells: dict[str, dict[int, dict[str, Any]]],
             row["vs_top"] = {"per_seed": diffs,
                              "mean": statistics.mean(diffs.values()) if diffs else None,
                              **paired_interval(list(diffs.values()))}
-    return {"teacher_AP": 100 * teacher["AP"] if teacher else None, "methods": rows}
+    summary = {"teacher_AP": 100 * teacher["AP"] if teacher else None, "methods": rows}
+    ids = Counter(c["compare_id"] for seeds in cells.values() for c in seeds.values()
+                  if c.get("compare_id"))
+    if len(ids) > 1:  # cells of different data, teacher file, student recipe or launcher
+        summary["compare_ids"] = dict(ids.most_common())
+    return summary
 
 
 def side_by_side(summary: dict[str, Any], path: Path) -> None:
@@ -210,6 +219,11 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{k}={v}" for k, v in flatten(row["overrides"]).items() if k != "method")
         for name, row in ranked if set(row["overrides"]) - {"method"}]
     tail = "\n\nRows with overrides of `distill`:\n" + "\n".join(variants) if variants else ""
+    if summary.get("compare_ids"):
+        tail += ("\n\nThe cells come from " + str(len(summary["compare_ids"])) + " comparisons "
+                 "(compare_id: cells " + ", ".join(f"{k}: {v}" for k, v in
+                                                   summary["compare_ids"].items())
+                 + "): their data, teacher file, student recipe or launcher differ.")
     return note + "\n\n" + "\n".join(lines) + tail + "\n"
 
 
@@ -273,6 +287,9 @@ def write_board(cells_dir: Path, out: Path, params_file: Path | None = None,
     if teacher_metrics and teacher_metrics.is_file():
         teacher = json.loads(teacher_metrics.read_text())
     summary = summarise(cells, teacher)
+    if summary.get("compare_ids"):
+        print(f"[leaderboard] warning: cells from {len(summary['compare_ids'])} comparisons "
+              f"(compare_id: cells {summary['compare_ids']}); the board says so")
     if step_times:
         side_by_side(summary, step_times)
         # Named from the board's folder, so a board moved with its records still points at it.

@@ -119,15 +119,23 @@ def comments(text: str) -> Counter[str]:
 
 
 def promote(params_file: str, params: Params, method: str, path: Path, row: str,
-            apply_it: bool) -> None:
-    """The best_params.yaml (``path``) of a study of ``method``: print the `dvc exp run -S ...`
-    line, or with ``apply_it`` merge it into the params file (``params``: it, loaded); with
-    ``row`` as a new compare.methods row of ``method`` instead of into `distill`."""
+            apply_it: bool, study: str = "") -> None:
+    """The best_params.yaml (``path``) of a study of ``method`` (named ``study``, checked
+    against the file's header): print the `dvc exp run -S ...` line, or with ``apply_it`` merge
+    it into the params file (``params``: it, loaded); with ``row`` as a new compare.methods
+    row of ``method`` instead of into `distill`. Into `distill`, it also sets distill.method to
+    ``method``: tuned values of a method the study does not run would change nothing."""
     if not path.is_file():
         raise UserError(f"{path}: not found (run python -m stages.tune first)")
+    found = re.match(r"# Best of Optuna study '([^']*)'", path.read_text())
+    if study and found and found.group(1) != study:
+        raise UserError(f"{path}: the best of study '{found.group(1)}', not of '{study}' "
+                        "(tune.study_name, --method); run that study or pick its --out")
     best = read_yaml_file(path) or {}
     if not isinstance(best, dict) or not set(best) <= {"distill", "student"}:
         raise ConfigError(f"{path}: expected a partial params file with distill / student")
+    if not row and method != params.distill.method:
+        best["distill"] = {"method": method, **best.get("distill", {})}
     flat = flatten(best)
     if row:  # a comparison row beside the method's own: published and tuned on one board
         if set(best) != {"distill"}:

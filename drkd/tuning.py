@@ -77,17 +77,47 @@ def float_dims(space: Any) -> set[str]:
     return {name for name, tp in hints.items() if tp == tuple[float, ...]}
 
 
-def suggest(trial: optuna.Trial, space: Any) -> dict[str, Any]:
-    """One value per dimension of ``space`` ([] dims are left out: their params value holds)."""
-    values: dict[str, Any] = {}
+def distributions(space: Any) -> dict[str, FloatDistribution | CategoricalDistribution]:
+    """Optuna's distribution of every searched dimension of ``space`` ([] dims are off): a
+    float dimension's [low, high] is a log range, anything else a list of choices."""
     floats = float_dims(space)
+    out: dict[str, FloatDistribution | CategoricalDistribution] = {}
     for field in dataclasses.fields(space):
         choices = getattr(space, field.name)
         if field.name in floats and len(choices) == 2:
-            values[field.name] = trial.suggest_float(field.name, *choices, log=True)
+            out[field.name] = FloatDistribution(choices[0], choices[1], log=True)
         elif choices:
-            values[field.name] = trial.suggest_categorical(field.name, list(choices))
+            out[field.name] = CategoricalDistribution(list(choices))
+    return out
+
+
+def suggest(trial: optuna.Trial, space: Any) -> dict[str, Any]:
+    """One value per dimension of ``space`` ([] dims are left out: their params value holds)."""
+    values: dict[str, Any] = {}
+    for name, dist in distributions(space).items():
+        if isinstance(dist, FloatDistribution):
+            values[name] = trial.suggest_float(name, dist.low, dist.high, log=True)
+        else:
+            values[name] = trial.suggest_categorical(name, list(dist.choices))
     return values
+
+
+def check_resumable(study: optuna.Study, space: Any, where: str) -> None:
+    """Refuse to continue a study whose trials drew a dimension from choices (or a scale) the
+    space no longer has: Optuna would fail every new trial at its first suggestion. A float
+    range may widen or narrow between runs."""
+    current = distributions(space)
+    for trial in study.get_trials(deepcopy=False):
+        for name, stored in trial.distributions.items():
+            if name not in current:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(stored, current[name])
+            except ValueError:
+                raise UserError(
+                    f"{where}.{name}: {current[name]} differs from the {stored} that study "
+                    f"'{study.study_name}' drew trial {trial.number} from; continue it with the "
+                    "old space, or start a new study (tune.study_name or --storage)") from None
 
 
 def partial_params(values: dict[str, Any], method: str = "drkd") -> dict[str, Any]:
@@ -287,9 +317,11 @@ def make_objective(
             state, reason = "PRUNED", f"diverged: {type(err).__name__}: {err}".splitlines()[0]
             trial.set_user_attr("fail_reason", reason)
             raise optuna.TrialPruned(reason) from None
-        except BaseException as err:  # NonFiniteLoss, any bug, or Ctrl-C: FAIL with the reason
+        except BaseException as err:  # any bug, or Ctrl-C: FAIL with the reason
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
             trial.set_user_attr("fail_reason", reason)
+            if isinstance(err, KeyboardInterrupt | SystemExit):  # stopped, not failed: rerun
+                trial.set_user_attr("interrupted", True)
             raise
         finally:
             track.end_trial(state, time.perf_counter() - start, reason)
@@ -306,6 +338,14 @@ def trial_ap(t: FrozenTrial) -> float | None:
 
 def seconds(t: FrozenTrial) -> float | None:
     return t.duration.total_seconds() if t.duration else None
+
+
+def cut_short(t: FrozenTrial) -> bool:
+    """A trial that did not run its course: its worker died (failed for its missing heartbeat,
+    no reason recorded) or was stopped (Ctrl-C, SIGTERM through ``run_workers``). It does not
+    count against the budget, and its values run again."""
+    return t.state == TrialState.FAIL and (
+        bool(t.user_attrs.get("interrupted")) or "fail_reason" not in t.user_attrs)
 
 
 def fail_reason(t: FrozenTrial) -> str:
@@ -331,15 +371,19 @@ def progress(study: optuna.Study, t: FrozenTrial) -> None:
     print(line, flush=True)
 
 
-def at_the_edge(trial: FrozenTrial, margin: float = 0.05) -> list[str]:
-    """The dimensions where ``trial`` sits at the edge of its space, one line each: a float
-    within ``margin`` of its range's floor or ceiling (on the log scale for a log range), or
-    the smallest or largest of positive numeric choices (0 reads as "off" in these spaces: topk 0
-    keeps every pair, so a list with 0 is not ordered by its numbers). A best trial there says
-    the space may be cutting off the method's working regime: widen it and run more trials."""
+def at_the_edge(trial: FrozenTrial, space: Any = None, margin: float = 0.05) -> list[str]:
+    """The dimensions where ``trial`` sits at the edge of ``space`` (default: the space it was
+    drawn from; a study resumed in a widened space judges its old best by the new one), one
+    line each: a float within ``margin`` of its range's floor or ceiling (on the log scale for
+    a log range), or the smallest or largest of positive numeric choices (0 reads as "off" in
+    these spaces: topk 0 keeps every pair, so a list with 0 is not ordered by its numbers). A
+    best trial there says the space may be cutting off the method's working regime: widen it
+    and run more trials."""
+    spaces = {**trial.distributions,
+              **(distributions(space) if space is not None else {})}
     lines = []
-    for name, dist in trial.distributions.items():
-        value = trial.params[name]
+    for name, value in trial.params.items():
+        dist = spaces[name]
         if isinstance(dist, FloatDistribution) and dist.high > dist.low:  # [a, a]: no edge
             scale: Callable[[float], float] = math.log if dist.log else float
             where = (scale(value) - scale(dist.low)) / (scale(dist.high) - scale(dist.low))
@@ -356,8 +400,10 @@ def at_the_edge(trial: FrozenTrial, margin: float = 0.05) -> list[str]:
     return lines
 
 
-def write_outputs(study: optuna.Study, out: Path, track: StageRun, method: str = "drkd") -> None:
-    """best_params.yaml, trials.csv and the plots, from every trial in the storage."""
+def write_outputs(study: optuna.Study, out: Path, track: StageRun, method: str = "drkd",
+                  space: Any = None) -> None:
+    """best_params.yaml, trials.csv and the plots, from every trial in the storage (``space``:
+    the current one, for the edge check)."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
 
     def csv_text() -> str:
@@ -386,7 +432,7 @@ def write_outputs(study: optuna.Study, out: Path, track: StageRun, method: str =
             f"AP {best.value:.4f} ({len(complete)} complete of {len(trials)} trials).\n"
             "# Promote: python -m stages.tune --promote [--method M] [--row NAME] [--apply]\n"
         )
-        edges = at_the_edge(best)
+        edges = at_the_edge(best, space)
         if edges:
             header += "".join(f"# At the edge of the space: {line}\n" for line in edges)
             print(f"[tune] the best trial sits at the edge of the space ({'; '.join(edges)}): "
@@ -396,8 +442,9 @@ def write_outputs(study: optuna.Study, out: Path, track: StageRun, method: str =
         written.append(out / "best_params.yaml")
         track.log_metrics({"best_AP": float(best.value or 0.0)})
         print(f"[tune] best: trial {best.number} AP={best.value:.4f} -> {out / 'best_params.yaml'}")
-    else:
-        print("[tune] no complete trial yet: best_params.yaml not written")
+    else:  # an earlier study's file there would be promoted as this one's
+        (out / "best_params.yaml").unlink(missing_ok=True)
+        print("[tune] no complete trial yet: no best_params.yaml")
     track.log_metrics(
         {
             s.name.lower(): float(sum(t.state == s for t in trials))
@@ -503,8 +550,14 @@ def run_study(
     n_trials: int,
     seed: int,
     gate: Gate,
+    poll_s: float = 10.0,
 ) -> None:
-    """Trials until the study holds ``n_trials`` finished or running ones (all workers)."""
+    """Trials until the study holds ``n_trials`` that ran their course (complete, pruned, or
+    failed with an error; all workers), none still running. A trial cut short (``cut_short``)
+    does not count and is queued again with its values: a killed worker costs its trial's time,
+    not a place in the budget (nor the params.yaml trial). A worker with nothing left to start
+    waits for the running trials (``poll_s``): one whose worker died fails after
+    tune.grace_s, and the waiting worker runs it again."""
 
     def gated(trial: optuna.Trial) -> float:
         gate.release()  # the trial exists (and counts) now: let other workers count
@@ -516,15 +569,35 @@ def run_study(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)
-            taken = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+                requeue_cut_short(study)
+            trials = study.get_trials(deepcopy=False)
+            taken = [t for t in trials if t.state != TrialState.WAITING and not cut_short(t)]
             if len(taken) >= n_trials:
-                return
-            # Seeded by how far the study is: reproducible from the same storage state, and
-            # resumed or parallel workers do not replay each other's suggestions.
-            study.sampler = optuna.samplers.TPESampler(seed=seed + len(taken))
-            study.optimize(gated, n_trials=1, catch=(Exception,), callbacks=[progress])
+                if not any(t.state == TrialState.RUNNING for t in taken):
+                    return
+            else:
+                # Seeded by how far the study is: reproducible from the same storage state, and
+                # resumed or parallel workers do not replay each other's suggestions.
+                study.sampler = optuna.samplers.TPESampler(seed=seed + len(taken))
+                study.optimize(gated, n_trials=1, catch=(Exception,), callbacks=[progress])
+                continue
         finally:
             gate.release()
+        time.sleep(poll_s)
+
+
+def requeue_cut_short(study: optuna.Study) -> None:
+    """Queue every trial cut short (``cut_short``) once more with its values (an enqueued
+    trial's fixed ones too, should it have died before drawing them), tagged ``retry_of``; call
+    it under the gate, so that two workers do not queue one twice."""
+    trials = study.get_trials(deepcopy=False)
+    queued = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        if cut_short(t) and t.number not in queued:
+            values = {**t.system_attrs.get("fixed_params", {}), **t.params}
+            tags = {k: v for k, v in t.user_attrs.items() if k == "from"}
+            study.enqueue_trial(values, user_attrs={**tags, "retry_of": t.number},
+                                skip_if_exists=False)
 
 
 def study_dir(out: Path, method: str) -> Path:
@@ -567,6 +640,8 @@ def tune(params_file: str, method: str, data: Path, teacher_path: Path, storage:
         raise UserError(f"storage {url}: {type(err).__name__}: {err}".splitlines()[0]) from None
     try:
         study = open_study(params, url, method)
+        check_resumable(study, space_of(params, method),
+                        "tune.space" if method == "drkd" else f"tune.spaces.{method}")
         if not study.trials:
             study.enqueue_trial(current_values(params, method), user_attrs={"from": "params.yaml"})
     finally:
@@ -577,8 +652,9 @@ def tune(params_file: str, method: str, data: Path, teacher_path: Path, storage:
     )
     with parent_run(params, study.study_name, url, n_trials, data) as track:
         objective = make_objective(params, teacher, train, val, track, method)
-        run_study(study, objective, n_trials, params.tune.sampler_seed, gate)
-        write_outputs(study, out, track, method)
+        run_study(study, objective, n_trials, params.tune.sampler_seed, gate,
+                  poll_s=max(1, params.tune.grace_s // 6))
+        write_outputs(study, out, track, method, space_of(params, method))
 
 
 def print_calibration(params_file: str, method: str, data: Path, teacher_path: Path,

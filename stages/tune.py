@@ -6,10 +6,11 @@
 
 Objective: validation AP of a student distilled for the short budget `tune.epochs` /
 `tune.max_steps` with the suggested values applied onto `distill`; the per-epoch AP feeds the
-pruner. Several workers may share the study's RDB; `tune.n_trials` counts finished trials over
-all of them. Writes OUT/best_params.yaml, OUT/trials.csv and plots (OUT/<method>/ for a method
-other than drkd); `--promote` turns the best values into a `dvc exp run -S` line, a params.yaml
-edit (`--apply`) or a compare row (`--row`). The study lives in drkd/tuning.py
+pruner. Several workers may share the study's RDB; `tune.n_trials` counts the trials that ran
+their course over all of them (a trial whose worker died or was stopped runs again). Writes
+OUT/best_params.yaml, OUT/trials.csv and plots (OUT/<method>/ for a method other than drkd);
+`--promote` turns the best values into a `dvc exp run -S` line, a params.yaml edit (`--apply`)
+or a compare row (`--row`). The study lives in drkd/tuning.py
 (docs/compare-and-tune.md).
 """
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--storage", default="", help=f"Optuna RDB URL (default: tune.storage, else "
         f"{tuning.DEFAULT_STORAGE})")
     add("--n-trials", type=int, default=0,
-        help="finished trials in total over all workers (default: tune.n_trials)")
+        help="trials run to their end in total over all workers (default: tune.n_trials)")
     add("--method", default="", choices=method_names("", tunable=True),
         help="the method to tune (default: tune.method, else distill.method)")
     add("--out", default="tuning",
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "check the method's search space (docs/compare-and-tune.md); no study")
     args = parser.parse_args(argv)
     if args.n_trials < 0:
-        parser.error("--n-trials must be positive")
+        parser.error("--n-trials must not be negative (0: tune.n_trials)")
     if (args.apply or args.row) and not args.promote:
         parser.error("--apply and --row go with --promote")
     if args.workers < 1:
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         method = tuning.tuned_method(params, args.method)
         best = tuning.study_dir(Path(args.out), method) / "best_params.yaml"
-        promote(args.params, params, method, best, args.row, args.apply)
+        promote(args.params, params, method, best, args.row, args.apply,
+                tuning.study_name(params, method))
     else:
         tuning.tune(args.params, args.method, Path(args.data), Path(args.teacher),
                     args.storage, args.n_trials, Path(args.out))

@@ -103,7 +103,9 @@ def test_close_rows_names_on_the_cost_panel_go_one_line_apart(
     assert lift == {"a": 2, "b": -8, "c": -18, "far": 2}
 
 
-def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
+def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no metrics/teacher.json: no gap closed
     cells = tmp_path / "cells"
     for row, method, step_s in [("none", None, 0.5), ("pkd", None, 2.0), ("pkd_x", "pkd", 1.0),
                                 ("pkd_y", "pkd", 1.0), ("cwd", None, 0.6), ("pkd_ir", "pkd", 1.0)]:
@@ -112,8 +114,7 @@ def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
     times = tmp_path / "times.json"
     times.write_text(json.dumps({"seconds_per_step": {"none": 0.25, "pkd": 0.3, "pkd_y": 0.35}}))
     assert leaderboard.main(["--cells", str(cells), "--step-times", str(times),
-                         "--teacher-metrics", str(tmp_path / "no.json"),
-                         "--out", str(tmp_path / "board")]) == 0
+                             "--out", str(tmp_path / "board")]) == 0
     board = json.loads((tmp_path / "board" / "leaderboard.json").read_text())["methods"]
     assert board["pkd"]["step_time_vs_baseline"] == pytest.approx(1.2)  # not the cells' 4.0
     assert board["pkd_x"]["step_time_vs_baseline"] == pytest.approx(1.2)  # its method's
@@ -128,7 +129,9 @@ def test_side_by_side_step_times_replace_the_cells_own(tmp_path: Path) -> None:
                       "--out", str(tmp_path)])
 
 
-def test_params_leave_out_removed_rows_and_seeds(tmp_path: Path) -> None:
+def test_params_leave_out_removed_rows_and_seeds(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     cells = tmp_path / "cells"
     for row, seed in [("none", 0), ("none", 1), ("pkd", 0), ("pkd", 1), ("cwd", 0)]:
         write_cell(cells, row, seed, 0.1 + seed / 10, 0.5, 1.0)
@@ -136,11 +139,40 @@ def test_params_leave_out_removed_rows_and_seeds(tmp_path: Path) -> None:
     params.write_text(yaml.safe_dump({"compare": {"methods": {"none": {}, "pkd": {}},
                                                   "seeds": [0]}}))
     assert leaderboard.main(["--cells", str(cells), "--params", str(params),
-                         "--teacher-metrics", str(tmp_path / "none.json"),
-                         "--out", str(tmp_path)]) == 0
+                             "--out", str(tmp_path)]) == 0
     board = json.loads((tmp_path / "leaderboard.json").read_text())
     assert set(board["methods"]) == {"none", "pkd"}
     assert all(row["seeds"] == [0] for row in board["methods"].values())
+
+
+def test_the_best_row_is_one_with_every_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row with one lucky finished seed does not lead the board (every other row would be a
+    single difference without an interval); cells of different comparisons are named; a
+    teacher metrics file asked for by name must exist."""
+    monkeypatch.chdir(tmp_path)
+    cells = tmp_path / "cells"
+    for seed, ap in enumerate([0.40, 0.38, 0.42]):
+        write_cell(cells, "a", seed, ap, 0.5, 1.0)
+        write_cell(cells, "none", seed, ap - 0.2, 0.5, 1.0)
+    write_cell(cells, "lucky", 2, 0.45, 0.5, 1.0)
+    cost = cells / "lucky-s2" / "cost.json"
+    cost.write_text(json.dumps({**json.loads(cost.read_text()), "compare_id": "other"}))
+    for seed in range(3):
+        cost = cells / f"a-s{seed}" / "cost.json"
+        cost.write_text(json.dumps({**json.loads(cost.read_text()), "compare_id": "first"}))
+    assert leaderboard.main(["--cells", str(cells), "--out", str(tmp_path)]) == 0
+    board = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert board["methods"]["a"]["vs_top"] is None  # a leads, though lucky's mean is higher
+    assert board["methods"]["none"]["vs_top"]["ci95"][1] == pytest.approx(-20.0)
+    assert board["methods"]["lucky"]["vs_top"]["per_seed"] == {"2": pytest.approx(3.0)}
+    assert board["compare_ids"] == {"first": 3, "other": 1}
+    assert "The cells come from 2 comparisons (compare_id: cells first: 3, other: 1)" in (
+        tmp_path / "leaderboard.md").read_text()
+    assert "warning: cells from 2 comparisons" in capsys.readouterr().out
+    argv = ["--cells", str(cells), "--teacher-metrics", "nowhere.json", "--out", str(tmp_path)]
+    with pytest.raises(UserError, match="nowhere.json: file not found"):
+        leaderboard.main(argv)
 
 
 def test_a_tie_reads_dash(tmp_path: Path) -> None:

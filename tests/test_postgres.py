@@ -79,9 +79,9 @@ def running_trials(storage: str) -> list[optuna.trial.FrozenTrial]:
 def test_workers_share_a_postgres_study_and_survive_a_killed_one(
     postgres: str, tiny_data: Path, tmp_path: Path
 ) -> None:
-    """A worker killed mid-trial, then `--workers 2`: exactly n_trials trials, the killed
-    one's failed by its missing heartbeat, the study finished, and an MLflow run (in
-    PostgreSQL too) for every trial that ran to the end."""
+    """A worker killed mid-trial, then `--workers 2`: the killed one's trial failed by its
+    missing heartbeat and run again with its values, exactly n_trials trials that ran their
+    course, and an MLflow run (in PostgreSQL too) for each of them."""
     storage, tracking = url(postgres, "optuna"), url(postgres, "mlflow")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
@@ -108,11 +108,13 @@ def test_workers_share_a_postgres_study_and_survive_a_killed_one(
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     trials = optuna.load_study(study_name="toy", storage=storage).get_trials()
     states = [t.state for t in trials]
-    assert len(trials) == 5 and states[0] == TrialState.FAIL
-    assert states[1:] == [TrialState.COMPLETE] * 4
+    assert states == [TrialState.FAIL] + [TrialState.COMPLETE] * 5
+    assert "fail_reason" not in trials[0].user_attrs  # failed for its heartbeat alone
+    assert trials[1].user_attrs == {**trials[1].user_attrs, "retry_of": 0, "from": "params.yaml"}
+    assert trials[0].system_attrs["fixed_params"].items() <= trials[1].params.items()
     assert len({t.user_attrs["worker"] for t in trials[1:]}) == 2  # both workers ran trials
     mlflow.set_tracking_uri(tracking)
     runs = mlflow.search_runs(experiment_names=["drkd"], output_format="list")
     finished = [r for r in runs if r.data.tags.get("mlflow.parentRunId")
                 and r.info.status == "FINISHED"]
-    assert len(finished) == 4
+    assert len(finished) == 5

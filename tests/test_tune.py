@@ -68,13 +68,13 @@ def trials(folder: Path) -> list[optuna.trial.FrozenTrial]:
     return load_study(folder).get_trials()
 
 
-def fake_ap(monkeypatch: pytest.MonkeyPatch, script: list[float | Exception]) -> None:
+def fake_ap(monkeypatch: pytest.MonkeyPatch, script: list[float | BaseException]) -> None:
     """Validation AP per evaluation, in call order (an exception is raised instead)."""
     calls = iter(script)
 
     def evaluate_ap(*_: Any) -> float:
         value = next(calls)
-        if isinstance(value, Exception):
+        if isinstance(value, BaseException):
             raise value
         return value
 
@@ -133,6 +133,17 @@ def test_a_best_trial_at_the_edge_of_the_space_is_named() -> None:
     fixed = {"w": floats(0.06, 0.06, log=True)}
     assert tuning.at_the_edge(optuna.trial.create_trial(params={"w": 0.06}, distributions=fixed,
                                                         value=0.3)) == []
+
+
+def test_the_edge_check_reads_the_current_space() -> None:
+    """A study resumed in a widened range judges its old best by the range it has now."""
+    old = optuna.trial.create_trial(
+        params={"w_pr": 1.2e-5}, value=0.3,
+        distributions={"w_pr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)})
+    assert tuning.at_the_edge(old) == ["w_pr 1.2e-05 at the floor of [1e-05, 0.01]"]
+    widened = SearchSpace(w_pr=(5e-8, 1e-2), w_ir=(), w_ins=(), tau=(), topk=(),
+                          filter_hidden=(), filter=(), target=(), lr=())
+    assert tuning.at_the_edge(old, widened) == []
 
 
 @pytest.mark.parametrize(("method", "space", "error"), [
@@ -397,9 +408,52 @@ def test_resume_fails_the_stale_trial_of_a_killed_worker(
     time.sleep(3.5)  # past tune.grace_s
     assert tune.main(tune_args(params, tiny_data, teacher, tmp_path)) == 0
     done = trials(tmp_path)
-    assert [t.state for t in done] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    # The dead worker's trial does not count: 3 trials ran their course, the first of them
+    # the dead one again (an ask() without values: it draws its own).
+    assert [t.state for t in done] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
+    assert done[1].user_attrs["retry_of"] == 0
     rows = list(csv.DictReader((tmp_path / "tuning" / "trials.csv").open()))
     assert rows[0]["fail_reason"] == "no heartbeat: its worker died"
+
+
+@pytest.mark.slow
+def test_a_trial_stopped_by_ctrl_c_runs_again_with_its_values(
+    tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in trial 0 (params.yaml's values): the study resumed runs those values again and
+    ends with n_trials trials that ran their course; the stopped one is not one of them."""
+    params = write_params(tmp_path, n_trials=2, epochs=1)
+    fake_ap(monkeypatch, [KeyboardInterrupt(), 0.1, 0.2])
+    with pytest.raises(KeyboardInterrupt):
+        tune.main(tune_args(params, tiny_data, teacher, tmp_path))
+    assert tune.main(tune_args(params, tiny_data, teacher, tmp_path)) == 0
+    done = trials(tmp_path)
+    assert [t.state for t in done] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert done[0].user_attrs["interrupted"] and done[0].params
+    assert done[1].params == done[0].params
+    assert done[1].user_attrs == {**done[1].user_attrs, "retry_of": 0, "from": "params.yaml"}
+    # A trial that fails with an error counts: a broken objective cannot loop for ever.
+    fake_ap(monkeypatch, [RuntimeError("broken")])
+    assert tune.main([*tune_args(params, tiny_data, teacher, tmp_path), "--n-trials", "3"]) == 0
+    assert [t.state for t in trials(tmp_path)][3:] == [TrialState.FAIL]
+
+
+def test_a_study_refuses_a_changed_list_of_choices(
+    tiny_data: Path, teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Optuna would fail every new trial at its first suggestion: one line instead, before any
+    trial; a widened range is fine."""
+    params = write_params(tmp_path, n_trials=1)
+    study = optuna.create_study(study_name="toy", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.add_trial(optuna.trial.create_trial(
+        params={"filter_hidden": 32, "w_pr": 0.01}, value=0.1,
+        distributions={"filter_hidden": optuna.distributions.CategoricalDistribution([16, 32]),
+                       "w_pr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)}))
+    assert tune.cli.run(tune.main, tune_args(params, tiny_data, teacher, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tune.space.filter_hidden: ") and "(16, 32)" in err
+    assert "start a new study" in err and err.count("\n") == 1
+    assert len(trials(tmp_path)) == 1
 
 
 @pytest.mark.slow
@@ -495,6 +549,33 @@ def test_promote_as_a_compare_row(tmp_path: Path, capsys: pytest.CaptureFixture[
     (tmp_path / "tuning" / "mgd" / "best_params.yaml").write_text(yaml.safe_dump(best))
     assert tune.cli.run(tune.main, base) == 2
     assert "tunes student.train.lr; a compare row sets `distill` only" in capsys.readouterr().err
+
+
+def test_promote_into_distill_brings_the_method_and_refuses_another_studys_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MGD's tuned values promoted into `distill` (whose method is drkd) set distill.method:
+    mgd, else the study would change nothing; a file whose header names another study is
+    refused."""
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "tuning" / "mgd").mkdir(parents=True)
+    best_file = tmp_path / "tuning" / "mgd" / "best_params.yaml"
+    best = {"distill": {"mgd": {"weight": 3.5e-06, "mask_ratio": 0.85}}}
+    header = "# Best of Optuna study '{}': trial 3, validation AP 0.0577 (9 complete of 10).\n"
+    best_file.write_text(header.format("drkd-mgd") + yaml.safe_dump(best))
+    argv = ["--promote", "--method", "mgd", "--out", str(tmp_path / "tuning"), "--params",
+            str(params), "--apply"]
+    assert load_params(params).distill.method == "drkd"
+    assert tune.main(argv) == 0
+    after = load_params(params).distill
+    assert after.method == "mgd" and after.mgd.weight == 3.5e-06 and after.mgd.mask_ratio == 0.85
+    best_file.write_text(header.format("old-mgd") + yaml.safe_dump(best))
+    capsys.readouterr()
+    assert tune.cli.run(tune.main, argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: {best_file}: the best of study 'old-mgd', not of 'drkd-mgd' (tune.study_name, "
+        "--method); run that study or pick its --out\n")
 
 
 def test_errors_are_one_line(
