@@ -58,9 +58,13 @@ def distributed() -> Iterator[None]:
             torch.cuda.set_device(pick_device())
         try:
             yield
-        finally:
-            dist.barrier()
+        except BaseException:
+            # No barrier: the other ranks may be inside a collective that this one left, and
+            # would hang there; this process exits, and torchrun stops the others.
             dist.destroy_process_group()
+            raise
+        dist.barrier()
+        dist.destroy_process_group()
     else:
         yield
 
@@ -145,8 +149,9 @@ def _to_device(
 
 def _loader(dataset: Dataset[Any], cfg: TrainConfig, seed: int, epoch: int) -> DataLoader[Any]:
     """A loader whose order and augmentation depend only on (seed, epoch): resumable exactly."""
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     rank, size = world()
+    # Each rank's own flips (and loader workers' seeds); rank 0's as a single process's.
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch + (rank << 32))
     sampler: Any
     if size > 1:
         sampler = DistributedSampler(
@@ -170,7 +175,7 @@ def _loader(dataset: Dataset[Any], cfg: TrainConfig, seed: int, epoch: int) -> D
 def schedule(cfg: TrainConfig, num_images: int, processes: int = 1) -> tuple[int, int]:
     """(steps per epoch, total steps) of a run of ``cfg`` on ``num_images`` images."""
     steps_per_epoch = num_images // (cfg.batch_size * processes)
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 and cfg.epochs > 0:  # epochs 0 keeps a given model as it is
         raise UserError(
             f"train.batch_size: {cfg.batch_size} x {processes} processes exceeds the "
             f"{num_images} training images"
@@ -228,6 +233,8 @@ def fit(
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     train_model: nn.Module = module
+    if rank:  # its own MGD masks and flips; DDP gives every rank rank 0's weights
+        torch.manual_seed(seed * 1000 + rank)
     if size > 1:
         train_model = DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None
@@ -239,28 +246,37 @@ def fit(
     window: dict[str, float] = {}  # loss sums since the last logged row (may span epochs)
     window_steps = 0
     seconds = 0.0  # in finished epochs' step loops
-    if last.is_file():
-        state = load(last)
-        # The process count sets the steps per epoch and each rank's data shard: a run
-        # killed under another count is not continued under this one.
-        if state.get("fingerprint") == fingerprint and state.get("processes") == size:
-            module.load_state_dict(state["module"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(rank_state(state["rng"], rank))
-            if device.type == "cuda" and "cuda_rng" in state:  # MGD's masks are drawn there
-                torch.cuda.set_rng_state(rank_state(state["cuda_rng"], rank), device)
-            step, start_epoch, history = state["step"], state["epoch"] + 1, state["history"]
-            window, window_steps = state["window"], int(state["window_steps"])
-            seconds = float(state["seconds"])
-            if is_main():
-                tqdm.write(f"[{desc}] resuming after epoch {start_epoch} (step {step}) from {last}")
-        elif is_main():
-            tqdm.write(
-                f"[{desc}] {last} is from another config, dataset or process count; "
-                "starting afresh"
-            )
-        del state  # loading copied it into the module: do not hold a second copy all run
+    precision = {"device": device.type, "amp": str(amp_dtype)}
+    state = load(last) if last.is_file() else None
+    # The process count sets the steps per epoch and each rank's data shard, the device and
+    # precision the scaler's and RNGs' states: a run killed under others is not continued
+    # under these (a checkpoint from before the device was saved: as saved).
+    resumable = state is not None and (
+        state.get("fingerprint") == fingerprint and state.get("processes") == size
+        and all(state.get(k, v) == v for k, v in precision.items()))
+    if size > 1:  # all ranks from one point: a rank that starts afresh would hang the others
+        point = state["step"] if state is not None and resumable else -1
+        points = [int(t) for t in gathered(torch.tensor(point), size)]
+        if len(set(points)) > 1:
+            raise UserError(
+                f"{last}: the ranks would resume from different steps ({points}, -1: afresh); "
+                "the work dir must be on storage that every rank reads")
+    if state is not None and resumable:
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(rank_state(state["rng"], rank))
+        if device.type == "cuda" and "cuda_rng" in state:  # MGD's masks are drawn there
+            torch.cuda.set_rng_state(rank_state(state["cuda_rng"], rank), device)
+        step, start_epoch, history = state["step"], state["epoch"] + 1, state["history"]
+        window, window_steps = state["window"], int(state["window_steps"])
+        seconds = float(state["seconds"])
+        if is_main():
+            tqdm.write(f"[{desc}] resuming after epoch {start_epoch} (step {step}) from {last}")
+    elif state is not None and is_main():
+        tqdm.write(f"[{desc}] {last} is from another config, dataset, process count, device or "
+                   "precision; starting afresh")
+    del state  # loading copied it into the module: do not hold a second copy all run
 
     def set_lr() -> None:
         for group in optimizer.param_groups:
@@ -327,6 +343,7 @@ def fit(
                 {
                     "fingerprint": fingerprint,
                     "processes": size,
+                    **precision,
                     "module": module.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),

@@ -192,5 +192,32 @@ def test_a_resumed_ddp_run_continues_every_ranks_random_stream(tmp_path: Path) -
         text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
+    refused = (f"{tmp_path}/local{{}}/last.pt: the ranks would resume from different steps "
+               "([4, -1], -1: afresh); the work dir must be on storage that every rank reads")
     assert result == {"resumed_equals_straight": True, "logged_losses_equal_on_every_rank": True,
-                      "steps": 4}
+                      "steps": 4, "ranks_draw_their_own_numbers": True,
+                      "local_work_dirs_refused_on_every_rank": [refused.format(0),
+                                                                refused.format(1)]}
+
+
+CRASHING_RANK_0 = """
+import torch, torch.distributed as dist
+from drkd.engine import distributed
+with distributed():
+    if dist.get_rank() == 0:
+        raise RuntimeError("rank 0 failed")
+    dist.all_reduce(torch.ones(1))  # rank 1 waits here for a rank 0 that is gone
+"""
+
+
+def test_a_rank_that_fails_ends_the_run_instead_of_hanging(tmp_path: Path) -> None:
+    """Rank 0 fails while rank 1 waits in a collective: rank 0 exits (no barrier in its way)
+    and torchrun stops rank 1, in seconds rather than at gloo's 30-minute timeout."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_RANK_0)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+         "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script)],
+        cwd=ROOT, env={**single_process_env(), "PYTHONPATH": str(ROOT)}, capture_output=True,
+        text=True, timeout=TIMEOUT_S)
+    assert run.returncode != 0 and "rank 0 failed" in run.stderr

@@ -20,10 +20,10 @@ import drkd.recipe
 import stages.train
 from conftest import Clock, toy_model, toy_teacher, toy_train
 from drkd import checkpoint, cli, engine
-from drkd.config import NonFiniteLoss
+from drkd.config import NonFiniteLoss, UserError
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import train_transforms
-from drkd.engine import fit, lr_factor
+from drkd.engine import fit, lr_factor, schedule
 from drkd.models import build_detector
 
 
@@ -159,6 +159,33 @@ def test_resume_reproduces_uninterrupted_run(tiny_data: Path, tmp_path: Path) ->
     again = detector(ds)
     assert fit(again, ds, cfg, seed=7, work_dir=work, fingerprint="f") == history_b
     assert_same_state(state_of(again), state_a)
+
+
+def test_a_checkpoint_of_another_device_or_precision_is_not_resumed(
+        tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run killed on a GPU under fp16 (its scaler's state, CUDA RNG) is not continued on a
+    CPU in fp32: it starts afresh and says why; one of this device and precision resumes."""
+    ds = dataset(tiny_data)
+    cfg = toy_train(epochs=1, batch_size=2)
+    work = tmp_path / "work"
+    fit(detector(ds), ds, cfg, seed=7, work_dir=work, fingerprint="f")
+    saved = checkpoint.load(work / "last.pt")
+    assert (saved["device"], saved["amp"]) == ("cpu", "None")
+    checkpoint.save_atomic({**saved, "device": "cuda", "amp": "torch.float16"}, work / "last.pt")
+    capsys.readouterr()
+    epochs_run: list[int] = []
+    fit(detector(ds), ds, cfg, seed=7, work_dir=work, fingerprint="f",
+        on_epoch=lambda e, m: epochs_run.append(e))
+    assert epochs_run == [0]
+    assert "from another config, dataset, process count, device or precision" in (
+        capsys.readouterr().out)
+
+
+def test_a_given_model_of_zero_epochs_needs_no_batch_of_images() -> None:
+    """epochs 0 keeps a given model as it is, on data of any size."""
+    assert schedule(toy_train(epochs=0, batch_size=64), 10) == (0, 0)
+    with pytest.raises(UserError, match="train.batch_size: 64 x 1 processes exceeds the 10"):
+        schedule(toy_train(epochs=1, batch_size=64), 10)
 
 
 COST_COLUMNS = ("seconds", "peak_memory_mb")  # what a run cost: differs between equal runs
