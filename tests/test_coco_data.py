@@ -70,14 +70,17 @@ def test_non_contiguous_category_ids_map_to_contiguous_labels(tmp_path: Path) ->
     assert target["boxes"].tolist() == [[1, 1, 6, 6], [10, 2, 15, 7], [20, 3, 25, 8]]
 
 
-def test_crowd_box_kept_in_json_but_not_a_target(tmp_path: Path) -> None:
-    anns = [ann(1, 1, [2, 2, 8, 8]), ann(2, 1, [-5, 10, 50, 40], iscrowd=1, area=321.5)]
+def test_crowd_box_clipped_kept_in_json_but_not_a_target(tmp_path: Path) -> None:
+    """A crowd box is an ignore region for COCOeval: clipped to the 32x24 image like any box
+    (one of negative width is dropped), kept in the json, never a training target."""
+    anns = [ann(1, 1, [2, 2, 8, 8]), ann(2, 1, [-5, 10, 50, 40], iscrowd=1, area=321.5),
+            ann(3, 1, [20, 5, -10, 5], iscrowd=1)]
     path, image_dir = make_dataset(tmp_path, anns)
     coco, dropped = clean_coco(path, image_dir, 0)
     crowd = [a for a in coco["annotations"] if a["iscrowd"]]
-    assert crowd == [{"id": 2, "image_id": 1, "category_id": 1, "bbox": [-5, 10, 50, 40],
-                      "area": 321.5, "iscrowd": 1}]  # as-is: not clipped, not counted
-    assert dropped == {"clipped": 0, "degenerate": 0, "outside": 0}
+    assert crowd == [{"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 10, 32, 14],
+                      "area": 321.5, "iscrowd": 1}]
+    assert dropped == {"clipped": 1, "degenerate": 1, "outside": 0}
     _, target = cleaned_dataset(tmp_path, coco)[0]
     assert target["boxes"].tolist() == [[2, 2, 10, 10]]
     assert target["labels"].tolist() == [1]
@@ -224,7 +227,33 @@ def _no_annotations(root: Path) -> tuple[Path, Path]:
     return path, image_dir
 
 
+def _one_file_twice(root: Path) -> tuple[Path, Path]:
+    images = [{"id": 1, "file_name": "a.png", "width": 32, "height": 24},
+              {"id": 2, "file_name": "./a.png", "width": 32, "height": 24}]
+    return make_dataset(root, [], images=images)
+
+
+def _size_not_the_files(root: Path) -> tuple[Path, Path]:
+    path, image_dir = make_dataset(root, [])
+    Image.new("RGB", (24, 20), GREY).save(image_dir / "a.png")  # the json says 32x24
+    return path, image_dir
+
+
+def _not_an_image(root: Path) -> tuple[Path, Path]:
+    path, image_dir = make_dataset(root, [])
+    (image_dir / "a.png").write_bytes(b"not a png")
+    return path, image_dir
+
+
 BAD_DATASETS: dict[str, tuple[Callable[[Path], tuple[Path, Path]], list[str]]] = {
+    "two categories of one name": (
+        lambda r: make_dataset(r, [], categories=[{"id": 1, "name": "cat"},
+                                                  {"id": 4, "name": "cat"}]),
+        ["categories 1 and 4: both are named 'cat'"]),
+    "two images of one file": (_one_file_twice, ["images 1 and 2: both are", "a.png"]),
+    "size not the file's": (_size_not_the_files,
+                            ["image 1: width x height 32x24 but", "a.png is 24x20"]),
+    "not an image": (_not_an_image, ["a.png: cannot read image"]),
     "missing image file": (_missing_file, ["image 7", "gone.png"]),
     "invalid json": (_invalid_json, ["not valid JSON", "line 3"]),
     "bbox of 3 numbers": (lambda r: make_dataset(r, [ann(41, 1, [1, 2, 3])]),
@@ -292,7 +321,7 @@ def test_prepare_stage_end_to_end_on_coco(tmp_path: Path,
     stats = json.loads((out / "stats.json").read_text())
     assert stats["source"] == "coco"
     assert stats["train"]["dropped_boxes"] == {"clipped": 1, "degenerate": 0, "outside": 1}
-    assert stats["val"]["dropped_boxes"] == {"clipped": 0, "degenerate": 0, "outside": 0}
+    assert stats["val"]["dropped_boxes"] == {"clipped": 1, "degenerate": 0, "outside": 0}
     assert stats["train"]["images"] == 2 and stats["train"]["instances"] == 2
     assert stats["train"]["images_without_annotations"] == 1
     assert stats["val"]["crowd"] == 1
@@ -300,6 +329,21 @@ def test_prepare_stage_end_to_end_on_coco(tmp_path: Path,
     tensor, target = CocoDetection(out / "train.json")[0]
     assert tuple(tensor.shape) == (3, 24, 32)
     assert target["labels"].tolist() == [1, 2]
+
+
+def test_a_validation_image_that_is_a_training_image_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same json for both splits: every validation image is trained on."""
+    train = make_dataset(tmp_path / "train", [ann(1, 1, [1, 1, 8, 8])])
+    out = tmp_path / "prepared"
+    argv = ["--params", str(_write_params(tmp_path, train, train)), "--out", str(out)]
+    from stages import prepare as prepare_stage
+
+    assert cli.run(prepare_stage.main, argv) == 2
+    assert capsys.readouterr().err == (
+        "error: data.coco: train and val: 1 of the 1 validation images are training images "
+        f"too (first: {(train[1] / 'a.png').resolve()})\n")
+    assert not (out / "train.json").exists()
 
 
 def test_prepare_stage_bad_dataset_exits_2_without_writing(

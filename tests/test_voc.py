@@ -325,6 +325,37 @@ def test_bad_split_files_are_one_line_errors(tmp_path: Path,
     assert f"data.voc.root: {tmp_path} has no Annotations folder" in err
 
 
+def test_split_files_in_utf8_with_a_byte_order_mark_or_not_utf8(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A BOM (Windows editors) is not part of the first id; Latin-1 is one line."""
+    root = make_voc(tmp_path / "voc", {"a": [("cell", (1, 1, 4, 4), 0)]}, {"b": []})
+    (root / "ImageSets" / "Main" / "train.txt").write_bytes(b"\xef\xbb\xbfa\r\n")
+    coco, _ = convert(root)["train"]
+    assert [Path(im["file_name"]).name for im in coco["images"]] == ["a.jpg"]
+    (root / "ImageSets" / "Main" / "train.txt").write_bytes(b"caf\xe9\n")
+    err = _cli_error(voc_params(tmp_path, root), tmp_path / "prepared", capsys)
+    assert "train.txt: not UTF-8 text (byte 3: invalid continuation byte)" in err
+
+
+def test_a_file_read_twice_or_a_validation_image_in_training_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two XMLs of one split whose <filename> names one file, and a val split inside the
+    train split (VOC's val is part of its trainval): one line each, nothing written."""
+    root = make_voc(tmp_path / "voc", {"a": [("cell", (1, 1, 4, 4), 0)], "b": []}, {"v": []},
+                    skip_image=("b",))
+    xml = root / "Annotations" / "b.xml"
+    xml.write_text(xml.read_text().replace("<filename>b.jpg</filename>",
+                                           "<filename>a.jpg</filename>"))
+    out = tmp_path / "prepared"
+    err = _cli_error(voc_params(tmp_path, root), out, capsys)
+    assert f"train.txt: images a and b: both read {root / 'JPEGImages' / 'a.jpg'}" in err
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a\nv\n")
+    err = _cli_error(voc_params(tmp_path, root), out, capsys)
+    shared = (root / "JPEGImages" / "v.jpg").resolve()
+    assert err == ("error: data.voc: train_split and val_split: 1 of the 1 validation images "
+                   f"are training images too (first: {shared})\n")
+
+
 def test_voc_params_are_checked_by_the_strict_loader() -> None:
     good = parse_params({"data": {"source": "voc", "voc": {
         "root": "d", "train_split": "trainval", "val_split": "test", "classes": ["b", "a"],

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from drkd.config import DataConfig
+from drkd.config import DataConfig, UserError
 from drkd.data import synthetic
 from drkd.files import write_json
 
@@ -30,6 +30,16 @@ def split_stats(coco: dict[str, Any]) -> dict[str, Any]:
         "instances_per_category": {n: per_category.get(n, 0) for n in sorted(names.values())},
         "size_buckets": {b: sizes.get(b, 0) for b in ("small", "medium", "large")},
     }
+
+
+def shared_images(splits: dict[str, dict[str, Any]], where: str) -> None:
+    """Refuse a validation split that holds training images (VOC's val is part of its
+    trainval, say): the AP measured on them would overstate the detector, without a sign."""
+    train = {im["file_name"] for im in splits["train"]["images"]}
+    shared = [im["file_name"] for im in splits["val"]["images"] if im["file_name"] in train]
+    if shared:
+        raise UserError(f"{where}: {len(shared)} of the {len(splits['val']['images'])} "
+                        f"validation images are training images too (first: {shared[0]})")
 
 
 def prepare(cfg: DataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
@@ -60,6 +70,9 @@ def prepare(cfg: DataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
         ):
             splits[split], dropped = clean_coco(Path(ann), Path(images), c.max_images)
             extra[split] = {"dropped_boxes": dropped}
+    if cfg.source != "synthetic":
+        shared_images(splits, "data.voc: train_split and val_split" if cfg.source == "voc"
+                      else "data.coco: train and val")
     # coco and voc: both splits are checked and built before anything is written, so bad
     # input leaves no half-prepared folder behind.
     for split, coco in splits.items():

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from PIL import Image, UnidentifiedImageError
+
 from drkd.config import UserError
 
 BOX_KEYS = ("clipped", "degenerate", "outside")
@@ -77,6 +79,22 @@ class _Checker:
         return item["id"]
 
 
+# EXIF orientations that show the stored image turned by 90 degrees (width and height swap).
+_TURNED = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
+def image_size(path: Path) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(stored size, size as displayed after EXIF orientation), from the header only."""
+    try:
+        with Image.open(path) as im:
+            stored = im.size
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, UnidentifiedImageError) as err:
+        raise UserError(f"{path}: cannot read image: {err}") from None
+    return stored, (stored[::-1] if orientation in _TURNED else stored)
+
+
 def clip_box(bbox: list[float], width: int, height: int) -> tuple[list[float] | None, str | None]:
     """Clip an [x, y, w, h] box to the image; return (box or None, what happened or None).
 
@@ -124,13 +142,18 @@ def clean_coco(
             check.fail(f"image {image_id}: duplicate image id")
         images[image_id] = im
     categories: dict[int, dict[str, Any]] = {}
+    named: dict[str, int] = {}
     for i, cat in enumerate(data["categories"]):
         category_id = check.entry(
             "category", i, cat, {"id": "an int", "name": "a non-empty string"}
         )
         if category_id in categories:
             check.fail(f"category {category_id}: duplicate category id")
+        if cat["name"] in named:  # per-class AP and the stats are keyed by name
+            check.fail(f"categories {named[cat['name']]} and {category_id}: both are named "
+                       f"{cat['name']!r}")
         categories[category_id] = cat
+        named[cat["name"]] = category_id
     seen: set[int] = set()
     for i, ann in enumerate(data["annotations"]):
         ann_id = check.entry("annotation", i, ann, {"id": "an int"})
@@ -156,11 +179,26 @@ def clean_coco(
 
     kept_ids = sorted(images)[:max_images] if max_images > 0 else sorted(images)
     out_images = []
+    read_by: dict[Path, int] = {}
     for image_id in kept_ids:
         im = images[image_id]
         path = image_dir / im["file_name"]
         if not path.is_file():
             check.fail(f"image {image_id}: file not found: {path}")
+        if path.resolve() in read_by:
+            check.fail(f"images {read_by[path.resolve()]} and {image_id}: both are {path}")
+        read_by[path.resolve()] = image_id
+        # Opened here (its header), not first in a training worker: a file that does not
+        # read, or whose size is neither the annotated one nor that one turned by its EXIF
+        # orientation (the boxes' frame would be unknown), stops prepare.
+        try:
+            stored, shown = image_size(path)
+        except UserError as err:
+            check.fail(f"image {image_id}: {err}")
+        if (im["width"], im["height"]) not in (stored, shown):
+            turned = f", {shown[0]}x{shown[1]} as displayed" if shown != stored else ""
+            check.fail(f"image {image_id}: width x height {im['width']}x{im['height']} but "
+                       f"{path} is {stored[0]}x{stored[1]}{turned}")
         out_images.append(
             {
                 "id": image_id,
@@ -177,13 +215,12 @@ def clean_coco(
         if ann["image_id"] not in kept:
             continue
         crowd = int(ann.get("iscrowd", 0))
-        bbox: list[float] | None = list(ann["bbox"])
-        event = None
-        if not crowd:
-            im = images[ann["image_id"]]
-            bbox, event = clip_box(ann["bbox"], im["width"], im["height"])
-            if event is not None:
-                counts[event] += 1
+        im = images[ann["image_id"]]
+        # Crowd boxes too: an ignore region outside the image or of negative size would
+        # still be matched by COCOeval.
+        bbox, event = clip_box(ann["bbox"], im["width"], im["height"])
+        if event is not None:
+            counts[event] += 1
         if bbox is None:
             continue
         area = bbox[2] * bbox[3]

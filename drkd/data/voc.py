@@ -41,14 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from drkd.config import UserError, VocConfig
-from drkd.data.validate import clip_box
+from drkd.data.validate import clip_box, image_size
 
-# EXIF orientations that show the stored image turned by 90 degrees (width and height swap).
-_TURNED = (5, 6, 7, 8)
-_EXIF_ORIENTATION = 0x0112
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -76,10 +71,12 @@ def split_file(root: Path, split: str) -> Path:
 def read_split(path: Path) -> list[str]:
     """Image ids of a split file in file order (first word of each line, as in VOC's
     per-class lists ``<id> 1``)."""
-    try:
-        lines = path.read_text().splitlines()
+    try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first id
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except OSError as err:
         raise UserError(f"{path}: cannot read split file: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     ids = [line.split()[0] for line in lines if line.strip()]
     if not ids:
         raise UserError(f"{path}: lists no images")
@@ -153,17 +150,6 @@ def find_image(root: Path, image_id: str, ann: VocAnnotation, listed_in: Path) -
                     f"(tried {', '.join(names)})")
 
 
-def image_size(path: Path) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(stored size, size as displayed after EXIF orientation), from the header only."""
-    try:
-        with Image.open(path) as im:
-            stored = im.size
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-    except (OSError, UnidentifiedImageError) as err:
-        raise UserError(f"{path}: cannot read image: {err}") from None
-    return stored, (stored[::-1] if orientation in _TURNED else stored)
-
-
 def _frame(ann: VocAnnotation, image: Path, counts: dict[str, Any]) -> tuple[int, int]:
     """The (width, height) the boxes were drawn in (module docstring, <size>)."""
     stored, shown = image_size(image)
@@ -201,8 +187,13 @@ def convert_split(
     counts: dict[str, Any] = {"dropped_boxes": dropped, "difficult": 0, "size_from_image": 0}
     images: list[dict[str, Any]] = []
     out_annotations: list[dict[str, Any]] = []
+    read_by: dict[Path, str] = {}
     for image_id, (voc_id, ann) in enumerate(zip(ids, annotations, strict=True), start=1):
         image = find_image(root, voc_id, ann, listed_in)
+        if image.resolve() in read_by:  # two XMLs whose <filename> names one file
+            raise UserError(f"{listed_in}: images {read_by[image.resolve()]} and {voc_id}: "
+                            f"both read {image}")
+        read_by[image.resolve()] = voc_id
         width, height = _frame(ann, image, counts)
         images.append(
             {"id": image_id, "file_name": str(image.resolve()), "width": width, "height": height}
