@@ -104,8 +104,9 @@ def measure(
     # (paper_scale.random_detector).
     build = paper_scale.random_detector if setting.paper else build_detector
     teacher = build(setting.teacher, setting.num_classes).to(device).eval()
-    distiller = Distiller(build(setting.student, setting.num_classes), teacher, setting.distill
-                          ).to(device)
+    # The student on the device first: the Distiller's compatibility probe runs both models.
+    distiller = Distiller(build(setting.student, setting.num_classes).to(device), teacher,
+                          setting.distill).to(device)
     images, targets = detector_batch(setting, device)
     dtype = AMP[amp]
     not_finite: dict[str, str] = {}  # step name -> "step <n>: <term>=<value>, ...", the first
@@ -123,7 +124,8 @@ def measure(
 
         return checked
 
-    tensors = torch.stack(images)
+    # The batch the Distiller gives the teacher: normalised and padded by the transform.
+    tensors = distiller.student.transform(images)[0].tensors
 
     def teacher_forward() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -200,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on CPU (tests)")
     args = parser.parse_args(argv)
+    # Each line as it is printed: a run stopped at its time limit keeps what it measured.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    if args.cpu_smoke:  # on a GPU machine too: the stages and ranks it starts use the CPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("error: gpu_check needs CUDA: torch.cuda.is_available() is False on this machine",
               file=sys.stderr)
@@ -225,15 +231,19 @@ def main(argv: list[str] | None = None) -> int:
                            device=device)
     print(f"instance relations, batched vs per-image loop: {speed['speedup']:.2f}x "
           f"(range {speed['speedup_min']:.2f}-{speed['speedup_max']:.2f})")
-    # The CPU benchmark's own configurations (docs/speed.md), so the two tables line up.
-    smoke = ["--smoke", "--steps", "1", "--arch", "retinanet"] if args.cpu_smoke else []
-    paper_scale.main(smoke or ["--steps", "5"])
-    paper_scale.main([*smoke, "--instances", *(["1", "12"] if smoke else
-                                               ["1", "10", "50", "100", "300"])])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     wrote = torchrun_distill(args.params, max(gpus, 1), args.cpu_smoke)
-    print(f"torchrun x {max(gpus, 1)} ({'gloo' if args.cpu_smoke else 'nccl'}), 2 distill "
-          f"steps: rank 0 wrote the student ({wrote})")
+    group = ("1 process, no process group" if max(gpus, 1) == 1 else
+             "gloo" if args.cpu_smoke else "nccl")
+    print(f"torchrun x {max(gpus, 1)} ({group}), 2 distill steps: rank 0 wrote the student "
+          f"({wrote})")
+    # The CPU benchmark's own configurations (docs/speed.md), so the two tables line up; last,
+    # as the longest part. Peak memory: the table above has the allocator's for the paper
+    # RetinaNet setting (a fresh process per row here would cost minutes of device time).
+    smoke = ["--smoke", "--steps", "1", "--arch", "retinanet"] if args.cpu_smoke else []
+    paper_scale.main(smoke or ["--steps", "3", "--no-memory"])
+    paper_scale.main([*smoke, "--instances", *(["1", "12"] if smoke else
+                                               ["1", "10", "50", "100", "300"])])
     if failed:
         print(f"error: a loss term was not finite: {'; '.join(failed)}", file=sys.stderr)
         return 1

@@ -243,10 +243,15 @@ def methods_table(arch: str, steps: int, smoke: bool, memory: bool,
                       "vs_baseline_plus_teacher_q1_q3": [q1, q3],
                       "finite": finite[row], "parts_ms": parts_ms(steppers[row])}
         if memory:
-            table[row]["peak_mib"] = json.loads(subprocess.run(
+            child = subprocess.run(
                 [sys.executable, "-m", "benchmarks.paper_scale", "--peak", arch, row,
                  *(["--smoke"] if smoke else [])],
-                cwd=REPO, capture_output=True, text=True, check=True).stdout)
+                cwd=REPO, capture_output=True, text=True)
+            if child.returncode:  # out of memory, say: that row's peak is unknown, not the rest
+                last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"[paper_scale] {arch} {row}: peak-memory run failed: {last}")
+            else:
+                table[row]["peak_mib"] = json.loads(child.stdout)
     return {"arch": arch, "batch": list(batch.shape), "teacher_forward_s":
             seconds["teacher forward"], "rows": table}
 
@@ -260,6 +265,26 @@ def method_step(method: torch.nn.Module, s_maps: list[torch.Tensor],
     terms = method(s_maps, t_maps, targets, shape)
     sum(terms.values()).backward()
     return all(bool(torch.isfinite(t)) for t in terms.values())
+
+
+def peak_growth_mib(call: Any, device: torch.device) -> float:
+    """How far one ``call()`` raises this process's peak memory above what it holds before:
+    the allocator's on CUDA, the resident set's on a CPU (NaN where Linux's clear_refs is
+    missing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    rss = resident_mib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
+    except OSError:  # a kernel or sandbox without it: no memory column
+        rss = math.nan
+    call()
+    return resident_mib("VmHWM") - rss
 
 
 def instance_scaling(arch: str, counts: list[int], steps: int, smoke: bool) -> dict[str, Any]:
@@ -293,13 +318,7 @@ def instance_scaling(arch: str, counts: list[int], steps: int, smoke: bool) -> d
             leaves = [m.clone().requires_grad_() for m in s_maps]
             call = functools.partial(method_step, method, leaves, t_maps, targets, shape)
             finite = call()  # and a warm-up
-            rss = resident_mib("VmRSS")
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
-            except OSError:  # a kernel or sandbox without it: no memory column
-                rss = math.nan
-            call()
-            grown = resident_mib("VmHWM") - rss
+            grown = peak_growth_mib(call, device)
             seconds = timed({name: call}, steps, device, warmup=0)[name]
             out.setdefault(name, {})[count] = {"s": seconds, "peak_growth_mib": grown,
                                                "finite": finite}

@@ -786,6 +786,19 @@ def test_switching_terms_off() -> None:
     assert set(d(images, targets)) == set(d.student(images, targets))
 
 
+def test_cosine_similarity_stays_fp32_under_autocast() -> None:
+    """Under bf16 autocast (a GPU's training) the cosines are the fp32 ones: in bf16 they move
+    by ~4e-3 (0.04 in a logit at tau 0.1) and distinct ones tie, which changes top-k."""
+    from drkd.modules.relation import cosine_similarity
+
+    e = torch.randn(2, 6, 576, generator=torch.Generator().manual_seed(0))
+    pairwise = nn.functional.cosine_similarity(e[:, :, None], e[:, None], dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cosine_similarity(e)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, pairwise, atol=1e-6)
+
+
 def test_cosine_similarity_is_parameter_free_and_zero_on_identical_features() -> None:
     """similarity: cosine builds no theta/phi on either side; with identical features and
     identity adapters the two relation matrices agree from the first step (no embedding to

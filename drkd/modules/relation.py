@@ -134,9 +134,12 @@ def relation_matrix(
 
 
 def cosine_similarity(e: torch.Tensor) -> torch.Tensor:
-    """(B, n, D) -> cos(e_i, e_j) (B, n, n) in fp32; zero rows (padding) give 0."""
-    unit = nn.functional.normalize(e.float(), dim=-1)
-    return unit @ unit.transpose(1, 2)
+    """(B, n, D) -> cos(e_i, e_j) (B, n, n) in fp32, whatever the autocast (in bf16 a cosine
+    moves by ~4e-3, 0.04 in a logit at tau 0.1, and distinct ones tie); zero rows (padding)
+    give 0."""
+    with torch.autocast(e.device.type, enabled=False):
+        unit = nn.functional.normalize(e.float(), dim=-1)
+        return unit @ unit.transpose(1, 2)
 
 
 class InstanceRelation(nn.Module):
