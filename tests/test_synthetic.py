@@ -122,3 +122,14 @@ def test_foreground_is_a_minority_of_pixels(moderate: Moderate) -> None:
         masks[a["image_id"]][int(y):math.ceil(y + h), int(x):math.ceil(x + w)] = True
     coverage = float(np.mean([mask.mean() for mask in masks.values()]))
     assert coverage < 0.4, f"boxes cover {coverage:.0%} of the pixels on average"
+
+
+def test_no_object_is_drawn_below_min_object_size() -> None:
+    """min_object_size above the small bucket's 32 px: the small objects are drawn at the
+    minimum, not at 32 px (a star's or hexagon's tight box is at most 13% shorter)."""
+    from drkd.data.synthetic import make_image
+
+    cfg = SyntheticConfig(min_object_size=40, max_object_size=60)
+    rng = np.random.default_rng(0)
+    sides = [math.sqrt(w * h) for _ in range(30) for _, (_, _, w, h) in make_image(rng, cfg)[1]]
+    assert len(sides) > 50 and min(sides) >= 36, min(sides)

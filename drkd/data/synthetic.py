@@ -163,9 +163,10 @@ def make_image(
     # COCO-like size mix (small < 32 px side < medium < 96 px < large), largest drawn first.
     buckets = rng.choice(3, size=count, p=SIZE_MIX)
     for bucket in sorted(buckets, reverse=True):
-        lo_side, hi_side = ((cfg.min_object_size, 32), (32, 96), (96, cfg.max_object_size))[bucket]
-        lo_side, hi_side = max(lo_side, cfg.min_object_size), min(hi_side, cfg.max_object_size)
-        lo, hi = math.log(min(lo_side, hi_side)), math.log(hi_side)
+        # The bucket's sides within [min_object_size, max_object_size]: a bucket outside that
+        # range draws at its nearer bound, never past it.
+        lo, hi = (math.log(min(max(side, cfg.min_object_size), cfg.max_object_size))
+                  for side in ((0, 32), (32, 96), (96, cfg.max_object_size))[bucket])
         for _attempt in range(20):
             side = math.exp(rng.uniform(lo, hi))
             aspect = math.exp(rng.uniform(-0.35, 0.35))
