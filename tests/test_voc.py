@@ -297,6 +297,9 @@ BAD_XML = {
         xml_text("a", (32, 24), [("cell", (1, 1, 4, 4), 0)]).replace(
             "<difficult>0", "<difficult>maybe"),
         ["a.xml: object 1 (cell): <difficult> must be 0 or 1, got 'maybe'"]),
+    "another tool's XML": ("<annotations><image name='a.jpg'/></annotations>",
+                           ["a.xml: not a Pascal VOC annotation (its root element is "
+                            "<annotations>, not <annotation>)"]),
 }
 
 

@@ -109,6 +109,9 @@ def read_annotation(path: Path) -> VocAnnotation:
         raise UserError(f"{path}: cannot read: {err.strerror or err}") from None
     except ET.ParseError as err:
         raise UserError(f"{path}: not valid XML ({err})") from None
+    if root.tag != "annotation":  # another tool's XML would read as an image without objects
+        raise UserError(f"{path}: not a Pascal VOC annotation (its root element is "
+                        f"<{root.tag}>, not <annotation>)")
     size: tuple[int, int] | None = None
     width, height = root.findtext("size/width"), root.findtext("size/height")
     if width is not None and width.strip() and height is not None and height.strip():
