@@ -34,7 +34,7 @@ from drkd import cli
 from drkd.config import UserError
 from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
-from drkd.methods.drkd import DRKD, instance_rois, pad_labels
+from drkd.methods.drkd import DRKD, drkd_part, instance_rois, pad_labels
 from drkd.modules.relation import RelationFilter, pair_mask
 from drkd.relations_plot import load_distiller
 from drkd.taps import part
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=64)
     args = parser.parse_args(argv)
     distiller, _ = load_distiller(args.teacher, args.student, args.modules)
-    method = distiller.method
-    if not isinstance(method, DRKD) or not len(method.relation_s):
+    method = drkd_part(distiller.method)
+    if method is None or not len(method.relation_s):
         raise UserError(f"{args.modules}: the run has no DRKD instance relations "
                         f"(method {distiller.cfg.method}, or w_ir 0)")
     dataset = CocoDetection(args.data, eval_transforms())

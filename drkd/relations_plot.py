@@ -36,7 +36,7 @@ from drkd.data.coco import CocoDetection
 from drkd.data.transforms import eval_transforms
 from drkd.distiller import Distiller
 from drkd.files import write_json
-from drkd.methods.drkd import DRKD, instances
+from drkd.methods.drkd import DRKD, drkd_part, instances
 from drkd.modules.glore import GloRe
 from drkd.plots import placeholder, save_figure, subplots
 from drkd.taps import part
@@ -175,8 +175,10 @@ def plot_pixel_relations(
 ) -> None:
     """Rows = images; columns = image + query, teacher relations, student relations."""
     sides = [
-        ("teacher: GloRe_t[0]", cast(DRKD, distiller.method).glore_t[0], teacher_maps[0]),
-        ("student: GloRe_s[0]", cast(DRKD, distiller.method).glore_s[0], student_maps[0]),
+        ("teacher: GloRe_t[0]", cast(DRKD, drkd_part(distiller.method)).glore_t[0],
+         teacher_maps[0]),
+        ("student: GloRe_s[0]", cast(DRKD, drkd_part(distiller.method)).glore_s[0],
+         student_maps[0]),
     ]
     fig, axes = subplots(
         len(pictures), 3, figsize=(9.5, 3.2 * len(pictures)), squeeze=False, layout="constrained"
@@ -239,7 +241,7 @@ def plot_instance_relations(
     """Rows = images with >= 2 instances; columns = numbered boxes, R_t, R_s. Returns the
     number of rows drawn (a placeholder PNG when 0)."""
     device = student_maps[0].device
-    method = cast(DRKD, distiller.method)
+    method = cast(DRKD, drkd_part(distiller.method))
     on_device = [{"boxes": b.to(device), "labels": t["labels"].to(device)}
                  for b, t in zip(boxes, targets, strict=True)]
     r_s, r_t, mask = method.relation_matrices(student_maps, teacher_maps, on_device, padded, 0)
@@ -329,7 +331,7 @@ def plot_relations(
         return written
     student_maps, teacher_maps, pictures, boxes, targets, padded = _run(distiller, dataset, count)
     args = (distiller, student_maps, teacher_maps, pictures, boxes, targets, padded, names)
-    method = distiller.method if isinstance(distiller.method, DRKD) else None
+    method = drkd_part(distiller.method)
     with torch.no_grad():
         if method is not None and len(method.glore_s):
             plot_pixel_relations(*args, out / PIXEL_PNG)
@@ -342,11 +344,12 @@ def plot_relations(
                 f"{side} " + " ".join(f"{v:.3f}" for v in values)
                 for side, values in drift.items()))
             written += [out / PIXEL_PNG, out / DRIFT_JSON]
-        else:
-            print(
-                f"[report] {PIXEL_PNG} skipped: {modules} has no GloRe modules "
-                f"(distill method {distiller.cfg.method!r}, w_pr = {distiller.cfg.w_pr:g})"
-            )
+        else:  # a placeholder, so that no earlier run's picture passes for this run's
+            why = (f"{modules} has no GloRe modules (distill method "
+                   f"{distiller.cfg.method!r}, w_pr = {distiller.cfg.w_pr:g})")
+            placeholder(out / PIXEL_PNG, why)
+            written.append(out / PIXEL_PNG)
+            print(f"[report] {PIXEL_PNG}: {why} (placeholder written)")
         if method is not None and len(method.relation_s):
             shown = plot_instance_relations(*args, out / INSTANCE_PNG)
             written.append(out / INSTANCE_PNG)
@@ -356,9 +359,9 @@ def plot_relations(
                     ">= 2 instances (placeholder written)"
                 )
         else:
-            print(
-                f"[report] {INSTANCE_PNG} skipped: {modules} has no instance relation "
-                f"modules (distill method {distiller.cfg.method!r}, "
-                f"w_ir = {distiller.cfg.w_ir:g})"
-            )
+            why = (f"{modules} has no instance relation modules (distill method "
+                   f"{distiller.cfg.method!r}, w_ir = {distiller.cfg.w_ir:g})")
+            placeholder(out / INSTANCE_PNG, why)
+            written.append(out / INSTANCE_PNG)
+            print(f"[report] {INSTANCE_PNG}: {why} (placeholder written)")
     return written

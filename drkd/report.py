@@ -58,7 +58,7 @@ def gap_closed(model_ap: float, baseline_ap: float, reference_ap: float) -> floa
     models, 1e-5 AP apart) would give "0%" or "-5000%", a number that means nothing."""
     if -1 in (model_ap, baseline_ap, reference_ap):
         return None
-    if round(100 * reference_ap, 1) <= round(100 * baseline_ap, 1):
+    if 100 * (reference_ap - baseline_ap) < 0.1:  # the gap itself, not its rounded ends
         return None
     return round((model_ap - baseline_ap) / (reference_ap - baseline_ap), 6)
 
@@ -196,7 +196,7 @@ def markdown_table(metrics: dict[str, dict[str, Any]]) -> str:
     ]
     for cls in classes:
         cells = [_points(metrics[n]["per_class_AP"].get(cls, -1.0)) for n in names]
-        lines.append(f"| {cls} | " + " | ".join(cells) + " |")
+        lines.append(f"| {cls.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -28,7 +28,11 @@ def write_report(params: Params, models: list[str], eval_dir: Path, histories: l
     require_files([*metrics_files.values(), *detection_files.values(), *histories,
                    *(relation_files or ()), data / "val.json"])
     metrics = {m: report.read_metrics(f) for m, f in metrics_files.items()}
-    curves = {h.stem.removeprefix("train_"): report.read_history(h) for h in histories}
+    titles = [h.stem.removeprefix("train_") for h in histories]
+    if len(set(titles)) < len(titles):  # one panel would silently replace the other
+        raise UserError(f"--histories: two files named alike ({', '.join(map(str, histories))}); "
+                        "each names its loss panel")
+    curves = {t: report.read_history(h) for t, h in zip(titles, histories, strict=True)}
     curves = {name: h for name, h in curves.items() if h["step"]}  # trained for 0 steps: no panel
     evaluate = params.evaluate
     logged = {

@@ -9,8 +9,8 @@ name: AP}, ``parameters`` and ``inference_ms_per_image``. ``--headline``
 ``inference_ms_per_image`` is latency, not throughput: the mean wall time of one forward
 pass at batch size 1 (the detector's own resize/normalise and postprocessing included, data
 loading excluded, CUDA synchronised) over the first ``evaluate.timing_images`` val images,
-after one untimed warm-up pass. With ``timing_images: 0`` it is the batched mean from the
-metrics pass instead (``evaluate.batch_size`` images per forward).
+after two untimed warm-up passes (torch.utils.benchmark.Timer). With ``timing_images: 0`` it is
+the batched mean from the metrics pass instead (``evaluate.batch_size`` images per forward).
 """
 
 from __future__ import annotations

@@ -259,6 +259,22 @@ def test_report_missing_metrics_is_one_line_error(evaluated: Path, tiny_data: Pa
     assert not (evaluated / "x.json").exists()
 
 
+def test_two_histories_named_alike_are_refused(evaluated: Path, tiny_data: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Each history's file name titles its loss panel: two alike would leave one panel."""
+    other = evaluated / "other"
+    other.mkdir(exist_ok=True)
+    (other / "train_student.csv").write_text((evaluated / "train_student.csv").read_text())
+    argv = ["--models", "teacher", "--eval-dir", str(evaluated / "eval"), "--data",
+            str(tiny_data), "--histories", str(evaluated / "train_student.csv"),
+            str(other / "train_student.csv"), "--summary", str(evaluated / "y.json"),
+            "--table", str(evaluated / "y.md"), "--plots-dir", str(evaluated / "y"),
+            "--params", str(evaluated / "params.yaml")]
+    assert cli.run(report.main, argv) == 2
+    assert "--histories: two files named alike" in capsys.readouterr().err
+    assert not (evaluated / "y.json").exists()
+
+
 def test_evaluate_logs_mlflow_run(tiny_data: Path, checkpoint: tuple[Path, int], tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
@@ -330,6 +346,8 @@ def test_gap_closed_reads_dash_when_teacher_and_student_tie() -> None:
     assert row.endswith("| - |") and "%" not in row
     assert rep.gap_closed(0.25, 0.2, 0.2004) is None  # 20.0 vs 20.0 points: a tie as printed
     assert rep.gap_closed(0.2, 0.2, 0.201) == 0.0  # 20.1 vs 20.0: a gap, nothing closed
+    # 30.049 vs 30.051 print as 30.0 and 30.1, but the gap is 0.002 points: a tie.
+    assert rep.gap_closed(0.3055, 0.30049, 0.30051) is None
 
 
 def test_dvc_metrics_files_hold_only_headline_numbers(evaluated: Path) -> None:

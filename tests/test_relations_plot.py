@@ -141,17 +141,34 @@ def test_not_a_modules_file_names_the_file(models: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("off", ["w_pr", "w_ir"])
-def test_switched_off_term_skips_its_plot(tiny_data: Path, tmp_path: Path, off: str,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_switched_off_term_gets_a_placeholder(tiny_data: Path, tmp_path: Path, off: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A term switched off leaves a placeholder saying why, not nothing: DVC declares both
+    pictures, and an earlier run's picture must not pass for this run's."""
     paths = write_relation_models(tiny_data, tmp_path, **{off: 0.0})
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    skipped = "pixel_relations.png" if off == "w_pr" else "instance_relations.png"
+    Image.new("RGB", (8, 8)).save(plots / skipped)  # an earlier run's
+    written = plot_relations(paths["teacher"], paths["student_drkd"], paths["modules"],
+                             tiny_data / "val.json", 2, plots)
+    expected = (["pixel_relations.png", "instance_relations.png"] if off == "w_pr" else
+                ["pixel_relations.png", "glore_drift.json", "instance_relations.png"])
+    assert [p.name for p in written] == expected
+    with Image.open(plots / skipped) as image:
+        assert min(image.size) > 8  # replaced
+    assert f"{skipped}: {paths['modules']} has no " in capsys.readouterr().out
+
+
+def test_drkd_beside_another_method_is_plotted(tiny_data: Path, tmp_path: Path) -> None:
+    """MGD with `plus: [drkd]` (a combination row): DRKD's modules are found in it."""
+    paths = write_relation_models(tiny_data, tmp_path, method="mgd", plus=("drkd",))
     written = plot_relations(paths["teacher"], paths["student_drkd"], paths["modules"],
                              tiny_data / "val.json", 2, tmp_path / "plots")
-    skipped = "pixel_relations.png" if off == "w_pr" else "instance_relations.png"
-    pixel = ("pixel_relations.png", "glore_drift.json")
-    expected = ["instance_relations.png"] if off == "w_pr" else list(pixel)
-    assert [p.name for p in written] == expected
-    assert not (tmp_path / "plots" / skipped).exists()
-    assert f"{skipped} skipped" in capsys.readouterr().out
+    assert [p.name for p in written] == ["pixel_relations.png", "glore_drift.json",
+                                         "instance_relations.png"]
+    drift = json.loads((tmp_path / "plots" / "glore_drift.json").read_text())
+    assert set(drift) == {"teacher", "student"}
 
 
 def test_report_relation_args_go_together(tmp_path: Path,

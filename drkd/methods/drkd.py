@@ -277,6 +277,15 @@ class DRKD(nn.Module):
         return loss, scores
 
 
+def drkd_part(method: nn.Module | None) -> DRKD | None:
+    """DRKD's module in a Distiller's method: the method itself, or its part in a combination
+    (another method with ``plus: [drkd]``); None without one."""
+    for part in getattr(method, "parts", [method]):
+        if isinstance(part, DRKD):
+            return part
+    return None
+
+
 def channel_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A linear layer across the channels of a map: (B, C_in, H, W) -> (B, C_out, H, W), as a
     1x1 convolution with the layer's weights."""
