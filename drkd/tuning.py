@@ -51,6 +51,7 @@ from drkd.engine import fit, schedule
 from drkd.evaluation import coco_metrics, predict
 from drkd.files import require_files, sqlite_lock_file, write_text
 from drkd.models import build_detector
+from drkd.params_file import promote
 from drkd.plots import save_figure
 from drkd.recipe import shorten
 from drkd.report import NOT_LOSSES
@@ -655,6 +656,16 @@ def tune(params_file: str, method: str, data: Path, teacher_path: Path, storage:
         run_study(study, objective, n_trials, params.tune.sampler_seed, gate,
                   poll_s=max(1, params.tune.grace_s // 6))
         write_outputs(study, out, track, method, space_of(params, method))
+
+
+def promote_best(params_file: str, method: str, out: Path, row: str, apply_it: bool) -> None:
+    """``--promote``: the best values of the study of ``method`` (``tuned_method``) from its
+    OUT folder, as a `dvc exp run` line, into params (``apply_it``) or as compare row ``row``
+    (drkd.params_file.promote)."""
+    params = load_params(params_file)
+    method = tuned_method(params, method)
+    promote(params_file, params, method, study_dir(out, method) / "best_params.yaml", row,
+            apply_it, study_name(params, method))
 
 
 def print_calibration(params_file: str, method: str, data: Path, teacher_path: Path,

@@ -10,8 +10,7 @@ pruner. Several workers may share the study's RDB; `tune.n_trials` counts the tr
 their course over all of them (a trial whose worker died or was stopped runs again). Writes
 OUT/best_params.yaml, OUT/trials.csv and plots (OUT/<method>/ for a method other than drkd);
 `--promote` turns the best values into a `dvc exp run -S` line, a params.yaml edit (`--apply`)
-or a compare row (`--row`). The study lives in drkd/tuning.py
-(docs/compare-and-tune.md).
+or a compare row (`--row`). The study: drkd/tuning.py (docs/compare-and-tune.md).
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ import sys
 from pathlib import Path
 
 from drkd import cli, tuning
-from drkd.config import load_params, method_names
-from drkd.params_file import promote
+from drkd.config import method_names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         tuning.print_calibration(args.params, args.method, Path(args.data),
                                  Path(args.teacher), args.calibrate)
     elif args.promote:
-        params = load_params(args.params)
-        method = tuning.tuned_method(params, args.method)
-        best = tuning.study_dir(Path(args.out), method) / "best_params.yaml"
-        promote(args.params, params, method, best, args.row, args.apply,
-                tuning.study_name(params, method))
+        tuning.promote_best(args.params, args.method, Path(args.out), args.row, args.apply)
     else:
         tuning.tune(args.params, args.method, Path(args.data), Path(args.teacher),
                     args.storage, args.n_trials, Path(args.out))
