@@ -8,10 +8,11 @@ student, random weights, 800x1333 inputs, its batch per GPU and its DRKD setting
 benchmarks.paper_scale builds them), and for fp32, bf16 and fp16 autocast:
 student train steps/s, teacher backbone forwards/s, distill steps/s, whether every loss term
 stayed finite, and the peak memory of a distill step (``torch.cuda.max_memory_allocated``).
-Then the batched-vs-per-image instance-relation speed-up on CUDA, and a 2-step distillation
-under ``torchrun --nproc_per_node=<all GPUs>`` (NCCL) whose checkpoint rank 0 must write.
-Between them, the tables of benchmarks.paper_scale (every method at the paper presets' sizes,
-and the instance paths against the boxes per image) on CUDA.
+Then the batched-vs-per-image instance-relation speed-up on CUDA, a 2-step distillation
+under ``torchrun --nproc_per_node=<all GPUs>`` whose checkpoint rank 0 must write (NCCL with 2
+or more GPUs; one GPU is a single process without a process group), and last the tables of
+benchmarks.paper_scale (every method at the paper presets' sizes, 3 steps, no per-row memory
+processes; the instance paths against the boxes per image) on CUDA.
 
 Without CUDA it stops at once with an error: its numbers mean nothing on a CPU.
 ``--cpu-smoke`` runs every code path on the CPU at toy sizes; it exists for the test suite.

@@ -28,7 +28,7 @@ DRKD's ``drkd.pixel`` (GloRe of every level), ``drkd.roi_align``, ``drkd.filter`
 instance paths alone, on fixed FPN maps (forward + backward of the method, not the detector,
 whose cost does not depend on K): DRKD's INS, its IR with the cosine similarity, the filter and
 top-k (the default), its IR with the learned similarity, and FGD's masks; seconds and the peak
-RSS growth of one call (in this process) per K.
+memory growth of one call (in this process; the allocator's on CUDA, RSS on a CPU) per K.
 """
 
 from __future__ import annotations

@@ -148,7 +148,8 @@ def _to_device(
 
 
 def _loader(dataset: Dataset[Any], cfg: TrainConfig, seed: int, epoch: int) -> DataLoader[Any]:
-    """A loader whose order and augmentation depend only on (seed, epoch): resumable exactly."""
+    """A loader whose order and augmentation depend only on (seed, epoch, rank): resumable
+    exactly."""
     rank, size = world()
     # Each rank's own flips (and loader workers' seeds); rank 0's as a single process's.
     generator = torch.Generator().manual_seed(seed * 1000 + epoch + (rank << 32))
@@ -219,9 +220,10 @@ def fit(
     ``on_epoch`` not; ``peak_memory_mb``: this process's peak so far, ``drkd.devices``;
     ``threads``: its intra-op thread count).
 
-    ``work_dir/last.pt`` holds the state after the last finished epoch; a run with
-    the same ``fingerprint`` (config + data hash) and process count resumes from it, any
-    other starts afresh. ``on_step(step, losses)`` gets loss means every ``log_every`` steps,
+    ``work_dir/last.pt`` holds the state after the last finished epoch; a run with the same
+    ``fingerprint`` (config + data hash), process count, device type and precision resumes from
+    it, any other starts afresh (under DDP, ranks that would resume from different steps stop
+    with a UserError). ``on_step(step, losses)`` gets loss means every ``log_every`` steps,
     ``on_epoch(epoch, module)`` runs after each epoch's checkpoint (rank 0 only).
     """
     device = pick_device()

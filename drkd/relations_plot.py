@@ -8,13 +8,15 @@ and the training-only modules file (``Distiller.modules_checkpoint()``), runs th
 - ``pixel_relations.png``: per image, a query point at the centre of its largest GT box and
   the pixel relations of that query on the finest FPN level, for the teacher (``glore_t[0]``)
   and the student (``glore_s[0]``): relation(q, p) = sum_n B[n, q] B[n, p], with B the GloRe
-  projection onto the graph nodes (N x HW), normalised to [0, 1]. Skipped when w_pr = 0.
+  projection onto the graph nodes (N x HW), normalised to [0, 1]. Without GloRe modules (w_pr
+  = 0, or a method without a DRKD part) a placeholder saying why.
 - ``glore_drift.json``: per FPN level, ||GloRe(F) - F|| / ||F|| on those images for the
   teacher's and the student's units: how far the pixel-relation target has moved away from
-  plain feature imitation (0 for a fresh unit of ours). Skipped when w_pr = 0.
+  plain feature imitation (0 for a fresh unit of ours). Not written without GloRe modules.
 - ``instance_relations.png``: per image with >= 2 instances, the relation matrices R_t and
   R_s of the finest instance level, exactly as L_IR computes them
-  (``Distiller.relation_matrices``), on one colour scale. Skipped when w_ir = 0.
+  (``Distiller.relation_matrices``), on one colour scale. Without instance relation modules
+  a placeholder saying why. DRKD counts as a part of a combination (``plus: [drkd]``) too.
 
 Boxes and queries are in the coordinates of the detector's transformed (resized) batch.
 """
@@ -316,8 +318,9 @@ def plot_relations(
     num_images: int,
     out_dir: str | Path,
 ) -> list[Path]:
-    """Write pixel_relations.png / instance_relations.png into ``out_dir`` (each only when its
-    modules exist); returns the paths written."""
+    """Write pixel_relations.png / instance_relations.png into ``out_dir`` (a placeholder for
+    one whose modules are missing; nothing without validation images); returns the paths
+    written."""
     distiller, names = load_distiller(teacher, distilled, modules)
     if torch.cuda.is_available():
         distiller.cuda()

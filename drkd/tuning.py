@@ -506,9 +506,10 @@ def open_study(params: Params, url: str, method: str = "drkd") -> optuna.Study:
 
 class Gate:
     """Makes "count the trials, then create one" a single step for all workers of a storage, so
-    that the study ends with exactly n_trials: an flock on <db>.lock for a sqlite file, a
-    session advisory lock on PostgreSQL; both are released if the worker dies. Other server
-    RDBs get no lock: two workers that count at the same moment may then each add a trial."""
+    that the study ends with exactly n_trials that ran their course: an flock on <db>.lock for a
+    sqlite file, a session advisory lock on PostgreSQL; both are released if the worker dies.
+    Other server RDBs get no lock: two workers that count at the same moment may then each add a
+    trial."""
 
     POSTGRES_KEY = 0x6472_6B64  # "drkd": one advisory lock key for every study
 
@@ -618,8 +619,8 @@ def tuned_method(params: Params, given: str) -> str:
 def tune(params_file: str, method: str, data: Path, teacher_path: Path, storage: str,
          n_trials: int, out: Path) -> None:
     """Run (or continue) the study of ``method`` (``tuned_method``) until ``n_trials`` (0:
-    tune.n_trials) trials are finished over all workers; write OUT (OUT/<method> for a method
-    other than DRKD)."""
+    tune.n_trials) trials have run their course over all workers; write OUT (OUT/<method> for a
+    method other than DRKD)."""
     params = load_params(params_file)
     method = tuned_method(params, method)
     check_space(params, method)

@@ -2,7 +2,9 @@
 
 Every problem is one ``UserError`` line naming the annotation file and the
 offending id. Boxes are clipped to the image; boxes left under 1 px, or lying
-entirely outside the image, are dropped and counted. Crowd boxes are kept as-is.
+entirely outside the image, are dropped and counted, crowd boxes too. Each image's header is
+read: it must open, at the annotated size or that turned by its EXIF orientation; no two
+entries may name one file, no two categories one name.
 """
 
 from __future__ import annotations

@@ -28,8 +28,10 @@ Conventions (the README's "Your own data" says the same for users):
   write 0x0) the file's size is used and counted; any other disagreement is an error, since
   the boxes' frame is then unknown and training on them would teach misplaced boxes.
 - Bad input is one ``UserError`` line naming the file (and object) at fault: a split id
-  without its XML or image, an unreadable XML, a missing or non-numeric box field, a class
-  outside ``classes`` (unless ``ignore_unknown_classes``, which skips and counts it).
+  without its XML or image, an unreadable XML or one whose root is not <annotation>, a split
+  file that is not UTF-8, two ids whose XMLs name one image, a missing or non-numeric box
+  field, a class outside ``classes`` (unless ``ignore_unknown_classes``, which skips and
+  counts it). A validation id that is also a training id is refused by ``prepare``.
 - An XML without objects keeps its image, with no annotations.
 """
 
