@@ -176,11 +176,10 @@ def plot_pixel_relations(
     path: Path,
 ) -> None:
     """Rows = images; columns = image + query, teacher relations, student relations."""
+    method = cast(DRKD, drkd_part(distiller.method))
     sides = [
-        ("teacher: GloRe_t[0]", cast(DRKD, drkd_part(distiller.method)).glore_t[0],
-         teacher_maps[0]),
-        ("student: GloRe_s[0]", cast(DRKD, drkd_part(distiller.method)).glore_s[0],
-         student_maps[0]),
+        ("teacher: GloRe_t[0]", method.glore_t[0], teacher_maps[0]),
+        ("student: GloRe_s[0]", method.glore_s[0], student_maps[0]),
     ]
     fig, axes = subplots(
         len(pictures), 3, figsize=(9.5, 3.2 * len(pictures)), squeeze=False, layout="constrained"
@@ -335,6 +334,13 @@ def plot_relations(
     student_maps, teacher_maps, pictures, boxes, targets, padded = _run(distiller, dataset, count)
     args = (distiller, student_maps, teacher_maps, pictures, boxes, targets, padded, names)
     method = drkd_part(distiller.method)
+
+    def placeholder_for(png: str, why: str) -> None:
+        """A picture saying why, so that no earlier run's picture passes for this run's."""
+        placeholder(out / png, why)
+        written.append(out / png)
+        print(f"[report] {png}: {why} (placeholder written)")
+
     with torch.no_grad():
         if method is not None and len(method.glore_s):
             plot_pixel_relations(*args, out / PIXEL_PNG)
@@ -347,12 +353,9 @@ def plot_relations(
                 f"{side} " + " ".join(f"{v:.3f}" for v in values)
                 for side, values in drift.items()))
             written += [out / PIXEL_PNG, out / DRIFT_JSON]
-        else:  # a placeholder, so that no earlier run's picture passes for this run's
-            why = (f"{modules} has no GloRe modules (distill method "
-                   f"{distiller.cfg.method!r}, w_pr = {distiller.cfg.w_pr:g})")
-            placeholder(out / PIXEL_PNG, why)
-            written.append(out / PIXEL_PNG)
-            print(f"[report] {PIXEL_PNG}: {why} (placeholder written)")
+        else:
+            placeholder_for(PIXEL_PNG, f"{modules} has no GloRe modules (distill method "
+                            f"{distiller.cfg.method!r}, w_pr = {distiller.cfg.w_pr:g})")
         if method is not None and len(method.relation_s):
             shown = plot_instance_relations(*args, out / INSTANCE_PNG)
             written.append(out / INSTANCE_PNG)
@@ -362,9 +365,6 @@ def plot_relations(
                     ">= 2 instances (placeholder written)"
                 )
         else:
-            why = (f"{modules} has no instance relation modules (distill method "
-                   f"{distiller.cfg.method!r}, w_ir = {distiller.cfg.w_ir:g})")
-            placeholder(out / INSTANCE_PNG, why)
-            written.append(out / INSTANCE_PNG)
-            print(f"[report] {INSTANCE_PNG}: {why} (placeholder written)")
+            placeholder_for(INSTANCE_PNG, f"{modules} has no instance relation modules (distill "
+                            f"method {distiller.cfg.method!r}, w_ir = {distiller.cfg.w_ir:g})")
     return written

@@ -196,7 +196,8 @@ def markdown_table(metrics: dict[str, dict[str, Any]]) -> str:
     ]
     for cls in classes:
         cells = [_points(metrics[n]["per_class_AP"].get(cls, -1.0)) for n in names]
-        lines.append(f"| {cls.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
+        escaped = cls.replace("|", r"\|")  # a | would open a column
+        lines.append(f"| {escaped} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

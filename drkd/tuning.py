@@ -72,6 +72,11 @@ def space_of(params: Params, method: str) -> Any:
     return params.tune.space if method == "drkd" else params.tune.spaces[method]
 
 
+def space_key(method: str) -> str:
+    """Where ``space_of`` reads ``method``'s space in params, for error lines."""
+    return "tune.space" if method == "drkd" else f"tune.spaces.{method}"
+
+
 def float_dims(space: Any) -> set[str]:
     """The float dimensions of a space: there, [low, high] is a log range (else choices)."""
     hints = typing.get_type_hints(type(space))
@@ -147,17 +152,14 @@ def current_values(params: Params, method: str = "drkd") -> dict[str, Any]:
     """The params file's own value of every searched dimension that lies inside the space:
     enqueued as trial 0, so the study measures the defaults at the same budget."""
     values: dict[str, Any] = {}
-    space = space_of(params, method)
-    floats = float_dims(space)
-    for field in dataclasses.fields(space):
-        choices = getattr(space, field.name)
-        value = value_of(params, method, field.name)
-        if field.name in floats and len(choices) == 2:
-            inside = choices[0] <= value <= choices[1]
+    for name, dist in distributions(space_of(params, method)).items():
+        value = value_of(params, method, name)
+        if isinstance(dist, FloatDistribution):
+            inside = dist.low <= value <= dist.high
         else:
-            inside = value in choices
+            inside = value in dist.choices
         if inside:
-            values[field.name] = value
+            values[name] = value
     return values
 
 
@@ -199,7 +201,7 @@ def check_space(params: Params, method: str) -> None:
     """The budget override and every choice and range end of ``method``'s space must give valid
     params: a study whose trials the strict loader refuses would spend its budget on failures."""
     trial_params(params, {}, method)
-    where = "tune.space" if method == "drkd" else f"tune.spaces.{method}"
+    where = space_key(method)
     space = space_of(params, method)
     for field in dataclasses.fields(space):
         for value in getattr(space, field.name):
@@ -642,8 +644,7 @@ def tune(params_file: str, method: str, data: Path, teacher_path: Path, storage:
         raise UserError(f"storage {url}: {type(err).__name__}: {err}".splitlines()[0]) from None
     try:
         study = open_study(params, url, method)
-        check_resumable(study, space_of(params, method),
-                        "tune.space" if method == "drkd" else f"tune.spaces.{method}")
+        check_resumable(study, space_of(params, method), space_key(method))
         if not study.trials:
             study.enqueue_trial(current_values(params, method), user_attrs={"from": "params.yaml"})
     finally:

@@ -187,9 +187,10 @@ def clean_coco(
         path = image_dir / im["file_name"]
         if not path.is_file():
             check.fail(f"image {image_id}: file not found: {path}")
-        if path.resolve() in read_by:
-            check.fail(f"images {read_by[path.resolve()]} and {image_id}: both are {path}")
-        read_by[path.resolve()] = image_id
+        resolved = path.resolve()
+        if resolved in read_by:
+            check.fail(f"images {read_by[resolved]} and {image_id}: both are {path}")
+        read_by[resolved] = image_id
         # Opened here (its header), not first in a training worker: a file that does not
         # read, or whose size is neither the annotated one nor that one turned by its EXIF
         # orientation (the boxes' frame would be unknown), stops prepare.
@@ -204,7 +205,7 @@ def clean_coco(
         out_images.append(
             {
                 "id": image_id,
-                "file_name": str(path.resolve()),
+                "file_name": str(resolved),
                 "width": im["width"],
                 "height": im["height"],
             }

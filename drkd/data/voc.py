@@ -195,13 +195,14 @@ def convert_split(
     read_by: dict[Path, str] = {}
     for image_id, (voc_id, ann) in enumerate(zip(ids, annotations, strict=True), start=1):
         image = find_image(root, voc_id, ann, listed_in)
-        if image.resolve() in read_by:  # two XMLs whose <filename> names one file
-            raise UserError(f"{listed_in}: images {read_by[image.resolve()]} and {voc_id}: "
+        resolved = image.resolve()
+        if resolved in read_by:  # two XMLs whose <filename> names one file
+            raise UserError(f"{listed_in}: images {read_by[resolved]} and {voc_id}: "
                             f"both read {image}")
-        read_by[image.resolve()] = voc_id
+        read_by[resolved] = voc_id
         width, height = _frame(ann, image, counts)
         images.append(
-            {"id": image_id, "file_name": str(image.resolve()), "width": width, "height": height}
+            {"id": image_id, "file_name": str(resolved), "width": width, "height": height}
         )
         for k, obj in enumerate(ann.objects, start=1):
             if obj.name not in category_of:
