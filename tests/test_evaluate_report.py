@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -463,3 +464,13 @@ def test_save_figure_is_atomic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         plots.save_figure(plt.subplots()[0], path)
     assert path.read_bytes() == before  # the old plot survives a failed write
     assert [p.name for p in path.parent.iterdir()] == ["p.png"]  # no temp file left
+
+
+def test_a_pipe_in_a_class_name_stays_in_its_cell() -> None:
+    """A class named "a|b" (any non-empty name is valid) is escaped, so its row keeps one cell
+    per model and its AP stays under the model's column."""
+    metrics = {m: {**fake_metrics(0.4), "per_class_AP": {"a|b": 0.25}} for m in ("x", "y")}
+    row = next(line for line in rep.markdown_table(metrics).splitlines()
+               if line.startswith("| a"))
+    assert row == r"| a\|b | 25.0 | 25.0 |"
+    assert len(re.split(r"(?<!\\)\|", row)) == 5  # three cells between unescaped bars

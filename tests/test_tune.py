@@ -438,6 +438,22 @@ def test_a_trial_stopped_by_ctrl_c_runs_again_with_its_values(
     assert [t.state for t in trials(tmp_path)][3:] == [TrialState.FAIL]
 
 
+@pytest.mark.slow
+def test_a_study_without_a_complete_trial_leaves_no_best_params(
+    tiny_data: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An earlier study's best_params.yaml in OUT would be promoted as this study's: with no
+    complete trial it is removed, not left in place."""
+    params = write_params(tmp_path, n_trials=1, epochs=1)
+    stale = tmp_path / "tuning" / "best_params.yaml"
+    stale.parent.mkdir()
+    stale.write_text("# Best of Optuna study 'toy': trial 9\ndistill: {w_pr: 0.5}\n")
+    fake_ap(monkeypatch, [RuntimeError("broken")])
+    assert tune.main(tune_args(params, tiny_data, teacher, tmp_path)) == 0
+    assert [t.state for t in trials(tmp_path)] == [TrialState.FAIL]
+    assert not stale.exists() and (tmp_path / "tuning" / "trials.csv").is_file()
+
+
 def test_a_study_refuses_a_changed_list_of_choices(
     tiny_data: Path, teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
