@@ -405,7 +405,9 @@ def test_resume_fails_the_stale_trial_of_a_killed_worker(
     study.ask()
     study_id = storage.get_study_id_from_name("toy")
     storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, 0))
-    time.sleep(3.5)  # past tune.grace_s
+    # Past tune.grace_s (3) by more than a second: SQLite's now() has 1 s resolution, so a
+    # heartbeat 3.5 s old can read as 3 s, not stale, at the resumed worker's first look.
+    time.sleep(4.5)
     assert tune.main(tune_args(params, tiny_data, teacher, tmp_path)) == 0
     done = trials(tmp_path)
     # The dead worker's trial does not count: 3 trials ran their course, the first of them
